@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Idempotent set-up on Debian 12 as root: system packages, then a virtualenv in .venv
+# holding lamina and its test dependencies. Sourced by demo.sh and test.sh.
+set -euo pipefail
+LAMINA_TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export LAMINA_TOP
+APT_PACKAGES=(python3 python3-venv python3-dev gcc fuse3 libfuse3-3 libfuse2 busybox-static zstd
+              skopeo umoci fuse-overlayfs unionfs-fuse iproute2 util-linux)
+need=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+VENV="$LAMINA_TOP/.venv"
+stamp="$VENV/.lamina-installed"
+want=$(cat "$LAMINA_TOP/pyproject.toml" | sha256sum | cut -c1-16)
+if [ ! -x "$VENV/bin/python" ]; then
+    /usr/bin/python3 -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setup: installing lamina into $VENV" >&2
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$LAMINA_TOP[test,bench]"
+    echo "$want" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
