@@ -1,0 +1,189 @@
+"""The shared data: every contender reads the very same layer directories, built once and cached on disk.
+
+Each data set is a directory tree (one layer) under the cache root, built by a deterministic function of the
+profile's sizes and marked complete only when fully written, so an interrupted build is redone, never half-used.
+Every layer has an empty `scratch/` directory: the write workloads work below it (see contenders.Native).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CACHE = Path(os.environ.get("LAMINA_BENCH_CACHE", "/var/tmp/lamina-bench/data"))
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one benchmark run; `quick` fits in 5 minutes on 2 cores, `full` is the issue's figures."""
+    name: str
+    reps: int
+    many_files: int  # the large image: mount time and daemon memory
+    tree_files: int  # stat of every file
+    flat_entries: int  # readdir of one directory
+    big_file: int  # sequential and random reads
+    copyup_file: int
+    random_reads: int
+    storm_files: int
+    fsync_write: int
+    import_small: int
+    timeout: float  # per trial
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+QUICK = Profile("quick", reps=3, many_files=20_000, tree_files=5_000, flat_entries=5_000, big_file=128 * MiB,
+                copyup_file=64 * MiB, random_reads=2_000, storm_files=2_000, fsync_write=64 * MiB,
+                import_small=5_000, timeout=120)
+FULL = Profile("full", reps=5, many_files=100_000, tree_files=20_000, flat_entries=10_000, big_file=1024 * MiB,
+               copyup_file=256 * MiB, random_reads=20_000, storm_files=10_000, fsync_write=256 * MiB,
+               import_small=20_000, timeout=900)
+TINY = Profile("tiny", reps=1, many_files=200, tree_files=100, flat_entries=100, big_file=1 * MiB,
+               copyup_file=1 * MiB, random_reads=50, storm_files=50, fsync_write=1 * MiB, import_small=100,
+               timeout=60)
+PROFILES = {p.name: p for p in (QUICK, FULL, TINY)}
+
+
+def _cached(key: str, build) -> Path:
+    """The directory for `key`, building it with `build(dir)` unless a complete copy exists."""
+    d = CACHE / key
+    stamp = CACHE / f"{key}.complete"
+    if stamp.exists() and d.exists():
+        return d
+    shutil.rmtree(d, ignore_errors=True)
+    stamp.unlink(missing_ok=True)
+    d.mkdir(parents=True)
+    build(d)
+    stamp.touch()
+    return d
+
+
+def _payload(rng: random.Random, n: int) -> bytes:
+    return rng.randbytes(n)
+
+
+def _file_tree(root: Path, n: int, seed: int, per_dir: int = 100, max_size: int = 4096) -> None:
+    rng = random.Random(seed)
+    for i in range(n):
+        d = root / f"d{i // per_dir:05d}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i % per_dir:03d}").write_bytes(_payload(rng, rng.randrange(0, max_size)))
+
+
+def _big(path: Path, size: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # os.urandom seeded-free is fine: content only has to be incompressible and shared by every contender
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def small_image() -> Path:
+    """A busybox root filesystem from Debian's busybox-static: the binary and its applet symlinks."""
+    def build(d: Path) -> None:
+        (d / "scratch").mkdir()
+        for sub in ("bin", "etc", "tmp", "proc", "dev", "sys", "root"):
+            (d / sub).mkdir()
+        shutil.copy2("/bin/busybox", d / "bin" / "busybox")
+        applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True, check=True).stdout
+        for a in applets.split():
+            if a != "busybox":
+                (d / "bin" / a).symlink_to("busybox")
+        (d / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (d / "etc" / "group").write_text("root:x:0:\n")
+    return _cached("small-busybox", build)
+
+
+def many_image(p: Profile) -> Path:
+    def build(d: Path) -> None:
+        (d / "scratch").mkdir()
+        _file_tree(d / "usr", p.many_files, seed=1, max_size=2048)
+    return _cached(f"many-{p.many_files}", build)
+
+
+def tree_image(p: Profile) -> Path:
+    """`tree/` with tree_files files for the stat row and `flat/` with flat_entries names for the readdir row."""
+    def build(d: Path) -> None:
+        (d / "scratch").mkdir()
+        _file_tree(d / "tree", p.tree_files, seed=2)
+        (d / "flat").mkdir()
+        for i in range(p.flat_entries):
+            (d / "flat" / f"entry-{i:06d}").touch()
+    return _cached(f"tree-{p.tree_files}-{p.flat_entries}", build)
+
+
+def big_image(p: Profile) -> Path:
+    """`big/file` for reads, `cu/file` for copy-up."""
+    def build(d: Path) -> None:
+        (d / "scratch").mkdir()
+        _big(d / "big" / "file", p.big_file, seed=3)
+        _big(d / "cu" / "file", p.copyup_file, seed=4)
+    return _cached(f"big-{p.big_file}-{p.copyup_file}", build)
+
+
+def _ldd(binary: str) -> list[str]:
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        for tok in parts:
+            if tok.startswith("/"):
+                libs.append(tok)
+                break
+    return libs
+
+
+def _copy_into(root: Path, path: str) -> None:
+    """Copy host file `path` into `root` at the same path, resolving symlinks the way the merged-/usr host does."""
+    real = os.path.realpath(path)
+    dst = root / real.lstrip("/")
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real, dst)
+    # the name the loader asks for (a soname link, or a path through /lib -> usr/lib)
+    alias = root / os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)).lstrip("/")
+    if alias != dst and not alias.exists() and not alias.is_symlink():
+        alias.parent.mkdir(parents=True, exist_ok=True)
+        alias.symlink_to(os.path.relpath(dst, alias.parent))
+
+
+def python_rootfs() -> Path:
+    """A real, minimal Debian root filesystem for one application: busybox, python3.11, its stdlib and libraries,
+    copied from this host's Debian packages (merged /usr, so /bin, /lib, /lib64 are links into usr/)."""
+    def build(d: Path) -> None:
+        (d / "scratch").mkdir()
+        for sub in ("usr/bin", "usr/lib", "usr/lib64", "etc", "tmp", "proc", "dev", "root"):
+            (d / sub).mkdir(parents=True)
+        for link, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "usr/bin")):
+            (d / link).symlink_to(target)
+        shutil.copy2("/bin/busybox", d / "usr/bin/busybox")
+        (d / "usr/bin/sh").symlink_to("busybox")
+        shutil.copytree("/usr/lib/python3.11", d / "usr/lib/python3.11", symlinks=True,
+                        ignore=shutil.ignore_patterns("site-packages", "dist-packages", "test", "idlelib"))
+        shutil.copy2("/usr/bin/python3.11", d / "usr/bin/python3.11")
+        (d / "usr/bin/python3").symlink_to("python3.11")
+        binaries = ["/usr/bin/python3.11"] + [str(p) for p in Path("/usr/lib/python3.11/lib-dynload").glob("*.so")]
+        for b in binaries:
+            for lib in _ldd(b):
+                _copy_into(d, lib)
+        (d / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    return _cached("rootfs-python3.11", build)
+
+
+def stdlib_tar() -> Path:
+    """A tarball of a real source tree: the Python standard library of this host (no tests, no site-packages)."""
+    def build(d: Path) -> None:
+        with tarfile.open(d / "stdlib.tar", "w") as tf:
+            tf.add("/usr/lib/python3.11", arcname="python3.11", filter=lambda ti: None if any(
+                s in ti.name.split("/") for s in ("site-packages", "dist-packages", "test", "__pycache__")) else ti)
+    return _cached("stdlib-tar", build) / "stdlib.tar"

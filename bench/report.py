@@ -1,0 +1,139 @@
+"""The reporter: runs.json (raw samples), table.md (median, min–max, ratio to lamina, targets) and PNG charts."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.runner import Row
+from bench.workloads import Target, lamina_of
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+               if ln.startswith("MemTotal"))
+    try:
+        distro = next(ln.split("=", 1)[1].strip('"') for ln in Path("/etc/os-release").read_text().splitlines()
+                      if ln.startswith("PRETTY_NAME"))
+    except (OSError, StopIteration):
+        distro = ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem / 2**20, 1), "kernel": platform.release(),
+            "os": distro, "python": platform.python_version()}
+
+
+def fmt(v: float, unit: str) -> str:
+    if unit == "s":
+        if v < 1e-3:
+            return f"{v * 1e6:.0f} µs"
+        if v < 1:
+            return f"{v * 1e3:.1f} ms"
+        return f"{v:.2f} s"
+    if unit == "B":
+        return f"{v / 1e6:.1f} MB" if v < 1e9 else f"{v / 1e9:.2f} GB"
+    return f"{v:,.0f} {unit}" if v >= 100 else f"{v:.3g} {unit}"
+
+
+def cell(row: Row, c: str) -> str:
+    if c in row.samples:
+        v = row.samples[c]
+        med = statistics.median(v)
+        s = f"{fmt(med, row.unit)} ({fmt(min(v), row.unit)}–{fmt(max(v), row.unit)})"
+        m = row.medians()
+        ref, ref_name = lamina_of(m), ("lamina" if "lamina" in m else "lamina-fs")
+        if ref and c != ref_name:
+            s += f" ×{med / ref:.2f}"
+        return s
+    if c in row.errors:
+        return f"failed: {row.errors[c]}"
+    if c in row.na:
+        # an unavailable contender is explained once, in the report's header
+        return "not available" if row.na[c].startswith("not available") else f"n/a: {row.na[c]}"
+    return ""
+
+
+def verdicts(row: Row, targets: list[Target]) -> list[str]:
+    m = row.medians()
+    out = []
+    for tg in targets:
+        ok = tg.check(m)
+        out.append(f"{tg.text}: " + ("met" if ok else "n/a" if ok is None else "MISSED"))
+    return out
+
+
+def table(rows: list[Row], targets: dict[str, list[Target]], contenders: list[str]) -> str:
+    head = ["workload", *contenders, "targets"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        unit = {"s": "time", "B": "bytes"}.get(r.unit, r.unit)
+        better = "higher" if r.higher_better else "lower"
+        name = f"{r.title} [{unit}, {better} is better]"
+        t = "; ".join(verdicts(r, targets.get(r.name, [])))
+        if r.notes:
+            t += ("; " if t else "") + "; ".join(r.notes)
+        cells = [cell(r, c).replace("|", "/") for c in contenders]
+        lines.append("| " + " | ".join([name, *cells, t]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def charts(rows: list[Row], contenders: list[str], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.samples]
+    if not rows:
+        return []
+    colours = dict(zip(contenders, plt.get_cmap("tab10").colors))
+    ncol = 3
+    nrow = (len(rows) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.4 * nrow), squeeze=False)
+    for ax, r in zip(axes.flat, rows):
+        names = [c for c in contenders if c in r.samples]
+        med = [statistics.median(r.samples[c]) for c in names]
+        lo = [m - min(r.samples[c]) for m, c in zip(med, names)]
+        hi = [max(r.samples[c]) - m for m, c in zip(med, names)]
+        scale, unit = (1e6, "MB") if r.unit == "B" else (1, r.unit)
+        if r.unit == "s" and max(med) < 1:
+            scale, unit = 1e-3, "ms"
+        vals = [m / scale for m in med]
+        bars = ax.bar(range(len(names)), vals, yerr=[[x / scale for x in lo], [x / scale for x in hi]],
+                      color=[colours[c] for c in names], capsize=3)
+        kov = r.medians().get("kernel-overlay")
+        for b, m in zip(bars, med):
+            if kov:
+                ax.annotate(f"{m / kov:.2f}× kov", (b.get_x() + b.get_width() / 2, b.get_height()),
+                            ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=7)
+        ax.set_title(r.title, fontsize=8)
+        ax.set_ylabel(unit + (" (higher is better)" if r.higher_better else ""), fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle("lamina benchmarks — median, min–max bars; label = ratio to kernel overlayfs (kov)", fontsize=10)
+    fig.tight_layout()
+    path = out / "charts.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def write(out: Path, meta: dict, rows: list[Row], targets: dict[str, list[Target]], contenders: list[str]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    avail = meta["contenders"]
+    intro = [f"# lamina benchmarks — {meta['started']} ({meta['profile']['name']})", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items()), "",
+             "Contenders: " + "; ".join(
+                 f"{c} ({avail[c]['version'] or 'available'})" if avail[c]["available"]
+                 else f"{c} (not available: {avail[c]['reason']})" for c in contenders), "",
+             f"Median of {meta['profile']['reps']} interleaved runs, (min–max), ×N = ratio to lamina "
+             "(store-backed `lamina mount`, else lamina-fs over the same directories).", ""]
+    md = "\n".join(intro) + table(rows, targets, contenders)
+    (out / "table.md").write_text(md)
+    charts(rows, contenders, out)
+    return md
