@@ -1,0 +1,162 @@
+"""Content objects: staging new contents during an import and publishing them durably into objects/.
+
+Every distinct file content is stored once, named by its XXH3-128. XXH3 is not cryptographic, so a hash hit is
+trusted only after the bytes compare equal (as ZFS's dedup=verify does); a mismatch is refused, never merged.
+New objects are written to the import's staging directory, made durable with one syncfs() for the whole batch
+(an fsync per file would cap small-file imports at the disk's sync rate), then hard-linked into objects/ (link,
+unlike rename, fails on an existing name, which is then compared instead of overwritten).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from typing import Iterable
+
+import xxhash
+
+from .errors import BadInput, Corrupt
+
+SMALL = 1 << 20  # contents up to this size are hashed and compared in memory
+CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), path)
+    finally:
+        os.close(fd)
+
+
+def hash_bytes(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def same_content(path: str, data: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except FileNotFoundError:
+        return False
+
+
+def same_files(a: str, b: str) -> bool:
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
+                return False
+            while True:
+                x, y = fa.read(CHUNK), fb.read(CHUNK)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+    except FileNotFoundError:
+        return False
+
+
+def hash_file(path: str) -> tuple[str, int]:
+    h = xxhash.xxh3_128()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+class ObjectStager:
+    """Collects the new objects of one import in its staging directory until `publish()`."""
+
+    def __init__(self, store, staging: str) -> None:
+        self.store = store
+        self.staging = staging
+        self.new: dict[str, int] = {}  # hash -> size, staged in this import
+        self._lookup = store.db.execute
+        self._tmp_seq = 0
+
+    def _staged(self, h: str) -> str:
+        return f"{self.staging}/{h}"
+
+    def _existing_size(self, h: str) -> int | None:
+        row = self._lookup("SELECT size FROM objects WHERE hash=?", (h,)).fetchone()
+        return None if row is None else row[0]
+
+    def add_bytes(self, data: bytes) -> str:
+        h = hash_bytes(data)
+        if h in self.new:
+            if not same_content(self._staged(h), data):
+                raise BadInput(f"two different contents share XXH3-128 {h}: refusing a hash collision")
+            return h
+        if self._existing_size(h) is not None:
+            if not same_content(self.store.object_path(h), data):
+                raise Corrupt(f"object {h} differs from incoming content with the same hash "
+                              "(damaged store or crafted collision): run `lamina fsck`")
+            return h
+        with open(self._staged(h), "wb") as f:
+            f.write(data)
+        self.new[h] = len(data)
+        return h
+
+    def add_chunks(self, chunks: Iterable[bytes]) -> str:
+        """A large content, streamed: written to a temporary name while hashing, then named by its hash."""
+        self._tmp_seq += 1
+        tmp = f"{self.staging}/part-{self._tmp_seq}"
+        hasher = xxhash.xxh3_128()
+        n = 0
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                hasher.update(chunk)
+                f.write(chunk)
+                n += len(chunk)
+        h = hasher.hexdigest()
+        if h in self.new or self._existing_size(h) is not None:
+            other = self._staged(h) if h in self.new else self.store.object_path(h)
+            ok = same_files(tmp, other)
+            os.unlink(tmp)
+            if not ok:
+                raise BadInput(f"two different contents share XXH3-128 {h}: refusing a hash collision")
+            return h
+        os.rename(tmp, self._staged(h))
+        self.new[h] = n
+        return h
+
+    def add_file(self, path: str) -> str:
+        def chunks() -> Iterable[bytes]:
+            with open(path, "rb") as f:
+                while c := f.read(CHUNK):
+                    yield c
+        return self.add_chunks(chunks())
+
+    def publish(self) -> list[tuple[str, int]]:
+        """Make staged objects durable and visible under objects/; returns the rows to insert.
+
+        The list of linked names is written first, so recovery can remove them if the index commit never comes.
+        """
+        if not self.new:
+            return []
+        syncfs(self.staging)
+        with open(f"{self.staging}/linked.json", "w") as f:
+            json.dump(list(self.new), f)
+            f.flush()
+            os.fsync(f.fileno())
+        made_dirs: set[str] = set()
+        for h in self.new:
+            dst = self.store.object_path(h)
+            d = dst[: dst.rfind("/")]
+            if d not in made_dirs:
+                os.makedirs(d, exist_ok=True)
+                made_dirs.add(d)
+            try:
+                os.link(self._staged(h), dst)
+            except FileExistsError:
+                # Linked meanwhile by a concurrent import, or left by a crash: keep it only if identical.
+                if not same_files(self._staged(h), dst):
+                    raise BadInput(f"two different contents share XXH3-128 {h}: refusing a hash collision")
+        syncfs(str(self.store.objects_dir))
+        return list(self.new.items())

@@ -1,0 +1,114 @@
+"""The read side of the store for the union filesystem and the runtime: images, layer entries, object paths.
+
+Hot paths (lookup, children) are single prepared statements on the `entries_path` index; one SQLite
+connection per thread, since FUSE calls arrive on many threads.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+from .entries import Entry
+from .errors import NotFound
+from .importer import normalize_ref
+from .ingest import split
+from .root import Store, connect
+
+_COLS = "ino, kind, mode, uid, gid, mtime_ns, size, object, linkname, rdev, link_ino, nlink, xattrs, opaque, name"
+
+
+def _entry(r: tuple) -> Entry:
+    xattrs = {k: bytes.fromhex(v) for k, v in json.loads(r[12]).items()} if r[12] else None
+    return Entry(r[10] or r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[11], xattrs, bool(r[13]))
+
+
+@dataclass
+class Image:
+    id: str
+    config: dict
+    config_bytes: bytes
+    layer_ids: list[int]
+    diff_ids: list[str]
+    tags: list[str]
+
+
+def resolve(store: Store, ref: str) -> str:
+    """NAME[:TAG], a full or short image id (docker accepts a unique prefix of 4+ hex digits) -> image id."""
+    db = store.db
+    hexpart = ref.removeprefix("sha256:")
+    if len(hexpart) >= 4 and all(c in "0123456789abcdef" for c in hexpart):
+        rows = db.execute("SELECT id FROM images WHERE id >= ? AND id < ? LIMIT 2",
+                          ("sha256:" + hexpart, "sha256:" + hexpart + "g")).fetchall()
+        if len(rows) == 1:
+            return rows[0][0]
+    try:
+        name = normalize_ref(ref)
+    except Exception:
+        raise NotFound(f"no such image: {ref}") from None
+    row = db.execute("SELECT image_id FROM tags WHERE name=?", (name,)).fetchone()
+    if row is None:
+        raise NotFound(f"no such image: {ref}")
+    return row[0]
+
+
+def load_image(store: Store, image_id: str) -> Image:
+    db = store.db
+    row = db.execute("SELECT config FROM images WHERE id=?", (image_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no such image: {image_id}")
+    layers = db.execute("SELECT l.id, l.diff_id FROM image_layers il JOIN layers l ON l.id=il.layer_id "
+                        "WHERE il.image_id=? ORDER BY il.position", (image_id,)).fetchall()
+    tags = [t for (t,) in db.execute("SELECT name FROM tags WHERE image_id=? ORDER BY name", (image_id,))]
+    return Image(image_id, json.loads(row[0]), bytes(row[0]), [l for l, _ in layers], [d for _, d in layers], tags)
+
+
+class StoreReader:
+    """Thread-safe lookups of layer entries (a read-only connection per thread)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._local = threading.local()
+
+    def _db(self):
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = connect(self.store.db_path, readonly=True)
+        return c
+
+    def lookup(self, layer_id: int, path: str) -> Entry | None:
+        parent, name = split(path)
+        r = self._db().execute(f"SELECT {_COLS} FROM entries WHERE layer_id=? AND parent=? AND name=?",
+                               (layer_id, parent, name)).fetchone()
+        return None if r is None else _entry(r)
+
+    def children(self, layer_id: int, path: str) -> list[tuple[str, Entry]]:
+        if path == "":
+            return []
+        rows = self._db().execute(f"SELECT {_COLS} FROM entries WHERE layer_id=? AND parent=? AND name != ''",
+                                  (layer_id, path)).fetchall()
+        return [(r[14], _entry(r)) for r in rows]
+
+    def object_path(self, obj: str) -> str:
+        return self.store.object_path(obj)
+
+
+class OpenStore:
+    """What `open_store()` returns: an opened store with image resolution and a reader."""
+
+    def __init__(self, root: str | None) -> None:
+        self.store = Store(root)
+
+    @property
+    def root(self) -> str:
+        return str(self.store.root)
+
+    def image(self, ref: str) -> Image:
+        return load_image(self.store, resolve(self.store, ref))
+
+    def reader(self) -> StoreReader:
+        return StoreReader(self.store)
+
+
+def open_store(root: str | None = None) -> OpenStore:
+    return OpenStore(root)

@@ -1,0 +1,165 @@
+"""Opening a store root: where it lives, its SQLite connections, its lock, and crash recovery.
+
+Concurrency model: SQLite in WAL mode lets readers run beside one writer. Importers do their heavy work
+(decompressing, hashing, staging objects) outside any write transaction and commit a layer in one short
+transaction, so two imports run at once and readers are never blocked. A file lock (`lock`) is held shared
+by importers for their whole run and exclusively by gc, fsck and recovery, which must not see an import's
+staged or linked-but-uncommitted objects as garbage.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import sqlite_utils
+
+from .errors import StoreError
+from .schema import SCHEMA, SCHEMA_VERSION
+
+
+def default_root() -> str:
+    """$LAMINA_ROOT, else /var/lib/lamina for root, else $XDG_DATA_HOME/lamina."""
+    env = os.environ.get("LAMINA_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/lamina"
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(xdg, "lamina")
+
+
+def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=120)
+    conn.execute("PRAGMA busy_timeout=120000")
+    if not readonly:
+        conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+class Store:
+    """A store root on disk. Cheap to open; one instance per process is enough (connections are per thread)."""
+
+    def __init__(self, root: str | None = None, *, recover: bool = True) -> None:
+        self.root = Path(root or default_root()).absolute()
+        self.objects_dir = self.root / "objects"
+        self.tmp_dir = self.root / "tmp"
+        self.db_path = str(self.root / "index.db")
+        try:
+            for d in (self.root, self.objects_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
+        self._local = threading.local()
+        os.close(os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self._init_schema()
+        if recover:
+            self.recover()
+
+    # -- connections ------------------------------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection (sqlite3 connections must not be shared between threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db_path)
+            self._local.conn = conn
+        return conn
+
+    def _init_schema(self) -> None:
+        db = sqlite_utils.Database(self.db)
+        if db.journal_mode != "wal":
+            db.enable_wal()
+        with self.write():
+            # Statement by statement (executescript would COMMIT); all are idempotent (IF NOT EXISTS).
+            code = re.sub(r"--[^\n]*", "", SCHEMA)
+            for stmt in code.split(";"):
+                if stmt.strip():
+                    self.db.execute(stmt)
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(f"store {self.root} has schema {row[0]}, newer than this lamina ({SCHEMA_VERSION})")
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE, so the write lock is taken up front, not on first write)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- locking ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        # A fresh open file description per holder: flock locks belong to descriptions, not processes.
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def exclusive(self, wait: bool = True) -> Iterator[bool]:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    # -- objects ----------------------------------------------------------------------------------------------
+    def object_path(self, h: str) -> str:
+        return f"{self.objects_dir}/{h[:2]}/{h[2:]}"
+
+    # -- recovery ---------------------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Roll back imports that died: delete objects they linked but never committed, and their staging.
+
+        Runs only when no importer holds the lock (then every `imports` row is dead); otherwise it is left
+        to a later open.
+        """
+        if self.db.execute("SELECT 1 FROM imports LIMIT 1").fetchone() is None and not any(self.tmp_dir.iterdir()):
+            return
+        with self.exclusive(wait=False) as got:
+            if got:
+                self._recover_locked()
+
+    def _recover_locked(self) -> None:
+        rows = self.db.execute("SELECT id, staging FROM imports").fetchall()
+        for import_id, staging in rows:
+            linked = self.root / staging / "linked.json"
+            if linked.exists():
+                try:
+                    hashes = json.loads(linked.read_text())
+                except ValueError:
+                    hashes = []
+                known = self.db.execute
+                for h in hashes:
+                    if known("SELECT 1 FROM objects WHERE hash=?", (h,)).fetchone() is None:
+                        try:
+                            os.unlink(self.object_path(h))
+                        except FileNotFoundError:
+                            pass
+            with self.write() as db:
+                db.execute("DELETE FROM imports WHERE id=?", (import_id,))
+        for leftover in self.tmp_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)

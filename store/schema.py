@@ -1,0 +1,108 @@
+"""The store's SQLite schema, documented beside its CREATE TABLEs (the one place that defines it).
+
+Layout of a store root:
+
+    index.db            this database (WAL mode)
+    objects/ab/cdef..   one file per distinct content, named by its hex XXH3-128 (first two digits are the dir)
+    tmp/                staging for imports in progress (import-<id>/), removed on completion or recovery
+    lock                flock: importers hold it shared, gc/fsck/recovery exclusive
+    containers/, volumes/   owned by the runtime
+
+Identity rules: a layer is identified by its DiffID (sha256 of its uncompressed tar); an image by its ImageID
+(sha256 of its config bytes, kept verbatim). File contents are identified by XXH3-128 but a hash hit is always
+confirmed byte for byte before two contents are merged.
+"""
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+-- One row per distinct content stored under objects/. Rows are written only after the file is durable
+-- (staged, synced, linked into objects/), in the same transaction as the entries that use it.
+CREATE TABLE IF NOT EXISTS objects (
+    hash TEXT PRIMARY KEY,          -- hex XXH3-128 of the content (32 digits)
+    size INTEGER NOT NULL           -- content bytes
+) WITHOUT ROWID;
+
+-- One row per distinct layer. A layer's bytes are rebuilt exactly from its tarsplit object (every byte of the
+-- tar that is not file content: headers, PAX records, padding, the end blocks) interleaved with the objects of
+-- its regular files, so an exported layer hashes to the same DiffID it was imported with.
+CREATE TABLE IF NOT EXISTS layers (
+    id INTEGER PRIMARY KEY,
+    diff_id TEXT NOT NULL UNIQUE,   -- "sha256:<hex>" of the uncompressed tar
+    size INTEGER NOT NULL,          -- bytes of the uncompressed tar
+    content_size INTEGER NOT NULL,  -- bytes of file content (hardlinks once): what `history` shows
+    tarsplit TEXT NOT NULL,         -- objects.hash of the tar skeleton (see store/tarsplit.py for its format)
+    n_entries INTEGER NOT NULL,
+    created TEXT NOT NULL           -- ISO 8601 UTC, when first stored
+);
+
+-- One row per path of a layer, including whiteouts. The row id is the entry's inode number as the union
+-- filesystem reports it, stable for the life of the layer. Paths are absolute within the layer; the root has
+-- parent '' and name ''. Every parent directory of an entry has an entry of its own (implied ones are made
+-- explicit at import with mode 0755, owner 0:0, mtime 0, implicit = 1).
+CREATE TABLE IF NOT EXISTS entries (
+    ino INTEGER PRIMARY KEY,
+    layer_id INTEGER NOT NULL,      -- layers.id
+    parent TEXT NOT NULL,           -- directory path: '/' for top-level names, '/etc' for /etc/passwd
+    name TEXT NOT NULL,             -- the last path component
+    kind TEXT NOT NULL,             -- f file, d dir, l symlink, c char, b block, p fifo, w whiteout
+    mode INTEGER NOT NULL,          -- full st_mode (type bits | permissions)
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL,          -- content bytes of a file, 0 otherwise
+    object TEXT,                    -- objects.hash of a file's content
+    linkname TEXT,                  -- a symlink's target
+    rdev INTEGER NOT NULL DEFAULT 0,-- device number of c/b entries
+    link_ino INTEGER,               -- hardlinks: the ino of the group's first entry (which has link_ino NULL)
+    nlink INTEGER NOT NULL DEFAULT 1,  -- members of the hardlink group (same on each member)
+    xattrs TEXT,                    -- JSON {name: hex value}, NULL when none
+    opaque INTEGER NOT NULL DEFAULT 0, -- directory hides lower layers (.wh..wh..opq)
+    implicit INTEGER NOT NULL DEFAULT 0 -- directory absent from the tar, implied by its children
+);
+CREATE UNIQUE INDEX IF NOT EXISTS entries_path ON entries(layer_id, parent, name);
+CREATE INDEX IF NOT EXISTS entries_object ON entries(object) WHERE object IS NOT NULL;
+
+-- One row per image. The config is kept byte for byte so that its sha256 stays the image id.
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,            -- "sha256:<hex>" of config
+    config BLOB NOT NULL,           -- the OCI/Docker image config JSON, verbatim
+    created TEXT NOT NULL           -- ISO 8601 UTC, when first stored
+) WITHOUT ROWID;
+
+-- The ordered layers of an image, bottom (position 0) to top; position i matches rootfs.diff_ids[i].
+CREATE TABLE IF NOT EXISTS image_layers (
+    image_id TEXT NOT NULL,         -- images.id
+    position INTEGER NOT NULL,
+    layer_id INTEGER NOT NULL,      -- layers.id
+    PRIMARY KEY (image_id, position)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS image_layers_layer ON image_layers(layer_id);
+
+-- Names for images: "repository:tag" (docker's normalisation: a name without a tag gets ":latest").
+CREATE TABLE IF NOT EXISTS tags (
+    name TEXT PRIMARY KEY,
+    image_id TEXT NOT NULL          -- images.id
+) WITHOUT ROWID;
+
+-- Users of an image other than tags (containers, mounts): gc keeps held images, rmi refuses them.
+CREATE TABLE IF NOT EXISTS holds (
+    holder TEXT PRIMARY KEY,        -- e.g. "container:<id>"
+    image_id TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Imports in progress. A row is committed before any object is staged and deleted when the import ends;
+-- a row left behind by a crash is rolled back by recovery (store/root.py) under the exclusive lock.
+CREATE TABLE IF NOT EXISTS imports (
+    id INTEGER PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    started TEXT NOT NULL,
+    staging TEXT NOT NULL           -- tmp/import-<id>, relative to the root
+);
+
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"""
