@@ -1,0 +1,276 @@
+"""`lamina` commands for the store: import, save, images, tag, rmi, history, inspect, df, gc, fsck."""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import shlex
+import sys
+from typing import Callable
+
+import click
+
+from .errors import StoreError
+from .root import Store
+
+
+def fail(msg: str, code: int = 1) -> None:
+    click.echo(f"lamina: {msg}", err=True)
+    sys.exit(code)
+
+
+def store_command(fn: Callable) -> Callable:
+    """Opens the store named by --root/LAMINA_ROOT and turns StoreError/OSError into a one-line error."""
+
+    @functools.wraps(fn)
+    @click.pass_context
+    def wrapper(ctx: click.Context, *args, **kwargs):
+        try:
+            store = Store((ctx.obj or {}).get("root"))
+            return fn(store, *args, **kwargs)
+        except StoreError as e:
+            fail(str(e))
+        except OSError as e:
+            fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    return wrapper
+
+
+def human(n: int) -> str:
+    """docker's SI sizes: 1.23MB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.3g}{unit}" if unit != "B" else f"{n}B"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n}B"
+
+
+def ago(iso: str) -> str:
+    try:
+        t = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return iso or "N/A"
+    s = (dt.datetime.now(dt.timezone.utc) - t).total_seconds()
+    for limit, div, unit in ((120, 1, "seconds"), (7200, 60, "minutes"), (172800, 3600, "hours"),
+                             (1209600, 86400, "days"), (8e9, 604800, "weeks")):
+        if s < limit:
+            return f"{int(s // div)} {unit} ago"
+    return iso
+
+
+def table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for r in [headers, *rows]:
+        click.echo("   ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+
+
+def progress_bar(total: int | None, desc: str):
+    """A tqdm bar on a terminal, nothing otherwise (import and save stay quiet in scripts and CI)."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+    return bar.update, bar.close
+
+
+_CHANGE_KEYS = {"CMD": "Cmd", "ENTRYPOINT": "Entrypoint", "ENV": "Env", "WORKDIR": "WorkingDir",
+                "USER": "User", "LABEL": "Labels", "EXPOSE": "ExposedPorts", "STOPSIGNAL": "StopSignal"}
+
+
+def parse_changes(changes: tuple[str, ...]) -> dict:
+    """docker import's --change, for the instructions that set config fields."""
+    cfg: dict = {}
+    for c in changes:
+        word, _, rest = c.strip().partition(" ")
+        key = _CHANGE_KEYS.get(word.upper())
+        if key is None or not rest.strip():
+            raise StoreError(f"unsupported --change {c!r} (one of {', '.join(_CHANGE_KEYS)} with a value)")
+        rest = rest.strip()
+        if key in ("Cmd", "Entrypoint"):
+            if rest.startswith("["):
+                try:
+                    v = json.loads(rest)
+                except ValueError:
+                    raise StoreError(f"--change {c!r}: bad JSON array") from None
+            else:
+                v = ["/bin/sh", "-c", rest]
+            cfg[key] = v
+        elif key == "Env":
+            k, _, v = rest.partition("=") if "=" in rest else rest.partition(" ")
+            env = [e for e in cfg.get("Env", ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
+                   if not e.startswith(k + "=")]
+            cfg["Env"] = env + [f"{k}={v}"]
+        elif key == "Labels":
+            for item in shlex.split(rest):
+                k, _, v = item.partition("=")
+                cfg.setdefault("Labels", {})[k] = v
+        elif key == "ExposedPorts":
+            for p in rest.split():
+                cfg.setdefault("ExposedPorts", {})[p if "/" in p else p + "/tcp"] = {}
+        else:
+            cfg[key] = rest
+    return cfg
+
+
+@click.command("import")
+@click.argument("source")
+@click.option("-t", "--tag", help="Name the image NAME[:TAG].")
+@click.option("-c", "--change", "changes", multiple=True,
+              help="Set a config field for a directory or tar source (CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL).")
+@store_command
+def import_cmd(store: Store, source: str, tag: str | None, changes: tuple[str, ...]) -> None:
+    """Import SOURCE: a directory, a tar (plain, gzip, zstd), an OCI layout (dir or tar) or a docker save archive."""
+    from .importer import import_source
+    update, close = progress_bar(None, "import")
+    try:
+        ids = import_source(store, source, tag, parse_changes(changes), progress=update if update else None)
+    finally:
+        close()
+    for i in ids:
+        click.echo(i)
+
+
+@click.command("save")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Archive to write.")
+@click.option("--format", "fmt", type=click.Choice(["oci", "docker"]), default="oci", show_default=True)
+@store_command
+def save_cmd(store: Store, images: tuple[str, ...], output: str, fmt: str) -> None:
+    """Write IMAGES to an OCI layout archive or a docker save archive."""
+    from .export import save
+    from .reader import load_image, resolve
+    imgs = [load_image(store, resolve(store, r)) for r in images]
+    update, close = progress_bar(None, "save")
+    try:
+        save(store, imgs, output, fmt, progress=update)
+    finally:
+        close()
+
+
+@click.command("images")
+@click.option("-q", "--quiet", is_flag=True, help="Only image ids.")
+@click.option("--no-trunc", is_flag=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@store_command
+def images_cmd(store: Store, quiet: bool, no_trunc: bool, fmt: str) -> None:
+    """List images."""
+    from .images import list_images
+    rows = list_images(store)
+    if fmt == "json":
+        click.echo(json.dumps([r.__dict__ for r in rows], indent=2))
+        return
+    short = (lambda i: i) if no_trunc else (lambda i: i[7:19])
+    if quiet:
+        for i in dict.fromkeys(short(r.id) for r in rows):
+            click.echo(i)
+        return
+    table([[r.repository, r.tag, short(r.id), ago(r.created), human(r.size)] for r in rows],
+          ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"])
+
+
+@click.command("tag")
+@click.argument("source")
+@click.argument("target")
+@store_command
+def tag_cmd(store: Store, source: str, target: str) -> None:
+    """Give the image SOURCE the name TARGET."""
+    from .images import tag
+    tag(store, source, target)
+
+
+@click.command("rmi")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True)
+@store_command
+def rmi_cmd(store: Store, images: tuple[str, ...], force: bool) -> None:
+    """Remove images (their storage is reclaimed by `lamina gc`)."""
+    from .images import rmi
+    for ref in images:
+        for line in rmi(store, ref, force):
+            click.echo(line)
+
+
+@click.command("history")
+@click.argument("image")
+@click.option("--no-trunc", is_flag=True)
+@click.option("-H", "--human", "human_", type=bool, default=True, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@store_command
+def history_cmd(store: Store, image: str, no_trunc: bool, human_: bool, fmt: str) -> None:
+    """Show an image's history: one row per instruction, with the size of the layer it added."""
+    from .images import history
+    rows = history(store, image)
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    out = []
+    for r in rows:
+        ident = r["id"] if no_trunc or r["id"] == "<missing>" else r["id"][7:19]
+        by = r["created_by"] if no_trunc or len(r["created_by"]) <= 45 else r["created_by"][:44] + "…"
+        out.append([ident, ago(r["created"]) if human_ else r["created"], by,
+                    human(r["size"]) if human_ else str(r["size"]), r["comment"]])
+    table(out, ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"])
+
+
+@click.command("inspect")
+@click.argument("images", nargs=-1, required=True)
+@store_command
+def inspect_cmd(store: Store, images: tuple[str, ...]) -> None:
+    """Show images' details as JSON, as `docker inspect` does."""
+    from .images import inspect
+    click.echo(json.dumps([inspect(store, r) for r in images], indent=4))
+
+
+@click.command("df")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@store_command
+def df_cmd(store: Store, fmt: str) -> None:
+    """Show what the store holds and what deduplication saves."""
+    from .maintenance import df
+    d = df(store)
+    if fmt == "json":
+        click.echo(json.dumps(d, indent=2))
+        return
+    ratio = f"{d['dedup_ratio']:.2f}x" if d["dedup_ratio"] else "-"
+    click.echo(f"Images: {d['images']}   Layers: {d['layers']}   Objects: {d['objects']}")
+    click.echo(f"Sum of image layer tars (no sharing):      {human(d['images_bytes'])}")
+    click.echo(f"Distinct layer tars (layer sharing):       {human(d['layers_bytes'])}")
+    click.echo(f"Distinct contents (lamina):                {human(d['content_bytes'])}")
+    click.echo(f"On disk (objects + index, allocated):      {human(d['disk_bytes'])}")
+    click.echo(f"Dedup ratio (layer tars / contents):       {ratio}")
+    rows = []
+    for image_id, v in sorted(d["per_image"].items(), key=lambda kv: kv[1]["tags"]):
+        rows.append([",".join(v["tags"]) or "<none>", image_id[7:19], human(v["size_bytes"]),
+                     human(v["shared_bytes"]), human(v["unique_bytes"])])
+    if rows:
+        click.echo()
+        table(rows, ["IMAGE", "ID", "SIZE", "SHARED SIZE", "UNIQUE SIZE"])
+
+
+@click.command("gc")
+@store_command
+def gc_cmd(store: Store) -> None:
+    """Remove layers and contents that no image references."""
+    from .maintenance import gc
+    r = gc(store)
+    click.echo(f"Removed {r['layers']} layers and {r['objects']} objects, {human(r['bytes'])} reclaimed")
+
+
+@click.command("fsck")
+@click.option("--repair", is_flag=True, help="Fix what can be fixed (drops damaged images: re-import them).")
+@click.option("--quick", is_flag=True, help="Skip rebuilding each layer to its DiffID.")
+@store_command
+def fsck_cmd(store: Store, repair: bool, quick: bool) -> None:
+    """Re-hash every object and check every reference; exit 1 if anything is wrong."""
+    from .maintenance import fsck
+    rep = fsck(store, repair=repair, verify_layers=not quick)
+    for p in rep.problems:
+        click.echo(f"problem: {p}")
+    for r in rep.repaired:
+        click.echo(f"repaired: {r}")
+    click.echo(f"checked {rep.objects} objects, {rep.layers} layers, {rep.images} images: "
+               f"{len(rep.problems)} problems" + (f", {len(rep.repaired)} repairs" if repair else ""))
+    if rep.problems and not repair:
+        sys.exit(1)
+
+
+COMMANDS = [import_cmd, save_cmd, images_cmd, tag_cmd, rmi_cmd, history_cmd, inspect_cmd, df_cmd, gc_cmd, fsck_cmd]
