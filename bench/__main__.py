@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch.mkdir(parents=True)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
-    workloads = [w(profile) for w in registry() if not a.only or w.name in a.only]
+    workloads = [w(profile, scratch) for w in registry() if not a.only or w.name in a.only]
     try:
         if not a.no_install:
             peers.ensure(["fuse-overlayfs", "unionfs-fuse"])

@@ -1,4 +1,220 @@
-"""Rows that time lamina's commands rather than a filesystem: run, store size, import throughput."""
+"""Rows that time lamina's commands rather than a filesystem: `run --rm IMAGE /bin/true` against podman, store
+size of a dedup corpus against the sum of its layer tars, and import throughput.
+
+These rows do not mount anything themselves; each maps the report's columns to what it compares: in the run row the
+kernel-overlay and fuse-overlayfs columns are podman + runc on kernel overlayfs and on fuse-overlayfs.
+"""
 from __future__ import annotations
 
-CLI_WORKLOADS: list = []
+import hashlib
+import json
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+from bench import data, peers
+from bench.contenders import Contender, Unavailable, tool
+from bench.workloads import Target, Trial, Workload, lamina_of
+
+CMD_TIMEOUT = 1800
+
+
+def lamina(root: Path, *args: str, capture: bool = False) -> str:
+    exe = tool("lamina") or "lamina"
+    p = subprocess.run([exe, "--root", str(root), *args], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=CMD_TIMEOUT)
+    if p.returncode != 0:
+        msg = (p.stderr.strip() or p.stdout.strip() or "").splitlines()
+        raise RuntimeError(f"lamina {args[0]}: {msg[-1] if msg else ''} (exit {p.returncode})")
+    return p.stdout
+
+
+def has_command(*words: str) -> str | None:
+    """None when `lamina WORDS --help` works, else why not."""
+    exe = tool("lamina")
+    if not exe:
+        return "lamina not installed"
+    p = subprocess.run([exe, *words, "--help"], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        msg = (p.stderr.strip() or p.stdout.strip()).splitlines()
+        return f"lamina {' '.join(words)}: {msg[-1] if msg else 'exit %d' % p.returncode}"
+    return None
+
+
+class CliWorkload(Workload):
+    mounts = False
+    premount = False
+    commands: tuple[str, ...] = ("import",)
+
+    def applies(self, c: Contender) -> str | None:
+        if c.name != "lamina":
+            return "lamina only"
+        missing = [r for r in (has_command(w) for w in self.commands) if r]
+        return f"not available: {missing[0]}" if missing else None
+
+
+class ImportLarge(CliWorkload):
+    name, unit, higher_better = "import-large", "MB/s", True
+    targets = (Target("import ≥ 150 MB/s", lambda m: None if lamina_of(m) is None else lamina_of(m) >= 150),)
+
+    @property
+    def title(self):
+        return f"import throughput, {(self.p.big_file + self.p.copyup_file) >> 20} MiB in 2 large files"
+
+    def image(self):
+        return "big", [data.big_image(self.p)]
+
+    def prepare(self):
+        self.src = self.image()[1][0]
+        self.amount = sum(f.stat().st_size for f in self.src.rglob("*") if f.is_file()) / 1e6  # MB
+
+    def run(self, t: Trial) -> float:
+        t0 = time.perf_counter()
+        lamina(t.tmp / "store", "import", str(self.src), "-t", "bench-import")
+        return self.amount / (time.perf_counter() - t0)
+
+
+class ImportSmall(ImportLarge):
+    name, unit = "import-small", "files/s"
+    targets = (Target("import ≥ 5,000 files/s", lambda m: None if lamina_of(m) is None else lamina_of(m) >= 5000),)
+
+    @property
+    def title(self):
+        return f"import throughput, {self.p.import_small:,} small files"
+
+    def image(self):
+        return "smallfiles", [data.small_files(self.p)]
+
+    def prepare(self):
+        self.src = self.image()[1][0]
+        self.amount = sum(1 for f in self.src.rglob("*") if f.is_file())
+
+
+CORPUS_EXTRAS = {  # image name -> host trees added to the python root filesystem (see data.python_rootfs)
+    "py": [],
+    "py-perl": ["/usr/share/perl"],
+    "py-zoneinfo-include": ["/usr/share/zoneinfo", "/usr/include"],
+}
+
+
+class StoreSize(CliWorkload):
+    """Three single-layer images built independently from real Debian files sharing a common base.
+
+    debootstrap corpora (the store issue's example) need a full run and a reachable mirror; this corpus needs
+    neither, so it runs in --quick too. Each image is one layer tar, so layer-level sharing (Docker's model) saves
+    nothing here: only file-level dedup can.
+    """
+    name, unit = "store-size", "B"
+    reps = 1
+    commands = ("import", "df")
+
+    @property
+    def title(self):
+        return f"store bytes on disk, {len(CORPUS_EXTRAS)} images (python rootfs ± perl, zoneinfo, include)"
+
+    @property
+    def targets(self):
+        tars = getattr(self, "tar_sum", None)
+
+        def check(m):
+            mine = lamina_of(m)
+            return None if mine is None or tars is None else mine <= 0.5 * tars
+        return (Target("store ≤ 0.5 × sum of layer tars", check),)
+
+    def image(self):
+        return "rootfs", [data.python_rootfs()]
+
+    def prepare(self):
+        base = self.image()[1][0]
+        self.tars = []
+        for name, extras in CORPUS_EXTRAS.items():
+            path = data.CACHE / f"corpus-{name}.tar"
+            if not path.exists():
+                tmp = path.with_suffix(".part")
+                with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+                    tf.add(base, arcname=".")
+                    for e in extras:
+                        tf.add(e, arcname="." + e)
+                tmp.rename(path)
+            self.tars.append(path)
+        digests = {}
+        for p in self.tars:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while b := f.read(1 << 20):
+                    h.update(b)
+            digests[h.hexdigest()] = p.stat().st_size
+        self.tar_sum = sum(p.stat().st_size for p in self.tars)
+        self.layer_sharing = sum(digests.values())
+
+    def notes(self) -> list[str]:
+        return [f"sum of layer tars {self.tar_sum / 1e6:.1f} MB",
+                f"layer-level sharing (Docker) {self.layer_sharing / 1e6:.1f} MB"]
+
+    def run(self, t: Trial) -> float:
+        root = t.tmp / "store"
+        for i, tar in enumerate(self.tars):
+            lamina(root, "import", str(tar), "-t", f"corpus-{i}")
+        df = json.loads(lamina(root, "df", "--format", "json", capture=True))
+        if "disk_bytes" not in df:
+            raise RuntimeError("lamina df --format json has no disk_bytes")
+        return float(df["disk_bytes"])
+
+
+class RunTrue(CliWorkload):
+    """`lamina run --rm IMAGE /bin/true` against podman with runc, on kernel overlayfs and on fuse-overlayfs."""
+    name, title = "run-true", "run --rm busybox /bin/true (kernel-overlay, fuse-overlayfs: podman + runc)"
+    targets = (Target("run no slower than podman (runc + kernel overlay)", lambda m: None if lamina_of(m) is None
+                      or "kernel-overlay" not in m else lamina_of(m) <= m["kernel-overlay"]),)
+    PODMAN = {"kernel-overlay": [], "fuse-overlayfs": ["--storage-opt", "overlay.mount_program=/usr/bin/fuse-overlayfs"]}
+
+    def image(self):
+        return "small", [data.small_image()]
+
+    def applies(self, c):
+        if c.name not in ("lamina", *self.PODMAN):
+            return "no container runtime on this contender"
+        if reason := has_command("run"):
+            return f"not available: {reason}"
+        if c.name != "lamina" and self.missing:
+            return f"not available: {' '.join(self.missing)} not installed"
+        return None
+
+    def prepare(self):
+        self.missing = []
+        if has_command("run") is not None:
+            return  # the row compares lamina with podman: no lamina run, no row, no podman install
+        self.missing = peers.ensure(["podman", "runc"])
+        rootfs = self.image()[1][0]
+        self.tar = data.CACHE / "small-busybox.tar"
+        if not self.tar.exists():
+            subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(self.tar), "."], check=True)
+        self.base = self.scratch / "run-row"
+        lamina(self.base / "lamina", "import", str(rootfs), "-t", "bench-busybox")
+        if not self.missing:
+            for name in self.PODMAN:
+                subprocess.run(self._podman(name, "import", str(self.tar), "bench-busybox"), check=True,
+                               capture_output=True, timeout=600)
+
+    def _podman(self, name: str, *args: str) -> list[str]:
+        d = self.base / name
+        return ["podman", "--root", str(d / "root"), "--runroot", str(d / "run"), "--storage-driver", "overlay",
+                *self.PODMAN[name], "--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "none",
+                *args]
+
+    def run(self, t):
+        if t.contender.name == "lamina":
+            cmd = [tool("lamina") or "lamina", "--root", str(self.base / "lamina"), "run", "--rm", "bench-busybox",
+                   "/bin/true"]
+        else:
+            cmd = self._podman(t.contender.name, "run", "--rm", "--network", "none", "bench-busybox", "/bin/true")
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} run: {(p.stderr.strip().splitlines() or ['?'])[-1]} (exit {p.returncode})")
+        return dt
+
+
+CLI_WORKLOADS: list[type[Workload]] = [RunTrue, StoreSize, ImportLarge, ImportSmall]

@@ -187,3 +187,10 @@ def stdlib_tar() -> Path:
             tf.add("/usr/lib/python3.11", arcname="python3.11", filter=lambda ti: None if any(
                 s in ti.name.split("/") for s in ("site-packages", "dist-packages", "test", "__pycache__")) else ti)
     return _cached("stdlib-tar", build) / "stdlib.tar"
+
+
+def small_files(p: Profile) -> Path:
+    """`import_small` files of 0–4 KiB of distinct random content, 100 to a directory."""
+    def build(d: Path) -> None:
+        _file_tree(d / "files", p.import_small, seed=6)
+    return _cached(f"smallfiles-{p.import_small}", build)

@@ -55,7 +55,7 @@ def _child(w: Workload, t: Trial, wfd: int) -> None:
             result["value"] = float(w.run(t))
             w.teardown(t)
         finally:
-            if mounted or not w.premount:
+            if mounted or (w.mounts and mounts.is_mounted(t.mnt)):
                 try:
                     t.contender.unmount(t.mnt)
                 except Exception as e:  # the parent's sweep still unmounts; say why the proper way failed
@@ -132,20 +132,22 @@ def run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, str
         row.errors = {c.name: f"preparing the row: {type(e).__name__}: {e}" for c in contenders}
         log(f"    {row.errors[contenders[0].name]}" if contenders else "")
         return row
+    row.notes.extend(w.notes())
     active = []
     for c in contenders:
-        reason = unavailable.get(c.name) or w.applies(c)
+        reason = (unavailable.get(c.name) if w.mounts else None) or w.applies(c)
         if reason:
             row.na[c.name] = reason
             continue
         try:
-            c.prepare(layers, key)
+            if w.mounts:
+                c.prepare(layers, key)
         except (Unavailable, RuntimeError) as e:
             row.na[c.name] = f"prepare: {e}"
             continue
         active.append(c)
         row.samples[c.name] = []
-    for rep in range(profile.reps):
+    for rep in range(w.reps or profile.reps):
         # rotate the order so no contender always runs first (cold) or last
         order = active[rep % len(active):] + active[:rep % len(active)] if active else []
         for c in order:

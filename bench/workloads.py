@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import data
-from bench.contenders import Contender, Unavailable
+from bench.contenders import Contender
 from bench.data import MiB, Profile
 
 Medians = dict[str, float]
@@ -73,10 +73,13 @@ class Workload:
     unit = "s"  # "s" or "B"; lower is better unless higher_better
     higher_better = False
     premount = True
+    mounts = True  # False: the row runs commands, contenders' mount availability and preparation do not apply
+    reps: int | None = None  # None: the profile's
     targets: tuple[Target, ...] = (BEAT_FUSE,)
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, scratch: Path | None = None):
         self.p = profile
+        self.scratch = scratch or Path("/var/tmp/lamina-bench")
 
     def image(self) -> tuple[str, list[Path]]:
         """The data set's key and its layer directories (built here, in the parent, cached)."""
@@ -88,6 +91,10 @@ class Workload:
 
     def prepare(self) -> None:
         """Once per run, in the parent, after the data exists."""
+
+    def notes(self) -> list[str]:
+        """Figures to print beside the row (after prepare)."""
+        return []
 
     def setup(self, t: Trial) -> None:
         pass
