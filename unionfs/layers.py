@@ -1,0 +1,195 @@
+"""Read-only layer sources of the union: the `Layer` protocol, its `Record`, and `DirLayer` (a plain directory).
+
+A layer answers lookups by path (its root is "/") and hands out records that already say whether a name is a
+whiteout, whether a directory is opaque and whether it redirects (overlayfs `redirect_dir`). `DirLayer` reads every
+on-disk form overlayfs and fuse-overlayfs write, so that an upper directory rotated into a lower reads back as it was:
+char 0/0 whiteouts, `.wh.<name>` files, zero-size files with `trusted.overlay.whiteout`, `trusted.overlay.opaque`,
+`user.overlay.opaque`, `user.fuseoverlayfs.opaque` and `.wh..wh..opq`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import Protocol
+
+WH_PREFIX = ".wh."
+WH_OPQ = ".wh..wh..opq"
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
+WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+# xattrs that belong to the union's bookkeeping and are never shown through the mount or copied up.
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "trusted.lamina.")
+ORIGIN_XATTR = "trusted.lamina.origin"
+
+
+def is_private_xattr(name: str) -> bool:
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What a layer holds at one path. `ino` is already the union-wide inode number (layer tag applied)."""
+
+    mode: int
+    ino: int
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    rdev: int = 0
+    blocks: int = 0
+    whiteout: bool = False
+    opaque: bool = False
+    redirect: str | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+class Layer(Protocol):
+    """A read-only layer. Paths are absolute inside the layer ("/" is its root)."""
+
+    name: str
+
+    def lookup(self, path: str) -> Record | None: ...
+
+    def listdir(self, path: str) -> list[tuple[str, int, int, bool]]:
+        """Raw entries of a directory as (name, st_mode type bits, ino, is_whiteout); markers already decoded."""
+        ...
+
+    def open_read(self, path: str) -> int:
+        """An O_RDONLY file descriptor for a regular file's content (OSError EIO if the content is lost)."""
+        ...
+
+    def readlink(self, path: str) -> str: ...
+
+    def listxattr(self, path: str) -> list[str]: ...
+
+    def getxattr(self, path: str, name: str) -> bytes: ...
+
+    def statvfs(self) -> os.statvfs_result: ...
+
+
+def _is_whiteout_stat(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _join(dirpath: str, name: str) -> str:
+    return dirpath + name if dirpath.endswith("/") else dirpath + "/" + name
+
+
+class DirLayer:
+    """A plain directory as a layer (a lower dir, or the upper dir seen read-only)."""
+
+    def __init__(self, root: str, ino_tag: int = 0, name: str | None = None) -> None:
+        self.root = os.path.abspath(root)
+        self.ino_tag = ino_tag
+        self.name = name or self.root
+
+    def real(self, path: str) -> str:
+        return self.root if path == "/" else self.root + path
+
+    def _xattr_names(self, real: str) -> list[str]:
+        try:
+            return os.listxattr(real, follow_symlinks=False)
+        except OSError:
+            return []
+
+    def _xattr(self, real: str, names: list[str], wanted: tuple[str, ...]) -> bytes | None:
+        for n in wanted:
+            if n in names:
+                try:
+                    return os.getxattr(real, n, follow_symlinks=False)
+                except OSError:
+                    pass
+        return None
+
+    def record(self, path: str, st: os.stat_result) -> Record:
+        whiteout = _is_whiteout_stat(st)
+        opaque = False
+        redirect = None
+        if stat.S_ISDIR(st.st_mode):
+            real = self.real(path)
+            names = self._xattr_names(real)
+            if names:
+                v = self._xattr(real, names, OPAQUE_XATTRS)
+                opaque = v is not None and v[:1] == b"y"
+                r = self._xattr(real, names, REDIRECT_XATTRS)
+                redirect = r.decode("utf-8", "surrogateescape") if r else None
+            if not opaque:
+                opaque = os.path.lexists(real + "/" + WH_OPQ)
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and path != "/":
+            real = self.real(path)
+            names = self._xattr_names(real)
+            if names and any(n in names for n in WHITEOUT_XATTRS):
+                whiteout = True
+        return Record(
+            mode=st.st_mode, ino=st.st_ino | self.ino_tag, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid,
+            size=st.st_size, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+            rdev=st.st_rdev, blocks=st.st_blocks, whiteout=whiteout, opaque=opaque, redirect=redirect,
+        )
+
+    def lookup(self, path: str) -> Record | None:
+        real = self.real(path)
+        try:
+            st = os.lstat(real)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            head, _, name = path.rpartition("/")
+            if name and not name.startswith(WH_PREFIX) and os.path.lexists(self.root + head + "/" + WH_PREFIX + name):
+                return Record(mode=stat.S_IFCHR, ino=0, whiteout=True)
+            return None
+        if path != "/" and path.rpartition("/")[2].startswith(WH_PREFIX):
+            return None  # marker files are never names of the union
+        return self.record(path, st)
+
+    def listdir(self, path: str) -> list[tuple[str, int, int, bool]]:
+        out: list[tuple[str, int, int, bool]] = []
+        real = self.real(path)
+        with os.scandir(real) as it:
+            for de in it:
+                name = de.name
+                if name.startswith(WH_PREFIX):
+                    if name != WH_OPQ and len(name) > len(WH_PREFIX):
+                        out.append((name[len(WH_PREFIX):], stat.S_IFCHR, 0, True))
+                    continue
+                try:
+                    if de.is_dir(follow_symlinks=False):
+                        fmt = stat.S_IFDIR
+                    elif de.is_file(follow_symlinks=False):
+                        fmt = stat.S_IFREG
+                        # a zero-size regular file may be an xattr whiteout; only nested overlays write those
+                    elif de.is_symlink():
+                        fmt = stat.S_IFLNK
+                    else:
+                        st = de.stat(follow_symlinks=False)
+                        if _is_whiteout_stat(st):
+                            out.append((name, stat.S_IFCHR, 0, True))
+                            continue
+                        fmt = stat.S_IFMT(st.st_mode)
+                except FileNotFoundError:
+                    continue
+                out.append((name, fmt, de.inode() | self.ino_tag, False))
+        return out
+
+    def open_read(self, path: str) -> int:
+        return os.open(self.real(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(self.real(path))
+
+    def listxattr(self, path: str) -> list[str]:
+        return [n for n in os.listxattr(self.real(path), follow_symlinks=False) if not is_private_xattr(n)]
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        return os.getxattr(self.real(path), name, follow_symlinks=False)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.root)

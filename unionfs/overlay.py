@@ -1,0 +1,713 @@
+"""The union itself: path resolution across layers, merged readdir, and every operation with overlayfs semantics.
+
+`Overlay` is pure Python and knows nothing of FUSE: methods take union paths ("/" is the root), return plain values
+and raise OSError with the errno the caller should see. Layer 0 is the upper directory when there is one; the rest
+are read-only `layers.Layer`s, topmost first.
+
+Design decisions (see docs/unionfs.md):
+- Inode numbers: a directory reports the inode of its lowest layer, a non-directory the inode of the layer it sits
+  in, except that a copied-up object keeps its origin's number (recorded in `trusted.lamina.origin`). All numbers
+  come from the layers' own inodes, so they are stable across copy-up and remount without a database.
+- Renaming a lower or merged directory works the way kernel overlayfs's `redirect_dir=on` does: only the directory
+  itself is copied up and `trusted.overlay.redirect` records where its lower parts live.
+- Hardlinked lower files stay joined after copy-up: the first copy-up also links the copy into the work dir's
+  `index/` under the lower inode number, and later copy-ups of the other names link to it (kernel `index=on`).
+- Namespace changes are serialised by one lock; lookups, reads and writes run concurrently. Directory stacks are
+  cached in a bounded dict, dropped wholesale whenever a directory appears, disappears or moves.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from . import copyup
+from .layers import ORIGIN_XATTR, DirLayer, Layer, Record, is_private_xattr
+from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, renameat2
+
+_CACHE_MAX = 8192
+NLINK_XATTR = "trusted.lamina.nlink"
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+_OPEN_PASS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _err(code: int, path: str | None = None) -> OSError:
+    return OSError(code, os.strerror(code), path)
+
+
+def _split(path: str) -> tuple[str, str]:
+    head, _, name = path.rpartition("/")
+    return (head or "/"), name
+
+
+def _join(d: str, name: str) -> str:
+    return d + name if d.endswith("/") else d + "/" + name
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A resolved union path: the topmost record and, for a directory, every layer part that merges into it."""
+
+    rec: Record
+    layer: int
+    lpath: str
+    stack: tuple[tuple[int, str], ...]
+    ino: int
+
+    @property
+    def is_dir(self) -> bool:
+        return self.rec.is_dir
+
+
+@dataclass(slots=True)
+class Handle:
+    fd: int
+    ino: int
+    path: str
+    upper: bool
+
+
+class Overlay:
+    def __init__(self, lowers: list[Layer], upper: str | None = None, work: str | None = None) -> None:
+        if not lowers and upper is None:
+            raise ValueError("at least one layer is needed")
+        self.upper: DirLayer | None = None
+        self.layers: list[Layer] = []
+        if upper is not None:
+            if work is None:
+                raise ValueError("an upper directory needs a work directory")
+            self.upper = DirLayer(upper, name="upper")
+            self.layers.append(self.upper)
+            self.w = UpperWriter(upper)
+            self.work = os.path.join(os.path.abspath(work), "work")
+            self.index = os.path.join(os.path.abspath(work), "index")
+            for d in (self.work, self.index):
+                os.makedirs(d, mode=0o700, exist_ok=True)
+        self.layers.extend(lowers)
+        self._nlayers = len(self.layers)
+        if upper is not None:
+            # hardlink groups joined on copy-up, addressed as "/<inode hex>"; never part of a directory stack
+            self._index_layer = DirLayer(self.index, name="index")
+            self.layers.append(self._index_layer)
+        self._mu = threading.RLock()
+        self._cache: dict[str, Node] = {}
+        self._gen = 0
+        self._cache_mu = threading.Lock()
+        self.handles: dict[int, Handle] = {}
+
+    # ---- resolution -------------------------------------------------------------------------------------------
+
+    def _invalidate(self) -> None:
+        with self._cache_mu:
+            self._gen += 1
+            self._cache.clear()
+
+    def _root(self) -> Node:
+        parts: list[tuple[int, str, Record]] = []
+        for li in range(self._nlayers):
+            r = self.layers[li].lookup("/")
+            if r is None or not r.is_dir:
+                continue
+            parts.append((li, "/", r))
+            if r.opaque:
+                break
+        if not parts:
+            raise _err(errno.EIO, "/")
+        return Node(parts[0][2], parts[0][0], "/", tuple((li, p) for li, p, _ in parts), parts[-1][2].ino)
+
+    def _dir(self, path: str) -> Node | None:
+        n = self._cache.get(path)
+        if n is not None:
+            return n
+        gen = self._gen
+        n = self.resolve(path)
+        if n is None or not n.is_dir:
+            return None
+        with self._cache_mu:
+            if gen == self._gen:
+                if len(self._cache) >= _CACHE_MAX:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[path] = n
+        return n
+
+    def resolve(self, path: str) -> Node | None:
+        """The union's object at `path` with fresh attributes, or None."""
+        if path == "/":
+            return self._root()
+        head, name = _split(path)
+        parent = self._dir(head)
+        if parent is None:
+            return None
+        return self._child(parent, name)
+
+    def _child(self, parent: Node, name: str) -> Node | None:
+        todo = [(li, _join(lp, name)) for li, lp in parent.stack]
+        found: list[tuple[int, str, Record]] = []
+        k = 0
+        while k < len(todo):
+            li, cp = todo[k]
+            k += 1
+            r = self.layers[li].lookup(cp)
+            if r is None:
+                continue
+            if r.whiteout:
+                break
+            if not r.is_dir:
+                if found:
+                    break
+                if r.nlink > 1 and li != 0 and self.upper is not None:
+                    joined = self._index_layer.lookup(f"/{r.ino:x}")
+                    if joined is not None:  # another name of this file was copied up: show that copy
+                        return Node(replace(joined, ino=r.ino), self._nlayers, f"/{r.ino:x}", ((li, cp),), r.ino)
+                return Node(r, li, cp, ((li, cp),), self._file_ino(li, cp, r))
+            found.append((li, cp, r))
+            if r.opaque:
+                break
+            if r.redirect:
+                target = r.redirect if r.redirect.startswith("/") else _join(_split(cp)[0], r.redirect)
+                todo = todo[:k] + [(lj, target) for lj in range(li + 1, self._nlayers)]
+        if not found:
+            return None
+        return Node(found[0][2], found[0][0], found[0][1], tuple((li, p) for li, p, _ in found), found[-1][2].ino)
+
+    def _file_ino(self, li: int, lpath: str, rec: Record) -> int:
+        if li == 0 and self.upper is not None:
+            try:
+                v = copyup.decode_ino(os.getxattr(self.upper.real(lpath), ORIGIN_XATTR, follow_symlinks=False))
+                if v is not None:
+                    return v
+            except OSError:
+                pass
+        return rec.ino
+
+    def _node(self, path: str) -> Node:
+        n = self.resolve(path)
+        if n is None:
+            raise _err(errno.ENOENT, path)
+        return n
+
+    def _in_upper(self, n: Node) -> bool:
+        return self.upper is not None and n.layer == 0
+
+    def _need_upper(self) -> UpperWriter:
+        if self.upper is None:
+            raise _err(errno.EROFS)
+        return self.w
+
+    def _lower_positive(self, path: str) -> bool:
+        """Whether some lower layer still shows `path`, so that removing it needs a whiteout."""
+        head, name = _split(path)
+        parent = self._dir(head)
+        if parent is None:
+            return False
+        for li, lp in parent.stack:
+            if li == 0 and self.upper is not None:
+                continue
+            r = self.layers[li].lookup(_join(lp, name))
+            if r is None:
+                continue
+            return not r.whiteout
+        return False
+
+    # ---- attributes -------------------------------------------------------------------------------------------
+
+    def attrs(self, n: Node) -> dict:
+        r = n.rec
+        nlink = r.nlink
+        if r.is_dir and len(n.stack) > 1:
+            nlink = 1  # kernel overlayfs reports 1 for merged directories rather than counting subdirectories
+        elif not r.is_dir:
+            nlink = self._group_nlink(n, nlink)
+        return {
+            "st_mode": r.mode, "st_ino": n.ino, "st_nlink": nlink, "st_uid": r.uid, "st_gid": r.gid,
+            "st_size": r.size, "st_atime": r.atime_ns, "st_mtime": r.mtime_ns, "st_ctime": r.ctime_ns,
+            "st_rdev": r.rdev, "st_blocks": r.blocks, "st_blksize": 4096,
+        }
+
+    def _group_nlink(self, n: Node, nlink: int) -> int:
+        """Link count of a hardlink group joined through the index, kept in the index file's xattr."""
+        if self.upper is None or (n.layer != self._nlayers and (not self._in_upper(n) or n.ino == n.rec.ino)):
+            return nlink
+        try:
+            return int(os.getxattr(self._index_path(n.ino), NLINK_XATTR))
+        except (OSError, ValueError):
+            return nlink
+
+    def _adjust_group(self, n: Node, delta: int) -> None:
+        if self.upper is None or n.is_dir:
+            return
+        idx = self._index_path(n.ino)
+        try:
+            v = int(os.getxattr(idx, NLINK_XATTR)) + delta
+            os.setxattr(idx, NLINK_XATTR, str(max(v, 0)).encode())
+        except (OSError, ValueError):
+            pass
+
+    def getattr(self, path: str | None, fh: int | None = None) -> dict:
+        if fh is not None and fh in self.handles:
+            h = self.handles[fh]
+            if not h.upper:
+                n = self.resolve(h.path)
+                if n is not None and n.ino == h.ino:
+                    return self.attrs(n)
+            st = os.fstat(h.fd)
+            rec = Record(st.st_mode, h.ino, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_atime_ns,
+                         st.st_mtime_ns, st.st_ctime_ns, st.st_rdev, st.st_blocks)
+            return self.attrs(Node(rec, 0 if h.upper else 1, h.path, (), h.ino))
+        if path is None:
+            raise _err(errno.EBADF)
+        return self.attrs(self._node(path))
+
+    def readdir(self, path: str) -> list[tuple[str, int, int]]:
+        """(name, type bits, inode) of every visible entry, '.' and '..' first."""
+        n = self._dir(path)
+        if n is None:
+            raise _err(errno.ENOTDIR if self.resolve(path) else errno.ENOENT, path)
+        out: list[tuple[str, int, int]] = [(".", stat.S_IFDIR, n.ino), ("..", stat.S_IFDIR, 0)]
+        seen: set[str] = set()
+        for li, lp in n.stack:
+            for name, fmt, ino, wh in self.layers[li].listdir(lp):
+                if name in seen:
+                    continue
+                seen.add(name)
+                if wh:
+                    continue
+                child = _join(path, name)
+                if fmt == stat.S_IFDIR:
+                    d = self._dir(child)
+                    if d is None:
+                        continue
+                    out.append((name, stat.S_IFDIR, d.ino))
+                else:
+                    if li == 0 and self.upper is not None:
+                        try:
+                            v = copyup.decode_ino(
+                                os.getxattr(self.upper.real(child), ORIGIN_XATTR, follow_symlinks=False))
+                            if v is not None:
+                                ino = v
+                        except OSError:
+                            pass
+                    out.append((name, fmt, ino))
+        return out
+
+    def is_empty_dir(self, path: str) -> bool:
+        return len(self.readdir(path)) == 2
+
+    def readlink(self, path: str) -> str:
+        n = self._node(path)
+        if not stat.S_ISLNK(n.rec.mode):
+            raise _err(errno.EINVAL, path)
+        return self.layers[n.layer].readlink(n.lpath)
+
+    def listxattr(self, path: str) -> list[str]:
+        n = self._node(path)
+        return [x for x in self.layers[n.layer].listxattr(n.lpath) if not is_private_xattr(x)]
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        n = self._node(path)
+        if is_private_xattr(name):
+            raise _err(errno.ENODATA, path)
+        return self.layers[n.layer].getxattr(n.lpath, name)
+
+    def statfs(self, path: str) -> dict:
+        sv = self.layers[0].statvfs()
+        return {k: getattr(sv, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                                            "f_ffree", "f_favail", "f_namemax")}
+
+    def access(self, path: str, mode: int) -> None:
+        n = self._node(path)
+        if mode & os.W_OK and self.upper is None:
+            raise _err(errno.EROFS, path)
+        del n
+
+    # ---- copy-up ----------------------------------------------------------------------------------------------
+
+    def _index_path(self, ino: int) -> str:
+        return f"{self.index}/{ino:x}"
+
+    def copy_up(self, path: str, n: Node | None = None) -> str:
+        """Make `path` exist in the upper directory (data included) and return its real path there."""
+        w = self._need_upper()
+        real = w.real(path)
+        if n is not None and self._in_upper(n):
+            return real
+        with self._mu:
+            n = self._node(path)
+            if self._in_upper(n):
+                return real
+            if path != "/":
+                self._copy_up_parent(path)
+            layer = self.layers[n.layer]
+            if not n.is_dir and (n.rec.nlink > 1 or n.layer == self._nlayers):
+                idx = self._index_path(n.ino)
+                if os.path.lexists(idx):
+                    os.link(idx, real)
+                    return real
+                tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
+                try:
+                    os.setxattr(tmp, NLINK_XATTR, str(n.rec.nlink).encode())
+                    os.link(tmp, idx)
+                except OSError:
+                    pass
+            else:
+                tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
+            try:
+                os.rename(tmp, real)
+            except BaseException:
+                copyup.discard(tmp)
+                raise
+            if n.is_dir:
+                self._invalidate()
+            return real
+
+    def _copy_up_parent(self, path: str) -> str:
+        head, _ = _split(path)
+        if head == "/":
+            return self.w.root
+        p = self._dir(head)
+        if p is None:
+            raise _err(errno.ENOENT, head)
+        return self.copy_up(head, p)
+
+    # ---- creation ---------------------------------------------------------------------------------------------
+
+    def _prepare_new(self, path: str) -> tuple[str, bool]:
+        """Parent copied up and any whiteout at `path` removed; returns (real path, whether a whiteout was there)."""
+        w = self._need_upper()
+        self._copy_up_parent(path)
+        real = w.real(path)
+        had = False
+        try:
+            st = os.lstat(real)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                os.unlink(real)
+                had = True
+            elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and self.resolve(path) is None:
+                os.unlink(real)  # an xattr whiteout
+                had = True
+        except FileNotFoundError:
+            pass
+        head, name = real.rsplit("/", 1)
+        try:
+            os.unlink(f"{head}/.wh.{name}")
+            had = True
+        except FileNotFoundError:
+            pass
+        return real, had
+
+    def _own(self, real: str, owner: tuple[int, int], fd: int | None = None) -> None:
+        uid, gid = owner
+        parent_mode = os.lstat(os.path.dirname(real)).st_mode
+        if parent_mode & stat.S_ISGID:
+            gid = -1  # the filesystem already gave it the directory's group
+        if fd is not None:
+            os.fchown(fd, uid, gid)
+        else:
+            os.chown(real, uid, gid, follow_symlinks=False)
+
+    def _exists(self, path: str) -> None:
+        if self.resolve(path) is not None:
+            raise _err(errno.EEXIST, path)
+
+    def create(self, path: str, mode: int, flags: int, owner: tuple[int, int]) -> int:
+        with self._mu:
+            if self.resolve(path) is not None:
+                if flags & os.O_EXCL:
+                    raise _err(errno.EEXIST, path)
+                return self.open(path, flags)
+            real, _ = self._prepare_new(path)
+            fd = os.open(real, (flags & _OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(mode))
+            try:
+                self._own(real, owner, fd)
+                ino = os.fstat(fd).st_ino
+            except BaseException:
+                os.close(fd)
+                raise
+        self.handles[fd] = Handle(fd, ino, path, True)
+        return fd
+
+    def mknod(self, path: str, mode: int, rdev: int, owner: tuple[int, int]) -> None:
+        with self._mu:
+            self._exists(path)
+            real, _ = self._prepare_new(path)
+            if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
+                os.close(os.open(real, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, stat.S_IMODE(mode)))
+            else:
+                os.mknod(real, mode, rdev)
+            self._own(real, owner)
+
+    def mkdir(self, path: str, mode: int, owner: tuple[int, int]) -> None:
+        with self._mu:
+            self._exists(path)
+            real, had_whiteout = self._prepare_new(path)
+            if had_whiteout:
+                tmp = copyup.work_name(self.work)
+                os.mkdir(tmp, stat.S_IMODE(mode))
+                try:
+                    self.w.set_opaque(tmp)
+                    os.rename(tmp, real)
+                except BaseException:
+                    self.w.remove_tree(tmp)
+                    raise
+                # the work dir never has the parent's set-group-ID bit: apply what mkdir in place would have
+                pst = os.lstat(os.path.dirname(real))
+                if pst.st_mode & stat.S_ISGID:
+                    os.chown(real, -1, pst.st_gid)
+                    os.chmod(real, stat.S_IMODE(mode) | stat.S_ISGID)
+            else:
+                os.mkdir(real, stat.S_IMODE(mode))
+            self._own(real, owner)
+            self._invalidate()
+
+    def symlink(self, path: str, target: str, owner: tuple[int, int]) -> None:
+        with self._mu:
+            self._exists(path)
+            real, _ = self._prepare_new(path)
+            os.symlink(target, real)
+            self._own(real, owner)
+
+    def link(self, src: str, dst: str) -> None:
+        with self._mu:
+            n = self._node(src)
+            if n.is_dir:
+                raise _err(errno.EPERM, src)
+            self._exists(dst)
+            sreal = self.copy_up(src, n)
+            real, _ = self._prepare_new(dst)
+            os.link(sreal, real)
+            self._adjust_group(n, +1)
+
+    # ---- removal ----------------------------------------------------------------------------------------------
+
+    def _whiteout_over(self, real: str) -> None:
+        """Replace the non-directory at `real` by a whiteout, atomically where the kernel allows it."""
+        if self.w.mknod_ok:
+            tmp = copyup.work_name(self.work)
+            try:
+                os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0))
+                os.rename(tmp, real)
+                return
+            except PermissionError:
+                self.w.mknod_ok = False
+        os.unlink(real)
+        self.w.make_whiteout_at(real)
+
+    def unlink(self, path: str) -> None:
+        with self._mu:
+            w = self._need_upper()
+            n = self._node(path)
+            if n.is_dir:
+                raise _err(errno.EISDIR, path)
+            lower = self._lower_positive(path)
+            real = w.real(path)
+            self._adjust_group(n, -1)
+            if self._in_upper(n):
+                if lower:
+                    self._whiteout_over(real)
+                else:
+                    os.unlink(real)
+            else:
+                self._copy_up_parent(path)
+                w.make_whiteout_at(real)
+
+    def rmdir(self, path: str) -> None:
+        with self._mu:
+            w = self._need_upper()
+            if path == "/":
+                raise _err(errno.EBUSY, path)
+            n = self._node(path)
+            if not n.is_dir:
+                raise _err(errno.ENOTDIR, path)
+            if not self.is_empty_dir(path):
+                raise _err(errno.ENOTEMPTY, path)
+            lower = self._lower_positive(path)
+            real = w.real(path)
+            if self._in_upper(n):
+                w.clear_dir(real)
+                os.rmdir(real)
+            else:
+                self._copy_up_parent(path)
+            if lower:
+                w.make_whiteout_at(real)
+            self._invalidate()
+
+    # ---- rename -----------------------------------------------------------------------------------------------
+
+    def _has_lower(self, n: Node) -> bool:
+        return any(li != 0 or self.upper is None for li, _ in n.stack)
+
+    def _prepare_move(self, path: str, n: Node) -> str:
+        """Copy up what moves: a whole non-directory, or only a directory itself plus a redirect to its lower part."""
+        real = self.copy_up(path, n)
+        if n.is_dir and self._has_lower(n):
+            lowers = [lp for li, lp in n.stack if li != 0]
+            self.w.set_redirect(real, lowers[0])
+        return real
+
+    def _set_opaque_if_needed(self, n: Node, new_path: str, real: str) -> None:
+        """kernel overlayfs rule: a pure-upper directory moved into a merged directory becomes opaque."""
+        if not n.is_dir or self._has_lower(n) or n.rec.opaque:
+            return
+        head, _ = _split(new_path)
+        parent = self._dir(head)
+        if parent is not None and len(parent.stack) > 1:
+            self.w.set_opaque(real)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        with self._mu:
+            try:
+                self._rename(old, new, flags)
+            finally:
+                self._invalidate()
+
+    def _rename(self, old: str, new: str, flags: int) -> None:
+        w = self._need_upper()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise _err(errno.EINVAL)
+        src = self._node(old)
+        dst = self.resolve(new)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise _err(errno.ENOENT, new)
+        elif dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise _err(errno.EEXIST, new)
+            if src.is_dir and not dst.is_dir:
+                raise _err(errno.ENOTDIR, new)
+            if dst.is_dir and not src.is_dir:
+                raise _err(errno.EISDIR, new)
+            if dst.ino == src.ino and not src.is_dir:
+                return  # two names of one file: POSIX says do nothing
+            if dst.is_dir and not self.is_empty_dir(new):
+                raise _err(errno.ENOTEMPTY, new)
+        if old == new:
+            return
+        if flags & RENAME_EXCHANGE:
+            sreal = self._prepare_move(old, src)
+            dreal = self._prepare_move(new, dst)
+            renameat2(sreal, dreal, RENAME_EXCHANGE)
+            self._invalidate()
+            self._set_opaque_if_needed(src, new, dreal)
+            self._set_opaque_if_needed(dst, old, sreal)
+            return
+        old_lower = self._lower_positive(old)
+        sreal = self._prepare_move(old, src)
+        self._copy_up_parent(new)
+        dreal = w.real(new)
+        if dst is not None and self._in_upper(dst) and dst.is_dir:
+            w.clear_dir(dreal)
+        else:
+            try:
+                st = os.lstat(dreal)
+                if src.is_dir and stat.S_ISCHR(st.st_mode):
+                    os.unlink(dreal)
+            except FileNotFoundError:
+                pass
+        if old_lower and w.mknod_ok:
+            try:
+                renameat2(sreal, dreal, RENAME_WHITEOUT)
+                old_lower = False
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EPERM, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                os.rename(sreal, dreal)
+        else:
+            os.rename(sreal, dreal)
+        w.clear_fallback_whiteout(dreal)
+        if old_lower:
+            w.make_whiteout_at(sreal)
+        self._invalidate()
+        self._set_opaque_if_needed(src, new, dreal)
+
+    # ---- metadata changes -------------------------------------------------------------------------------------
+
+    def chmod(self, path: str, mode: int) -> None:
+        real = self.copy_up(path, self._node(path))
+        os.chmod(real, stat.S_IMODE(mode), follow_symlinks=not os.path.islink(real))
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        real = self.copy_up(path, self._node(path))
+        os.chown(real, uid, gid, follow_symlinks=False)
+
+    def utimens(self, path: str, times: tuple[int, int] | None) -> None:
+        real = self.copy_up(path, self._node(path))
+        if times is None:
+            os.utime(real, follow_symlinks=False)
+            return
+        st = os.lstat(real)
+        now = time.time_ns()
+        pick = []
+        for v, cur in zip(times, (st.st_atime_ns, st.st_mtime_ns)):
+            pick.append(now if v == UTIME_NOW else cur if v == UTIME_OMIT else v)
+        os.utime(real, ns=(pick[0], pick[1]), follow_symlinks=False)
+
+    def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
+        if is_private_xattr(name):
+            raise _err(errno.EPERM, path)
+        real = self.copy_up(path, self._node(path))
+        os.setxattr(real, name, value, flags, follow_symlinks=False)
+
+    def removexattr(self, path: str, name: str) -> None:
+        if is_private_xattr(name):
+            raise _err(errno.ENODATA, path)
+        n = self._node(path)
+        self.layers[n.layer].getxattr(n.lpath, name)  # ENODATA before any copy-up, as the kernel does
+        real = self.copy_up(path, n)
+        os.removexattr(real, name, follow_symlinks=False)
+
+    # ---- file data --------------------------------------------------------------------------------------------
+
+    def open(self, path: str, flags: int) -> int:
+        n = self._node(path)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            real = self.copy_up(path, n)
+            fd = os.open(real, (flags & _OPEN_PASS) | os.O_CLOEXEC)
+            up = True
+        elif self._in_upper(n):
+            fd = os.open(self.upper.real(n.lpath), (flags & _OPEN_PASS) | os.O_CLOEXEC)  # type: ignore[union-attr]
+            up = True
+        else:
+            fd = self.layers[n.layer].open_read(n.lpath)
+            up = False
+        self.handles[fd] = Handle(fd, n.ino, path, up)
+        return fd
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        return os.pread(fh, size, offset)
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        return os.pwrite(fh, data, offset)
+
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+        h = self.handles.get(fh) if fh is not None else None
+        if h is not None and h.upper:
+            os.ftruncate(h.fd, length)
+            return
+        if path is None:
+            raise _err(errno.EBADF)
+        real = self.copy_up(path, self._node(path))
+        os.truncate(real, length)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        if _libc.fallocate(fh, mode, offset, length) != 0:
+            e = ctypes.get_errno()
+            raise _err(e)
+
+    def flush(self, fh: int) -> None:
+        os.close(os.dup(fh))
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        (os.fdatasync if datasync else os.fsync)(fh)
+
+    def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+        os.close(fh)
