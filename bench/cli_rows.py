@@ -148,9 +148,12 @@ class StoreSize(CliWorkload):
         self.tar_sum = sum(p.stat().st_size for p in self.tars)
         self.layer_sharing = sum(digests.values())
 
+    def refs(self) -> dict[str, float]:
+        return {"sum of layer tars": float(self.tar_sum), "layer-level sharing": float(self.layer_sharing)}
+
     def notes(self) -> list[str]:
         return [f"sum of layer tars {self.tar_sum / 1e6:.1f} MB",
-                f"layer-level sharing (Docker) {self.layer_sharing / 1e6:.1f} MB"]
+                f"layer-level sharing (Docker's model) {self.layer_sharing / 1e6:.1f} MB"]
 
     def run(self, t: Trial) -> float:
         root = t.tmp / "store"

@@ -93,10 +93,12 @@ def charts(rows: list[Row], contenders: list[str], out: Path) -> list[Path]:
     nrow = (len(rows) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.4 * nrow), squeeze=False)
     for ax, r in zip(axes.flat, rows):
-        names = [c for c in contenders if c in r.samples]
-        med = [statistics.median(r.samples[c]) for c in names]
-        lo = [m - min(r.samples[c]) for m, c in zip(med, names)]
-        hi = [max(r.samples[c]) - m for m, c in zip(med, names)]
+        # every contender keeps its slot: one without a figure is labelled, not dropped
+        names = [c for c in contenders if c in r.samples or c in r.errors
+                 or r.na.get(c, "").startswith("not available")]
+        med = [statistics.median(r.samples[c]) if c in r.samples else 0.0 for c in names]
+        lo = [m - min(r.samples[c]) if c in r.samples else 0.0 for m, c in zip(med, names)]
+        hi = [max(r.samples[c]) - m if c in r.samples else 0.0 for m, c in zip(med, names)]
         scale, unit = (1e6, "MB") if r.unit == "B" else (1, r.unit)
         if r.unit == "s" and max(med) < 1:
             scale, unit = 1e-3, "ms"
@@ -104,10 +106,19 @@ def charts(rows: list[Row], contenders: list[str], out: Path) -> list[Path]:
         bars = ax.bar(range(len(names)), vals, yerr=[[x / scale for x in lo], [x / scale for x in hi]],
                       color=[colours[c] for c in names], capsize=3)
         kov = r.medians().get("kernel-overlay")
-        for b, m in zip(bars, med):
-            if kov:
-                ax.annotate(f"{m / kov:.2f}× kov", (b.get_x() + b.get_width() / 2, b.get_height()),
+        for b, m, c in zip(bars, med, names):
+            x = b.get_x() + b.get_width() / 2
+            if c not in r.samples:
+                why = "failed" if c in r.errors else "not available" if r.na[c].startswith("not av") else "n/a"
+                ax.annotate(why, (x, 0), ha="center", va="bottom", fontsize=7, rotation=90, color="grey",
+                            xytext=(0, 3), textcoords="offset points")
+            elif kov:
+                ax.annotate(f"{m / kov:.2f}× kov", (x, b.get_height()),
                             ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+        for i, (label, v) in enumerate(r.refs.items(), start=len(names)):
+            # reference figures (e.g. the sum of layer tars) as hatched grey bars beside the contenders
+            ax.bar(i, v / scale, color="lightgrey", hatch="//", edgecolor="grey")
+        names = names + list(r.refs)
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=7)
         ax.set_title(r.title, fontsize=8)
         ax.set_ylabel(unit + (" (higher is better)" if r.higher_better else ""), fontsize=7)

@@ -34,6 +34,7 @@ class Row:
     errors: dict[str, str] = field(default_factory=dict)
     na: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    refs: dict[str, float] = field(default_factory=dict)  # reference figures that are not contenders
 
     def medians(self) -> dict[str, float]:
         return {c: statistics.median(v) for c, v in self.samples.items() if v}
@@ -133,6 +134,7 @@ def run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, str
         log(f"    {row.errors[contenders[0].name]}" if contenders else "")
         return row
     row.notes.extend(w.notes())
+    row.refs.update(w.refs())
     active = []
     for c in contenders:
         reason = (unavailable.get(c.name) if w.mounts else None) or w.applies(c)

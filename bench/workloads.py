@@ -96,6 +96,10 @@ class Workload:
         """Figures to print beside the row (after prepare)."""
         return []
 
+    def refs(self) -> dict[str, float]:
+        """Reference figures charted beside the contenders (after prepare), in the row's unit."""
+        return {}
+
     def setup(self, t: Trial) -> None:
         pass
 
