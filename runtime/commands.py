@@ -1,0 +1,354 @@
+"""The runtime's `lamina` commands (run, ps, logs, stop, kill, rm, exec, diff, inspect, volume), collected by
+runtime/cli.py through COMMANDS. Thin: parse, call run/lifecycle/volumes, print, exit as Docker does (125 for
+lamina's own errors, the command's code otherwise).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from store.errors import StoreError
+from store.images import inspect as image_inspect
+from store.root import Store
+
+from . import lifecycle, state, volumes
+from .spec import RunSpec, SpecError, parse_env, parse_hostname, parse_limits, parse_user, parse_volume
+
+
+def _root(ctx: click.Context) -> str:
+    obj = ctx.find_root().obj or {}
+    if obj.get("root"):
+        return os.path.abspath(obj["root"])
+    try:
+        from store.root import default_root  # noqa: PLC0415 - the store's default is the one default
+        return default_root()
+    except ImportError:
+        return os.environ.get("LAMINA_ROOT") or "/var/lib/lamina"
+
+
+def _fail(msg: str, code: int = 125) -> None:
+    click.echo(f"lamina: {msg}", err=True)
+    sys.exit(code)
+
+
+class _Cmd(click.Command):
+    """Usage errors exit 125, as Docker's do for `run`, `exec` and friends."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if e.ctx is None:
+                e.ctx = ctx
+            e.exit_code = 125
+            raise
+
+
+class _Group(click.Group):
+    command_class = _Cmd
+
+
+def _find(root: str, ref: str) -> state.Container:
+    try:
+        return state.find(root, ref)
+    except state.NotFound as e:
+        _fail(str(e), 1)
+        raise
+
+
+_RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
+
+
+@click.command("run", cls=_Cmd, context_settings=_RUN_CTX)
+@click.option("--rm", is_flag=True, help="Remove the container (and its anonymous volumes) when it exits.")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background and print the container id.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal.")
+@click.option("--name", default=None)
+@click.option("-e", "--env", multiple=True, metavar="K=V")
+@click.option("-w", "--workdir", default=None, metavar="DIR")
+@click.option("-u", "--user", default=None, metavar="UID[:GID]")
+@click.option("--hostname", "-h", default=None)
+@click.option("--network", "--net", default="none", type=click.Choice(["none", "host"]), show_default=True)
+@click.option("-v", "--volume", multiple=True, metavar="SRC:DST[:ro]")
+@click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
+@click.option("-m", "--memory", default=None, metavar="SIZE")
+@click.option("--memory-swap", default=None, metavar="SIZE", help="Memory plus swap; -1 for unlimited swap.")
+@click.option("--cpus", default=None, metavar="N")
+@click.option("--pids-limit", default=None, type=int, metavar="N")
+@click.option("--device-read-bps", multiple=True, metavar="DEV:RATE")
+@click.option("--device-write-bps", multiple=True, metavar="DEV:RATE")
+@click.option("--userns", is_flag=True, help="Map container root to an unprivileged host uid range.")
+@click.argument("image")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: bool, name: str | None,
+            env: tuple[str, ...], workdir: str | None, user: str | None, hostname: str | None, network: str,
+            volume: tuple[str, ...], read_only: bool, memory: str | None, memory_swap: str | None, cpus: str | None,
+            pids_limit: int | None, device_read_bps: tuple[str, ...], device_write_bps: tuple[str, ...],
+            userns: bool, image: str, cmd: tuple[str, ...]) -> None:
+    """Run a command in a new container."""
+    from .run import run  # noqa: PLC0415 - keeps `lamina --help` and store commands light
+
+    root = _root(ctx)
+    try:
+        if detach and rm is False and tty:
+            pass
+        spec = RunSpec(
+            image=image, cmd=list(cmd), name=name, env=parse_env(env), workdir=workdir,
+            user=parse_user(user) if user is not None else None,
+            hostname=parse_hostname(hostname) if hostname is not None else None, network=network,
+            mounts=[parse_volume(v) for v in volume], read_only=read_only,
+            limits=parse_limits(memory, memory_swap, cpus, pids_limit, device_read_bps, device_write_bps),
+            userns=userns, rm=rm, detach=detach, interactive=interactive, tty=tty)
+    except SpecError as e:
+        _fail(str(e))
+        return
+    if workdir is not None and not workdir.startswith("/"):
+        _fail(f"invalid working directory {workdir!r}: it must be absolute")
+    targets = [m.target for m in spec.mounts]
+    dup = {t for t in targets if targets.count(t) > 1}
+    if dup:
+        _fail(f"duplicate mount point: {sorted(dup)[0]}")
+    sys.stdout.flush()
+    sys.exit(run(root, spec))
+
+
+@click.command("ps", cls=_Cmd)
+@click.option("-a", "--all", "all_", is_flag=True, help="Show all containers (default shows just running).")
+@click.option("-q", "--quiet", is_flag=True, help="Only display container ids.")
+@click.pass_context
+def ps_cmd(ctx: click.Context, all_: bool, quiet: bool) -> None:
+    """List containers."""
+    rows = lifecycle.ps_rows(_root(ctx), all_)
+    if quiet:
+        for r in rows[1:]:
+            click.echo(r[0])
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+@click.command("logs", cls=_Cmd)
+@click.option("-f", "--follow", is_flag=True)
+@click.argument("container")
+@click.pass_context
+def logs_cmd(ctx: click.Context, follow: bool, container: str) -> None:
+    """Show a container's output (stdout and stderr)."""
+    c = _find(_root(ctx), container)
+    out = sys.stdout.buffer
+    try:
+        f = open(c.log, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        while True:
+            data = f.read(65536)
+            if data:
+                out.write(data)
+                out.flush()
+                continue
+            if not follow or c.status() != "running":
+                break
+            time.sleep(0.1)
+
+
+@click.command("stop", cls=_Cmd)
+@click.option("-t", "--time", "timeout", default=10, type=int, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def stop_cmd(ctx: click.Context, timeout: int, containers: tuple[str, ...]) -> None:
+    """Stop running containers: SIGTERM, then SIGKILL after the timeout."""
+    root, bad = _root(ctx), 0
+    for ref in containers:
+        try:
+            lifecycle.stop(root, state.find(root, ref), timeout)
+            click.echo(ref)
+        except (state.NotFound, lifecycle.LifecycleError) as e:
+            click.echo(f"lamina: {e}", err=True)
+            bad = 1
+    sys.exit(bad)
+
+
+@click.command("kill", cls=_Cmd)
+@click.option("-s", "--signal", "sig", default="KILL", show_default=True)
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def kill_cmd(ctx: click.Context, sig: str, containers: tuple[str, ...]) -> None:
+    """Send a signal to running containers."""
+    root, bad = _root(ctx), 0
+    try:
+        n = lifecycle.parse_signal(sig)
+    except lifecycle.LifecycleError as e:
+        _fail(str(e), 1)
+        return
+    for ref in containers:
+        try:
+            lifecycle.kill(state.find(root, ref), n)
+            click.echo(ref)
+        except (state.NotFound, lifecycle.LifecycleError, ProcessLookupError) as e:
+            click.echo(f"lamina: {e}", err=True)
+            bad = 1
+    sys.exit(bad)
+
+
+@click.command("rm", cls=_Cmd)
+@click.option("-f", "--force", is_flag=True, help="Kill a running container first.")
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def rm_cmd(ctx: click.Context, force: bool, containers: tuple[str, ...]) -> None:
+    """Remove containers and their container layers."""
+    root, bad = _root(ctx), 0
+    for ref in containers:
+        try:
+            lifecycle.remove(root, state.find(root, ref), force)
+            click.echo(ref)
+        except (state.NotFound, lifecycle.LifecycleError) as e:
+            click.echo(f"lamina: {e}", err=True)
+            bad = 1
+    sys.exit(bad)
+
+
+@click.command("exec", cls=_Cmd, context_settings=_RUN_CTX)
+@click.option("-i", "--interactive", is_flag=True)
+@click.option("-t", "--tty", is_flag=True, help="Accepted for Docker compatibility; the caller's terminal is used.")
+@click.option("-e", "--env", multiple=True, metavar="K=V")
+@click.option("-w", "--workdir", default=None)
+@click.option("-u", "--user", default=None)
+@click.argument("container")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def exec_cmd(ctx: click.Context, interactive: bool, tty: bool, env: tuple[str, ...], workdir: str | None,
+             user: str | None, container: str, cmd: tuple[str, ...]) -> None:
+    """Run a command in a running container."""
+    from . import cgroups  # noqa: PLC0415
+    from .launch import Process, StartError, join  # noqa: PLC0415
+    from .run import _merge_env, resolve_user  # noqa: PLC0415
+
+    root = _root(ctx)
+    c = _find(root, container)
+    if c.status() != "running":
+        _fail(f"container {c.id[:12]} is not running", 1)
+    d = c.data
+    try:
+        extra = parse_env(env)
+        if user is not None:
+            uid, gid, groups, _ = resolve_user(f"/proc/{d['pid']}/root", parse_user(user))
+        else:
+            uid, gid, groups = d.get("uid", 0), d.get("gid", 0), d.get("groups", [])
+    except SpecError as e:
+        _fail(str(e))
+        return
+    p = Process(argv=list(cmd), env=_merge_env(d.get("env", []), extra), cwd=workdir or d.get("cwd", "/"), uid=uid,
+                gid=gid, groups=groups)
+    cg = cgroups.from_json(d["cgroup"])
+    stdin = 0 if interactive else os.open(os.devnull, os.O_RDONLY)
+    try:
+        code = join(d["pid"], p, cg.add, (stdin, 1, 2))
+    except StartError as e:
+        _fail(str(e), e.code)
+        return
+    sys.exit(code)
+
+
+@click.command("diff", cls=_Cmd)
+@click.argument("container")
+@click.pass_context
+def diff_cmd(ctx: click.Context, container: str) -> None:
+    """List the paths the container added (A), changed (C) or deleted (D)."""
+    for kind, path in lifecycle.diff(_find(_root(ctx), container)):
+        click.echo(f"{kind} {path}")
+
+
+@click.command("inspect", cls=_Cmd)
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def inspect_cmd(ctx: click.Context, containers: tuple[str, ...]) -> None:
+    """Show containers' or images' low-level information as JSON, as `docker inspect` does."""
+    root = _root(ctx)
+    out, bad = [], 0
+    for ref in containers:
+        try:
+            out.append(lifecycle.inspect(state.find(root, ref)))
+        except state.NotFound as e:
+            # As `docker inspect`: a name that is no container may be an image.
+            try:
+                out.append(image_inspect(Store(root), ref))
+            except StoreError:
+                click.echo(f"lamina: no such object: {ref}", err=True)
+                bad = 1
+    click.echo(json.dumps(out, indent=4))
+    sys.exit(bad)
+
+
+@click.group("volume", cls=_Group)
+def volume_grp() -> None:
+    """Manage named volumes."""
+
+
+@volume_grp.command("create")
+@click.argument("name", required=False)
+@click.pass_context
+def volume_create(ctx: click.Context, name: str | None) -> None:
+    """Create a volume (a random name if none is given)."""
+    try:
+        v = volumes.create(_root(ctx), name)
+    except volumes.VolumeError as e:
+        _fail(str(e), 1)
+        return
+    click.echo(v.name)
+
+
+@volume_grp.command("ls")
+@click.option("-q", "--quiet", is_flag=True)
+@click.pass_context
+def volume_ls(ctx: click.Context, quiet: bool) -> None:
+    """List volumes."""
+    vs = volumes.list_volumes(_root(ctx))
+    if not quiet:
+        click.echo(f"{'DRIVER':<10}VOLUME NAME")
+    for v in vs:
+        click.echo(v.name if quiet else f"{'local':<10}{v.name}")
+
+
+@volume_grp.command("inspect")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def volume_inspect(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Show volumes as JSON."""
+    root = _root(ctx)
+    out, bad = [], 0
+    for n in names:
+        try:
+            out.append(volumes.get(root, n).inspect())
+        except volumes.VolumeError as e:
+            click.echo(f"lamina: {e}", err=True)
+            bad = 1
+    click.echo(json.dumps(out, indent=4))
+    sys.exit(bad)
+
+
+@volume_grp.command("rm")
+@click.option("-f", "--force", is_flag=True)
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def volume_rm(ctx: click.Context, force: bool, names: tuple[str, ...]) -> None:
+    """Remove volumes (refused while a container uses them)."""
+    root, bad = _root(ctx), 0
+    for n in names:
+        try:
+            volumes.remove(root, n, force)
+            click.echo(n)
+        except volumes.VolumeError as e:
+            click.echo(f"lamina: {e}", err=True)
+            bad = 1
+    sys.exit(bad)
+
+
+COMMANDS = [run_cmd, ps_cmd, logs_cmd, stop_cmd, kill_cmd, rm_cmd, exec_cmd, diff_cmd, inspect_cmd, volume_grp]

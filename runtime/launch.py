@@ -1,0 +1,503 @@
+"""The container's process tree and everything done inside its namespaces.
+
+    supervisor (lamina run, or its detached shim; subreaper; outside every container namespace and cgroup)
+     └─ P1: joins the container cgroup, unshares the user namespace (the supervisor writes uid/gid maps), then the
+        mount, UTS, IPC, network, PID and cgroup namespaces; forks P2, reports its pid and exits
+         └─ P2 = PID 1 (this module's init): runc's mount sequence, pivot_root, masked and read-only paths,
+            hostname, lo up; forks P3, then reaps zombies and forwards signals until P3 exits, and exits with its
+            status (128+N for a signal)
+             └─ P3: the command: new session (controlling tty with -t), no_new_privs, Docker's capabilities,
+                setgroups/setgid/setuid, fds >= 3 closed, execve. Exec failures are reported as 126/127.
+
+Every step runs in a freshly forked single-threaded process: unshare(CLONE_NEWUSER) and setns into a mount namespace
+fail in a threaded one. After pivot_root the init can import nothing, so all imports are at module level, and it
+makes itself non-dumpable so a container process cannot open the host interpreter through /proc/1/exe.
+`join` does the same for `lamina exec` with setns.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import termios
+from dataclasses import dataclass, field
+
+from . import linux
+
+FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGWINCH, signal.SIGALRM, signal.SIGCONT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+MASKED = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+          "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap")
+READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+NS_FILES = (("user", linux.CLONE_NEWUSER), ("ipc", linux.CLONE_NEWIPC), ("uts", linux.CLONE_NEWUTS),
+            ("net", linux.CLONE_NEWNET), ("pid", linux.CLONE_NEWPID), ("cgroup", linux.CLONE_NEWCGROUP),
+            ("mnt", linux.CLONE_NEWNS))
+_LOCKABLE = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | 1024 | 2048  # noatime, nodiratime
+
+
+class StartError(Exception):
+    def __init__(self, message: str, code: int = 125):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Process:
+    """What P3 (or an exec'd process) runs and as whom."""
+    argv: list[str]
+    env: list[str]
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
+    tty: bool = False
+
+
+@dataclass
+class Launch:
+    rootfs: str                                  # host path of the mounted rootfs
+    hostname: str
+    process: Process
+    network: str = "none"
+    userns: tuple[int, int] | None = None        # (first host uid/gid, count) mapped from container 0
+    binds: list[tuple[str, str, bool]] = field(default_factory=list)  # (host source, host target in rootfs, ro)
+    read_only: bool = False
+    cgroup_version: int = 1
+    cgroup_mounts: list[tuple[str, str]] = field(default_factory=list)  # v1: (dir name, mount options)
+    console: str | None = None                   # host path of the pty slave, bound on /dev/console
+
+
+# -- small helpers -------------------------------------------------------------------------------------------
+
+
+def _send(fd: int, msg: dict) -> None:
+    os.write(fd, (json.dumps(msg) + "\n").encode())
+
+
+def _read_byte(fd: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, 1)
+        except InterruptedError:
+            continue
+
+
+def _write_file(path: str, data: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+# -- P1 ------------------------------------------------------------------------------------------------------
+
+
+def spawn(L: Launch, add_to_cgroup, stdio: tuple[int, int, int]) -> tuple[int, list[dict]]:
+    """Start the container; return (init's host pid, reports). Raises StartError if it could not be set up.
+
+    `add_to_cgroup(pid)` puts P1 in the container's cgroup before it unshares its cgroup namespace.
+    Reports after the pid are P2's: {"started": true} once the command is exec'd, or {"error", "code"}.
+    """
+    go_r, go_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    pid1 = os.fork()
+    if pid1 == 0:
+        code = 125
+        try:
+            os.close(go_w)
+            os.close(rep_r)
+            _p1(L, go_r, rep_w, stdio)
+        except BaseException as e:  # noqa: BLE001 - anything must reach the supervisor as a message
+            try:
+                _send(rep_w, {"error": f"container setup: {e}", "code": code})
+            except OSError:
+                pass
+        os._exit(code)
+    os.close(go_r)
+    os.close(rep_w)
+    reader = os.fdopen(rep_r, "rb")
+    init_pid = 0
+    try:
+        try:
+            add_to_cgroup(pid1)
+        except OSError as e:
+            raise StartError(f"joining the container cgroup: {e}") from None
+        _go(go_w, b"g", reader)
+        if L.userns:
+            msg = json.loads(reader.readline() or b"{}")
+            if not msg.get("userns"):
+                raise StartError(msg.get("error", "container setup failed before the user namespace"))
+            host, count = L.userns
+            _write_file(f"/proc/{pid1}/uid_map", f"0 {host} {count}\n")
+            _write_file(f"/proc/{pid1}/gid_map", f"0 {host} {count}\n")
+            _go(go_w, b"m", reader)
+        msg = json.loads(reader.readline() or b"{}")
+        if "pid" not in msg:
+            raise StartError(msg.get("error", "container setup failed"), msg.get("code", 125))
+        init_pid = msg["pid"]
+        reports = [json.loads(line) for line in reader]  # until P2 closes its end: started, or an error
+    except BaseException:
+        if init_pid:
+            try:
+                os.kill(init_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        raise
+    finally:
+        reader.close()
+        os.close(go_w)
+        try:
+            os.waitpid(pid1, 0)
+        except ChildProcessError:
+            pass
+    return init_pid, reports
+
+
+def _go(fd: int, byte: bytes, reader) -> None:
+    try:
+        os.write(fd, byte)
+    except BrokenPipeError:  # P1 died: its last words say why
+        msg = json.loads(reader.readline() or b"{}")
+        raise StartError(msg.get("error", "container setup failed"), msg.get("code", 125)) from None
+
+
+def _p1(L: Launch, go_r: int, rep_w: int, stdio: tuple[int, int, int]) -> None:
+    os.setsid()  # the terminal's Ctrl-C goes to the supervisor only, which forwards it once
+    # The init should not be the OOM killer's choice over the command (P3 resets this to 0 before exec). Lowering
+    # needs CAP_SYS_RESOURCE, which some hosts withhold even from root: then both end with 137 all the same.
+    try:
+        _write_file("/proc/self/oom_score_adj", "-999")
+    except PermissionError:
+        pass
+    if _read_byte(go_r) != b"g":
+        os._exit(125)
+    if L.userns:
+        linux.unshare(linux.CLONE_NEWUSER)
+        _send(rep_w, {"userns": True})
+        if _read_byte(go_r) != b"m":
+            os._exit(125)
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWPID | linux.CLONE_NEWCGROUP
+    if L.network == "none":
+        flags |= linux.CLONE_NEWNET
+    linux.unshare(flags)
+    pid2 = os.fork()  # a new PID namespace applies to children only: this one is PID 1
+    if pid2 == 0:
+        try:
+            _init(L, rep_w, stdio)
+        except BaseException as e:  # noqa: BLE001
+            try:
+                _send(rep_w, {"error": f"container setup: {e}", "code": 125})
+            except OSError:
+                pass
+        os._exit(125)
+    _send(rep_w, {"pid": pid2})
+    os._exit(0)
+
+
+# -- P2: mounts ----------------------------------------------------------------------------------------------
+
+
+def _mount_dev(R: str, L: Launch) -> None:
+    dev = R + "/dev"
+    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | (1 << 24), "mode=755,size=65536k")  # strictatime
+    for n in DEVICES:
+        p = f"{dev}/{n}"
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o666))
+        linux.mount(f"/dev/{n}", p, None, linux.MS_BIND)
+    os.mkdir(dev + "/pts", 0o755)
+    opts = "newinstance,ptmxmode=0666,mode=0620" + ("" if L.userns else ",gid=5")
+    linux.mount("devpts", dev + "/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, opts)
+    os.symlink("pts/ptmx", dev + "/ptmx")
+    os.mkdir(dev + "/shm", 0o1777)
+    linux.mount("shm", dev + "/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+                "mode=1777,size=65536k")
+    os.mkdir(dev + "/mqueue", 0o755)
+    linux.mount("mqueue", dev + "/mqueue", "mqueue", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore")):
+        os.symlink(target, f"{dev}/{name}")
+    if L.console:
+        os.close(os.open(dev + "/console", os.O_CREAT | os.O_WRONLY, 0o600))
+        linux.mount(L.console, dev + "/console", None, linux.MS_BIND)
+
+
+def _mount_sys(R: str, L: Launch) -> None:
+    sysdir = R + "/sys"
+    ro = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY
+    if L.userns and L.network == "host":
+        # sysfs can only be mounted by the owner of the network namespace: bind the host's, read-only.
+        linux.mount("/sys", sysdir, None, linux.MS_BIND | linux.MS_REC)
+        linux.mount(None, sysdir, None, linux.MS_BIND | linux.MS_REMOUNT | ro)
+        return
+    linux.mount("sysfs", sysdir, "sysfs", ro)
+    cg = sysdir + "/fs/cgroup"
+    if not os.path.isdir(cg):
+        return
+    if L.cgroup_version == 2:
+        linux.mount("cgroup2", cg, "cgroup2", ro)
+        return
+    if L.userns:
+        return  # v1 hierarchies can only be mounted from the initial user namespace
+    linux.mount("tmpfs", cg, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=755")
+    for name, opts in L.cgroup_mounts:
+        os.mkdir(f"{cg}/{name}", 0o755)
+        linux.mount("cgroup", f"{cg}/{name}", "cgroup", ro, opts)
+    linux.mount(None, cg, None, linux.MS_REMOUNT | ro, "mode=755")
+
+
+def _remount_ro(path: str) -> None:
+    keep = os.statvfs(path).f_flag & _LOCKABLE  # flags locked by a user namespace must be kept
+    linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | keep)
+
+
+def _setup_mounts(L: Launch) -> None:
+    R = L.rootfs
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
+    linux.mount(R, R, None, linux.MS_BIND | linux.MS_REC)
+    os.makedirs(R + "/proc", exist_ok=True)
+    linux.mount("proc", R + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    os.makedirs(R + "/dev", exist_ok=True)
+    _mount_dev(R, L)
+    os.makedirs(R + "/sys", exist_ok=True)
+    _mount_sys(R, L)
+    for src, target, ro in L.binds:
+        linux.mount(src, target, None, linux.MS_BIND | linux.MS_REC)
+        if ro:
+            _remount_ro(target)
+    os.chdir(R)
+    linux.pivot_root(".", ".")
+    linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
+    linux.umount2(".", linux.MNT_DETACH)
+    os.chdir("/")
+    if L.read_only:
+        _remount_ro("/")
+    for p in MASKED:
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            linux.mount("tmpfs", p, "tmpfs", linux.MS_RDONLY, "size=0")
+        else:
+            linux.mount("/dev/null", p, None, linux.MS_BIND)
+    for p in READONLY:
+        if os.path.lexists(p):
+            linux.mount(p, p, None, linux.MS_BIND | linux.MS_REC)
+            _remount_ro(p)
+
+
+def _lo_up() -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        ifr = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, 0x8913, ifr))[1]  # SIOCGIFFLAGS
+        fcntl.ioctl(s, 0x8914, struct.pack("16sH22x", b"lo", flags | 1))  # SIOCSIFFLAGS, IFF_UP
+    finally:
+        s.close()
+
+
+# -- P2: init ------------------------------------------------------------------------------------------------
+
+
+def _init(L: Launch, rep_w: int, stdio: tuple[int, int, int]) -> None:
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    _setup_mounts(L)
+    if L.network == "none":
+        _lo_up()
+    linux.sethostname(L.hostname)
+    child = [0]
+
+    def forward(sig: int, _frame: object) -> None:
+        if child[0]:
+            try:
+                os.kill(child[0], sig)
+            except ProcessLookupError:
+                pass
+
+    for s in FORWARDED:
+        signal.signal(s, forward)
+    er, ew = os.pipe2(os.O_CLOEXEC)
+    pid3 = os.fork()
+    if pid3 == 0:
+        os.close(er)
+        _exec(L.process, stdio, ew)
+    child[0] = pid3
+    os.close(ew)
+    for fd in stdio:
+        if fd > 2:
+            os.close(fd)
+    err = b""
+    while chunk := os.read(er, 4096):
+        err += chunk
+    os.close(er)
+    if err:
+        msg = json.loads(err)
+        _send(rep_w, msg)
+    else:
+        _send(rep_w, {"started": True})
+    os.close(rep_w)
+    # Nothing of the host stays open in PID 1 either.
+    linux.close_fds_from(3)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(125)
+        if pid == pid3:
+            os._exit(exit_code(status))
+
+
+# -- P3: the command -----------------------------------------------------------------------------------------
+
+
+def _find(argv0: str, env: list[str]) -> str:
+    if "/" in argv0:
+        return argv0
+    path = next((e[5:] for e in env if e.startswith("PATH=")), "/usr/local/bin:/usr/bin:/bin")
+    denied = None
+    for d in path.split(":"):
+        cand = os.path.join(d or ".", argv0)
+        try:
+            st = os.stat(cand)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            if os.access(cand, os.X_OK):
+                return cand
+            denied = cand
+    if denied:
+        return denied
+    raise FileNotFoundError(errno.ENOENT, f'exec: "{argv0}": executable file not found in $PATH')
+
+
+def _exec(p: Process, stdio: tuple[int, int, int], ew: int) -> None:
+    """Become the command. Never returns; failures go to `ew` as {"error", "code"} (126 or 127)."""
+    try:
+        try:
+            linux.prctl(linux.PR_SET_DUMPABLE, 1)  # the init is not; this process's /proc files must be its own
+            os.setsid()
+            for i, fd in enumerate(stdio):
+                if fd != i:
+                    os.dup2(fd, i)
+            if p.tty:
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            for s in range(1, signal.NSIG):
+                if s not in (signal.SIGKILL, signal.SIGSTOP):
+                    try:
+                        signal.signal(s, signal.SIG_DFL)
+                    except (OSError, ValueError):
+                        pass
+            try:
+                _write_file("/proc/self/oom_score_adj", "0")
+            except OSError:
+                pass
+            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+            _become(p)
+            try:
+                os.chdir(p.cwd)
+            except OSError as e:
+                raise StartError(f"chdir to cwd ({p.cwd!r}) set in config.json failed: {e.strerror}", 126) from None
+            path = _find(p.argv[0], p.env)
+            linux.close_fds_from(3, keep=(ew,))
+            env = dict(e.split("=", 1) for e in p.env)
+            os.execve(path, p.argv, env)
+        except StartError as e:
+            _send(ew, {"error": str(e), "code": e.code})
+        except FileNotFoundError as e:
+            msg = e.strerror if e.strerror and e.strerror.startswith("exec:") else \
+                f'exec: "{p.argv[0]}": stat {p.argv[0]}: no such file or directory'
+            _send(ew, {"error": msg, "code": 127})
+        except OSError as e:
+            _send(ew, {"error": f'exec: "{p.argv[0]}": {e.strerror.lower() if e.strerror else e}', "code": 126})
+    except BaseException:  # noqa: BLE001 - P3 must never return into the init's code
+        pass
+    os._exit(127)
+
+
+def _become(p: Process) -> None:
+    # Bounding set first, while CAP_SETPCAP is still ours; setuid to non-root then clears the rest.
+    keep = linux.DEFAULT_CAPS if p.uid == 0 else frozenset()
+    for cap in range(linux.last_cap() + 1):
+        if cap not in linux.DEFAULT_CAPS:
+            try:
+                linux.prctl(linux.PR_CAPBSET_DROP, cap)
+            except OSError:
+                pass
+    try:
+        os.setgroups(p.groups)
+    except PermissionError:
+        pass  # a user namespace with setgroups denied
+    os.setresgid(p.gid, p.gid, p.gid)
+    os.setresuid(p.uid, p.uid, p.uid)
+    linux.drop_capabilities(keep)
+
+
+# -- lamina exec ---------------------------------------------------------------------------------------------
+
+
+def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int]) -> int:
+    """Run `p` in the namespaces and cgroup of the container whose init is `init_pid`; return its exit code."""
+    fds = {}
+    for name, flag in NS_FILES:
+        try:
+            if os.readlink(f"/proc/{init_pid}/ns/{name}") == os.readlink(f"/proc/self/ns/{name}"):
+                continue
+            fds[name] = (os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
+        except FileNotFoundError:
+            raise StartError("container is not running") from None
+    root_fd = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    er, ew = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(er)
+        try:
+            add_to_cgroup(os.getpid())
+            for name, _ in NS_FILES:  # user first: the others are owned by it
+                if name in fds:
+                    linux.setns(fds[name][0], fds[name][1])
+            os.fchdir(root_fd)
+            os.chroot(".")
+            os.chdir("/")
+        except BaseException as e:  # noqa: BLE001
+            _send(ew, {"error": f"joining the container: {e}", "code": 126})
+            os._exit(126)
+        if p.uid == 0 and "user" in fds:
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        pid2 = os.fork()  # setns(pid) applies to children
+        if pid2 == 0:
+            _exec(p, stdio, ew)
+        os.close(ew)
+        signal.signal(signal.SIGINT, lambda s, f: os.kill(pid2, s))
+        signal.signal(signal.SIGTERM, lambda s, f: os.kill(pid2, s))
+        _, status = os.waitpid(pid2, 0)
+        os._exit(exit_code(status))
+    os.close(ew)
+    for fd, _ in fds.values():
+        os.close(fd)
+    os.close(root_fd)
+    err = b""
+    while chunk := os.read(er, 4096):
+        err += chunk
+    os.close(er)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, lambda sig, f: os.kill(pid, sig))
+    _, status = os.waitpid(pid, 0)
+    if err:
+        msg = json.loads(err.splitlines()[0])
+        raise StartError(msg["error"], msg["code"])
+    return exit_code(status)

@@ -1,0 +1,79 @@
+"""Resolving a container path inside a host directory holding the rootfs, without ever leaving it.
+
+Mount targets are resolved before anything is mounted on them: every symlink is read and followed inside the
+rootfs (an absolute link restarts at the rootfs, as it would inside the container), and a link or `..` that would
+climb above the rootfs is an error rather than something to clamp — a bind mount must never land on a host path
+(as filepath-securejoin guards runc). Written here because no maintained Python package does this.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+MAX_LINKS = 40
+
+
+class EscapeError(ValueError):
+    pass
+
+
+def resolve_in_root(root: str, path: str) -> str:
+    """Host path of container path `path` within `root`, symlinks resolved. Missing trailing parts are kept as is."""
+    root = os.path.realpath(root)
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    links = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if not done:
+                raise EscapeError(f"{path}: resolves outside the container's root filesystem")
+            done.pop()
+            continue
+        cur = os.path.join(root, *done, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            done.append(part)
+            done.extend(p for p in todo if p not in ("", "."))
+            if ".." in done:
+                raise EscapeError(f"{path}: '..' below a missing directory")
+            return os.path.join(root, *done)
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                raise OSError(errno.ELOOP, f"{path}: too many levels of symbolic links")
+            target = os.readlink(cur)
+            if target.startswith("/"):
+                done = []
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+            continue
+        done.append(part)
+    return os.path.join(root, *done)
+
+
+def make_mountpoint(root: str, path: str, is_dir: bool) -> str:
+    """Resolve `path` in `root` and create it (a directory, or an empty file for a file bind), returning it."""
+    host = resolve_in_root(root, path)
+    if is_dir:
+        # Create component by component, re-resolving, so a symlink created meanwhile is still followed inside.
+        rel = os.path.relpath(host, os.path.realpath(root))
+        cur = os.path.realpath(root)
+        for part in [] if rel == "." else rel.split("/"):
+            nxt = os.path.join(cur, part)
+            if not os.path.lexists(nxt):
+                os.mkdir(nxt, 0o755)
+            elif os.path.islink(nxt):
+                nxt = resolve_in_root(root, "/" + os.path.relpath(nxt, os.path.realpath(root)))
+            cur = nxt
+        if not os.path.isdir(cur):
+            raise NotADirectoryError(errno.ENOTDIR, f"{path}: not a directory in the image")
+        return cur
+    make_mountpoint(root, os.path.dirname(path.rstrip("/")) or "/", True)
+    host = resolve_in_root(root, path)
+    if not os.path.lexists(host):
+        os.close(os.open(host, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+    elif os.path.isdir(host):
+        raise IsADirectoryError(errno.EISDIR, f"{path}: is a directory in the image, the source is a file")
+    return host

@@ -1,0 +1,480 @@
+"""`lamina run`: from a validated RunSpec to a running container and back to its exit code.
+
+Preparation (rootfs mount, volumes, mount points, cgroup) happens in the calling process and is rolled back entirely
+if any step fails, so bad input leaves nothing behind. Then a supervisor (this process in the foreground; a detached
+shim with -d) starts the process tree of runtime.launch, relays the terminal or the log, forwards signals, records
+the exit code (and OOM kills) in state.json and cleans up: cgroup removed, rootfs unmounted, container removed with
+--rm.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import cgroups, linux, rootfs, state, volumes
+from .launch import Launch, Process, StartError, spawn
+from .paths import EscapeError, make_mountpoint, resolve_in_root
+from .spec import RunSpec, SpecError, VOLUME_NAME
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USERNS_DEFAULT = (100000, 65536)
+
+
+@dataclass
+class Prepared:
+    container: state.Container
+    launch: Launch
+    cgroup: cgroups.Cgroup
+    image: rootfs.Image
+    created_volumes: list[str] = field(default_factory=list)
+
+
+def userns_range() -> tuple[int, int]:
+    """The host range for --userns: the `lamina` (else `root`) entry of /etc/subuid, else 100000:65536."""
+    try:
+        with open("/etc/subuid") as f:
+            rows = [line.strip().split(":") for line in f if line.count(":") == 2]
+        for who in ("lamina", "root"):
+            for name, start, count in rows:
+                if name == who:
+                    return int(start), int(count)
+    except (OSError, ValueError):
+        pass
+    return USERNS_DEFAULT
+
+
+def _read_db(rootdir: str, path: str) -> list[list[str]]:
+    try:
+        with open(resolve_in_root(rootdir, path)) as f:
+            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+    except (OSError, EscapeError):
+        return []
+
+
+def resolve_user(rootdir: str, user: str) -> tuple[int, int, list[int], str]:
+    """(uid, gid, supplementary groups, home) for Docker's -u forms: UID, NAME, UID:GID, NAME:GROUP."""
+    name, _, group = user.partition(":")
+    passwd = _read_db(rootdir, "/etc/passwd")
+    groups = _read_db(rootdir, "/etc/group")
+    home = "/"
+    if name.isdigit():
+        uid = int(name)
+        row = next((r for r in passwd if len(r) >= 6 and r[2] == name), None)
+    else:
+        row = next((r for r in passwd if len(r) >= 6 and r[0] == name), None)
+        if row is None:
+            raise SpecError(f"unable to find user {name}: no matching entries in passwd file")
+        uid = int(row[2])
+    gid = int(row[3]) if row else 0
+    if row:
+        home = row[5] or "/"
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            g = next((r for r in groups if len(r) >= 3 and r[0] == group), None)
+            if g is None:
+                raise SpecError(f"unable to find group {group}: no matching entries in group file")
+            gid = int(g[2])
+    supp = []
+    if row:
+        for g in groups:
+            if len(g) >= 4 and row[0] in g[3].split(","):
+                supp.append(int(g[2]))
+    return uid, gid, sorted({gid, *supp}), home
+
+
+def _merge_env(base: list[str], extra: list[str]) -> list[str]:
+    env: dict[str, str] = {}
+    for e in base + extra:
+        k, _, v = e.partition("=")
+        env[k] = v
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def command_line(cfg: dict, cmd: list[str]) -> list[str]:
+    """Docker's rule: Entrypoint + (CMD arguments given, else the image's Cmd)."""
+    entry = list(cfg.get("Entrypoint") or [])
+    return entry + (list(cmd) if cmd else list(cfg.get("Cmd") or []))
+
+
+def _v1_mounts() -> list[tuple[str, str]]:
+    out = []
+    for _, mp, fs, opts in cgroups._mountinfo():
+        if fs == "cgroup" and mp.startswith("/sys/fs/cgroup/"):
+            known = [o for o in opts.split(",") if o in ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer",
+                                                           "blkio", "pids", "net_cls", "net_prio", "perf_event",
+                                                           "hugetlb", "rdma", "misc") or o.startswith("name=")]
+            if known:
+                out.append((os.path.basename(mp), ",".join(known)))
+    return out
+
+
+def prepare(root: str, spec: RunSpec) -> Prepared:
+    """Everything before the first process. Raises SpecError/rootfs.ImageNotFound/OSError after rolling back."""
+    if spec.name is not None:
+        if not VOLUME_NAME.match(spec.name):
+            raise SpecError(f"invalid container name {spec.name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
+        if any(c.name == spec.name for c in state.list_containers(root)):
+            raise SpecError(f'Conflict. The container name "/{spec.name}" is already in use')
+    image = rootfs.resolve(root, spec.image)
+    cfg = image.config
+    argv = command_line(cfg, spec.cmd)
+    if not argv:
+        raise SpecError("no command specified")
+    cid = state.new_id()
+    hostname = spec.hostname or cid[:12]
+    name = spec.name or state.random_name(root)
+    user = spec.user or cfg.get("User") or "0"
+    c = state.create(root, cid, {
+        "name": name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
+        "argv": argv, "hostname": hostname, "rm": spec.rm, "status": "created",
+        "mounts": [m.to_json() for m in spec.mounts], "network": spec.network, "userns": spec.userns,
+        "user": user, "tty": spec.tty,
+    })
+    cg: cgroups.Cgroup | None = None
+    created: list[str] = []
+    try:
+        rootfs.mount(root, image, str(c.upper), str(c.work), str(c.rootfs))
+        R = str(c.rootfs)
+        uid, gid, groups, home = resolve_user(R, user)
+        env = _merge_env([DEFAULT_PATH, f"HOSTNAME={hostname}", f"HOME={home}"] + (["TERM=xterm"] if spec.tty else []),
+                         list(cfg.get("Env") or []) + spec.env)
+        cwd = spec.workdir or cfg.get("WorkingDir") or "/"
+        if not cwd.startswith("/"):
+            raise SpecError(f"invalid working directory {cwd!r}: it must be absolute")
+        # Resolve every target first: an escape must fail before anything is created.
+        for m in spec.mounts:
+            resolve_in_root(R, m.target)
+        resolve_in_root(R, cwd)
+        userns = userns_range() if spec.userns else None
+        binds: list[tuple[str, str, bool]] = []
+        mounts_json = []
+        for m in spec.mounts:
+            if m.kind == "bind":
+                src = m.source
+                if not os.path.exists(src):
+                    os.makedirs(src, exist_ok=True)  # Docker creates a missing host directory
+                target = make_mountpoint(R, m.target, os.path.isdir(src))
+                binds.append((src, target, m.readonly))
+                mounts_json.append(m.to_json())
+                continue
+            vname = m.source
+            if m.kind == "anon" or not volumes.Volume(root, vname).exists():
+                vol = volumes.create(root, vname or None, anonymous=m.kind == "anon")
+                created.append(vol.name)
+                if userns:
+                    os.chown(vol.data, userns[0], userns[0])
+            else:
+                vol = volumes.get(root, vname)
+            target = make_mountpoint(R, m.target, True)
+            vol.prefill(target)
+            binds.append((str(vol.data), target, m.readonly))
+            mounts_json.append({**m.to_json(), "source": vol.name})
+        if cwd != "/":
+            host_cwd = make_mountpoint(R, cwd, True)
+            if userns and not os.listdir(host_cwd):
+                pass
+        version = cgroups.detect_version()
+        cg = cgroups.for_container(f"lamina-{cid}")
+        cg.create()
+        try:
+            cg.apply(spec.limits)
+        except OSError as e:
+            raise SpecError(f"setting cgroup limits: {e.strerror or e}") from None
+        launch = Launch(
+            rootfs=R, hostname=hostname, network=spec.network, userns=userns, binds=binds, read_only=spec.read_only,
+            process=Process(argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups, tty=spec.tty),
+            cgroup_version=version, cgroup_mounts=_v1_mounts() if version == 1 else [],
+        )
+        c.update(mounts=mounts_json, cgroup=cg.to_json(), env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
+        return Prepared(c, launch, cg, image, created)
+    except BaseException:
+        _rollback(root, c, image.kind, cg, created)
+        raise
+
+
+def _rollback(root: str, c: state.Container, kind: str, cg: cgroups.Cgroup | None, created: list[str]) -> None:
+    if cg is not None:
+        try:
+            cg.remove()
+        except OSError:
+            pass
+    try:
+        rootfs.umount(root, kind, str(c.rootfs))
+    except OSError:
+        pass
+    for v in created:
+        try:
+            volumes.remove(root, v, force=True)
+        except volumes.VolumeError:
+            pass
+    state.remove_dir(c)
+
+
+def cleanup(root: str, c: state.Container) -> None:
+    """After the init is gone: cgroup and rootfs mount away; with --rm the container and anonymous volumes too."""
+    cgj = c.data.get("cgroup")
+    if cgj:
+        cg = cgroups.from_json(cgj)
+        for pid in cg.pids():  # stragglers, e.g. `lamina exec` processes outside the PID namespace
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            cg.remove()
+        except OSError:
+            pass
+    rootfs.umount(root, c.data.get("image_kind", "dir"), str(c.rootfs))
+    if c.data.get("rm"):
+        remove_container(root, c)
+
+
+def remove_container(root: str, c: state.Container) -> None:
+    anon = [m["source"] for m in c.data.get("mounts", []) if m["kind"] == "anon"]
+    state.remove_dir(c)
+    for v in anon:
+        try:
+            volumes.remove(root, v, force=True)
+        except volumes.VolumeError:
+            pass
+
+
+# -- supervision ---------------------------------------------------------------------------------------------
+
+
+class _Relay:
+    """Copies container output to the terminal and the log, and terminal input to a pty; wakes on SIGCHLD."""
+
+    def __init__(self, log_fd: int):
+        self.log_fd = log_fd
+        self.outs: dict[int, list[int]] = {}
+        self.ins: dict[int, int] = {}
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def run_until_exit(self, pid: int) -> int:
+        signal.set_wakeup_fd(self.wake_w)
+        status = None
+        try:
+            while True:
+                if status is None:
+                    try:
+                        p, st = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        p, st = pid, 0
+                    if p == pid:
+                        status = st
+                fds = list(self.outs) + list(self.ins)
+                if status is not None and not self.outs:
+                    break
+                # After the exit, drain what is buffered without waiting for writers that may linger.
+                r, _, _ = select.select(fds + [self.wake_r], [], [], 0 if status is not None else None)
+                if not r and status is not None:
+                    break
+                for fd in r:
+                    if fd == self.wake_r:
+                        try:
+                            os.read(self.wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                        continue
+                    try:
+                        data = os.read(fd, 65536)
+                    except OSError as e:
+                        data = b"" if e.errno in (errno.EIO, errno.EBADF) else b""
+                    if fd in self.outs:
+                        if not data:
+                            del self.outs[fd]
+                            continue
+                        for dst in self.outs[fd]:
+                            _write_all(dst, data)
+                    else:
+                        if not data:
+                            del self.ins[fd]
+                            continue
+                        _write_all(self.ins[fd], data)
+        finally:
+            signal.set_wakeup_fd(-1)
+        return status
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        try:
+            n = os.write(fd, data)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        data = data[n:]
+
+
+def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify_fd: int | None = None) -> int:
+    """Start the container and wait for it. stdio_mode: "relay" (foreground), "tty" (-t), "log" (detached)."""
+    c, L = p.container, p.launch
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+    log_fd = os.open(c.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    relay = _Relay(log_fd)
+    close_after: list[int] = []
+    saved_tty = None
+    init_pid = [0]
+
+    def forward(sig: int, _f: object) -> None:
+        if init_pid[0]:
+            try:
+                os.kill(init_pid[0], sig)
+            except ProcessLookupError:
+                pass
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, forward)
+    signal.signal(signal.SIGCHLD, lambda s, f: None)  # so that the wakeup fd sees it
+    devnull = os.open(os.devnull, os.O_RDWR)
+    close_after.append(devnull)
+    if stdio_mode == "tty":
+        master, slave = os.openpty()
+        L.console = os.ttyname(slave)
+        stdio = (slave, slave, slave)
+        close_after.append(slave)
+        relay.outs[master] = [1, log_fd]
+        if interactive:
+            relay.ins[0] = master
+        _copy_winsize(master)
+        signal.signal(signal.SIGWINCH, lambda s, f: _copy_winsize(master))
+        if interactive and os.isatty(0):
+            import termios
+            import tty
+            saved_tty = termios.tcgetattr(0)
+            tty.setraw(0)
+    elif stdio_mode == "relay":
+        o_r, o_w = os.pipe2(os.O_CLOEXEC)
+        e_r, e_w = os.pipe2(os.O_CLOEXEC)
+        stdio = (0 if interactive else devnull, o_w, e_w)
+        close_after += [o_w, e_w]
+        relay.outs[o_r] = [1, log_fd]
+        relay.outs[e_r] = [2, log_fd]
+    else:
+        stdio = (devnull, log_fd, log_fd)
+    try:
+        try:
+            pid, reports = spawn(L, p.cgroup.add, stdio)
+            init_pid[0] = pid
+            c.update(status="running", pid=pid, pid_start=state.proc_start_time(pid), started_at=time.time(),
+                     shim_pid=os.getpid(), shim_start=state.proc_start_time(os.getpid()))
+        except StartError as e:
+            reports, pid = [{"error": str(e), "code": e.code}], 0
+        for fd in close_after:
+            os.close(fd)
+        close_after = []
+        err = next((r for r in reports if "error" in r), None)
+        if err is not None:
+            code = int(err.get("code", 125))
+            if pid:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            c.update(status="exited", exit_code=code, error=err["error"], finished_at=time.time(), pid=None)
+            if notify_fd is not None:
+                _notify(notify_fd, {"error": err["error"], "code": code})
+            else:
+                print(f"lamina: {err['error']}", file=sys.stderr)
+            _restore(saved_tty)
+            saved_tty = None
+            cleanup(root, c)
+            return code
+        if notify_fd is not None:
+            _notify(notify_fd, {"started": True})
+        status = relay.run_until_exit(pid)
+        code = _code(status)
+    finally:
+        _restore(saved_tty)
+        for fd in close_after:
+            os.close(fd)
+    oom = p.cgroup.oom_killed()
+    c.update(status="exited", exit_code=code, oom_killed=oom, finished_at=time.time(), pid=None)
+    cleanup(root, c)
+    os.close(log_fd)
+    return code
+
+
+def _code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _restore(saved: object) -> None:
+    if saved is not None:
+        import termios
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _copy_winsize(master: int) -> None:
+    import fcntl
+    import termios
+    for fd in (0, 1):
+        try:
+            ws = fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
+            fcntl.ioctl(master, termios.TIOCSWINSZ, ws)
+            return
+        except OSError:
+            continue
+
+
+def _notify(fd: int, msg: dict) -> None:
+    try:
+        os.write(fd, (json.dumps(msg) + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def run(root: str, spec: RunSpec) -> int:
+    """The whole of `lamina run`; returns the exit code to exit with (125 for lamina's own errors)."""
+    try:
+        p = prepare(root, spec)
+    except (SpecError, rootfs.ImageNotFound, EscapeError, volumes.VolumeError) as e:
+        print(f"lamina: {e}", file=sys.stderr)
+        return 125
+    except OSError as e:
+        print(f"lamina: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        return 125
+    if not spec.detach:
+        return supervise(root, p, "tty" if spec.tty else "relay", spec.interactive)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            fd = os.open(os.devnull, os.O_RDWR)
+            os.dup2(fd, 0)
+            logfd = os.open(p.container.dir / "shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            os.dup2(logfd, 1)
+            os.dup2(logfd, 2)
+            linux.close_fds_from(3, keep=(w,))
+            supervise(root, p, "log", False, notify_fd=w)
+        except BaseException as e:  # noqa: BLE001
+            _notify(w, {"error": str(e), "code": 125})
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    os.close(r)
+    msg = json.loads(data.splitlines()[0]) if data else {"error": "the container's supervisor died", "code": 125}
+    if "error" in msg:
+        print(f"lamina: {msg['error']}", file=sys.stderr)
+        return int(msg.get("code", 125))
+    print(p.container.id)
+    return 0

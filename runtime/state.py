@@ -1,0 +1,178 @@
+"""Container records on disk: <root>/containers/<id>/ holding state.json, the container layer (upper, work), the
+rootfs mount point and the log; lookup by id, id prefix or name; liveness checks that survive pid reuse.
+
+state.json is replaced atomically (write to a temp file, rename), so a reader never sees half a record and a crashed
+writer leaves the previous one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_ADJ = ("admiring", "brave", "calm", "dreamy", "eager", "focused", "gallant", "happy", "jolly", "keen", "lucid",
+        "modest", "nifty", "quirky", "relaxed", "serene", "tender", "upbeat", "vibrant", "zealous")
+_NOUN = ("archimedes", "babbage", "curie", "darwin", "euler", "fermi", "gauss", "hopper", "kepler", "lovelace",
+         "meitner", "newton", "noether", "pascal", "ritchie", "shannon", "thompson", "turing", "wozniak", "yalow")
+
+
+class NotFound(LookupError):
+    pass
+
+
+def containers_dir(root: str | Path) -> Path:
+    return Path(root) / "containers"
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@dataclass
+class Container:
+    dir: Path
+    data: dict
+
+    @property
+    def id(self) -> str:
+        return self.data["id"]
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def upper(self) -> Path:
+        return self.dir / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.dir / "work"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "container.log"
+
+    def save(self) -> None:
+        tmp = self.dir / f".state.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.dir / "state.json")
+
+    def reload(self) -> "Container":
+        self.data = json.loads((self.dir / "state.json").read_text())
+        return self
+
+    def update(self, **kw: object) -> None:
+        """Re-read, change, save: the shim and `stop`/`kill` may both write."""
+        try:
+            self.reload()
+        except (OSError, ValueError):
+            pass
+        self.data.update(kw)
+        self.save()
+
+    def init_alive(self) -> bool:
+        pid, start = self.data.get("pid"), self.data.get("pid_start")
+        if not pid or start is None:
+            return False
+        return proc_start_time(pid) == start and not _is_zombie(pid)
+
+    def shim_alive(self) -> bool:
+        pid, start = self.data.get("shim_pid"), self.data.get("shim_start")
+        return bool(pid) and proc_start_time(pid) == start
+
+    def status(self) -> str:
+        """created, running, exited, or dead (recorded running, but its init is gone and nobody recorded why)."""
+        s = self.data.get("status", "created")
+        if s == "running" and not self.init_alive():
+            try:
+                self.reload()  # the shim may have just recorded the exit
+            except (OSError, ValueError):
+                pass
+            s = self.data.get("status", "created")
+            if s == "running":
+                return "dead"
+        return s
+
+
+def new_id() -> str:
+    return secrets.token_hex(32)
+
+
+def random_name(root: str | Path) -> str:
+    taken = {c.name for c in list_containers(root)}
+    for _ in range(100):
+        n = f"{secrets.choice(_ADJ)}_{secrets.choice(_NOUN)}"
+        if n not in taken:
+            return n
+    return f"lamina_{secrets.token_hex(4)}"
+
+
+def create(root: str | Path, cid: str, data: dict) -> Container:
+    d = containers_dir(root) / cid
+    d.mkdir(parents=True)
+    for sub in ("upper", "work", "rootfs"):
+        (d / sub).mkdir()
+    c = Container(d, dict(data, id=cid, created=time.time(), status="created"))
+    c.save()
+    return c
+
+
+def list_containers(root: str | Path) -> list[Container]:
+    out = []
+    base = containers_dir(root)
+    if not base.is_dir():
+        return out
+    for d in base.iterdir():
+        try:
+            out.append(Container(d, json.loads((d / "state.json").read_text())))
+        except (OSError, ValueError):
+            continue
+    out.sort(key=lambda c: c.data.get("created", 0), reverse=True)
+    return out
+
+
+def find(root: str | Path, ref: str) -> Container:
+    """By full id, name, or unique id prefix (as Docker)."""
+    cs = list_containers(root)
+    for c in cs:
+        if c.id == ref or c.name == ref:
+            return c
+    if len(ref) >= 1:
+        hits = [c for c in cs if c.id.startswith(ref)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise NotFound(f"multiple containers match {ref!r}: give more of the id")
+    raise NotFound(f"no such container: {ref}")
+
+
+def remove_dir(c: Container) -> None:
+    shutil.rmtree(c.dir, ignore_errors=True)
+    if c.dir.exists():
+        shutil.rmtree(c.dir)
