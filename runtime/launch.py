@@ -337,7 +337,7 @@ def _init(L: Launch, rep_w: int, stdio: tuple[int, int, int]) -> None:
         _exec(L.process, stdio, ew)
     child[0] = pid3
     os.close(ew)
-    for fd in stdio:
+    for fd in set(stdio):
         if fd > 2:
             os.close(fd)
     err = b""
@@ -431,19 +431,14 @@ def _exec(p: Process, stdio: tuple[int, int, int], ew: int) -> None:
 def _become(p: Process) -> None:
     # Bounding set first, while CAP_SETPCAP is still ours; setuid to non-root then clears the rest.
     keep = linux.DEFAULT_CAPS if p.uid == 0 else frozenset()
-    for cap in range(linux.last_cap() + 1):
-        if cap not in linux.DEFAULT_CAPS:
-            try:
-                linux.prctl(linux.PR_CAPBSET_DROP, cap)
-            except OSError:
-                pass
+    linux.drop_bounding(linux.DEFAULT_CAPS)
     try:
         os.setgroups(p.groups)
     except PermissionError:
         pass  # a user namespace with setgroups denied
     os.setresgid(p.gid, p.gid, p.gid)
     os.setresuid(p.uid, p.uid, p.uid)
-    linux.drop_capabilities(keep)
+    linux.set_capabilities(keep)
 
 
 # -- lamina exec ---------------------------------------------------------------------------------------------

@@ -118,6 +118,12 @@ def last_cap() -> int:
 
 def drop_capabilities(keep: frozenset[int] = DEFAULT_CAPS) -> None:
     """Limit the bounding set to `keep` and set effective, permitted and inheritable to it; clear ambient."""
+    drop_bounding(keep)
+    set_capabilities(keep)
+
+
+def drop_bounding(keep: frozenset[int]) -> None:
+    """Remove every capability not in `keep` from the bounding set (needs CAP_SETPCAP: do it before setuid)."""
     for cap in range(last_cap() + 1):
         if cap not in keep:
             try:
@@ -125,6 +131,10 @@ def drop_capabilities(keep: frozenset[int] = DEFAULT_CAPS) -> None:
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: a capability this kernel does not know
                     raise
+
+
+def set_capabilities(keep: frozenset[int]) -> None:
+    """Effective, permitted and inheritable sets to `keep` (only lowering is possible); ambient cleared."""
     try:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError:
