@@ -137,8 +137,14 @@ def import_cmd(store: Store, source: str, tag: str | None, changes: tuple[str, .
 def save_cmd(store: Store, images: tuple[str, ...], output: str, fmt: str) -> None:
     """Write IMAGES to an OCI layout archive or a docker save archive."""
     from .export import save
-    from .reader import load_image, resolve
-    imgs = [load_image(store, resolve(store, r)) for r in images]
+    from .reader import load_image, resolve_name
+    imgs = []
+    for ref in images:
+        # As docker save: an image named by tag carries that tag alone; one named by id carries none.
+        image_id, tag = resolve_name(store, ref)
+        img = load_image(store, image_id)
+        img.tags = [tag] if tag else []
+        imgs.append(img)
     update, close = progress_bar(None, "save")
     try:
         save(store, imgs, output, fmt, progress=update)
@@ -211,15 +217,6 @@ def history_cmd(store: Store, image: str, no_trunc: bool, human_: bool, fmt: str
     table(out, ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"])
 
 
-@click.command("inspect")
-@click.argument("images", nargs=-1, required=True)
-@store_command
-def inspect_cmd(store: Store, images: tuple[str, ...]) -> None:
-    """Show images' details as JSON, as `docker inspect` does."""
-    from .images import inspect
-    click.echo(json.dumps([inspect(store, r) for r in images], indent=4))
-
-
 @click.command("df")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @store_command
@@ -273,4 +270,4 @@ def fsck_cmd(store: Store, repair: bool, quick: bool) -> None:
         sys.exit(1)
 
 
-COMMANDS = [import_cmd, save_cmd, images_cmd, tag_cmd, rmi_cmd, history_cmd, inspect_cmd, df_cmd, gc_cmd, fsck_cmd]
+COMMANDS = [import_cmd, save_cmd, images_cmd, tag_cmd, rmi_cmd, history_cmd, df_cmd, gc_cmd, fsck_cmd]

@@ -35,21 +35,27 @@ class Image:
 
 def resolve(store: Store, ref: str) -> str:
     """NAME[:TAG], a full or short image id (docker accepts a unique prefix of 4+ hex digits) -> image id."""
+    return resolve_name(store, ref)[0]
+
+
+def resolve_name(store: Store, ref: str) -> tuple[str, str | None]:
+    """Like `resolve`, also returning the tag that matched (None when REF named an id)."""
     db = store.db
     hexpart = ref.removeprefix("sha256:")
     if len(hexpart) >= 4 and all(c in "0123456789abcdef" for c in hexpart):
         rows = db.execute("SELECT id FROM images WHERE id >= ? AND id < ? LIMIT 2",
                           ("sha256:" + hexpart, "sha256:" + hexpart + "g")).fetchall()
         if len(rows) == 1:
-            return rows[0][0]
+            return rows[0][0], None
     try:
         name = normalize_ref(ref)
     except Exception:
         raise NotFound(f"no such image: {ref}") from None
-    row = db.execute("SELECT image_id FROM tags WHERE name=?", (name,)).fetchone()
-    if row is None:
-        raise NotFound(f"no such image: {ref}")
-    return row[0]
+    for candidate in (name, "localhost/" + name):  # podman names local images localhost/NAME
+        row = db.execute("SELECT image_id FROM tags WHERE name=?", (candidate,)).fetchone()
+        if row is not None:
+            return row[0], candidate
+    raise NotFound(f"no such image: {ref}")
 
 
 def load_image(store: Store, image_id: str) -> Image:
