@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import shutil
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
-from bench import data, peers
+from bench import data, mounts, peers
 from bench.contenders import Contender, Unavailable, tool
 from bench.workloads import Target, Trial, Workload, lamina_of
 
@@ -194,15 +196,26 @@ class RunTrue(CliWorkload):
         if not self.tar.exists():
             subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(self.tar), "."], check=True)
         self.base = self.scratch / "run-row"
+        self.runroot = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir="/run"))
         lamina(self.base / "lamina", "import", str(rootfs), "-t", "bench-busybox")
         if not self.missing:
             for name in self.PODMAN:
-                subprocess.run(self._podman(name, "import", str(self.tar), "bench-busybox"), check=True,
-                               capture_output=True, timeout=600)
+                p = subprocess.run(self._podman(name, "import", str(self.tar), "bench-busybox"),
+                                   stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+                if p.returncode != 0:
+                    raise RuntimeError(f"podman import: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+
+    def finish(self):
+        if getattr(self, "base", None):
+            mounts.cleanup_all(self.base)
+        if getattr(self, "runroot", None):
+            mounts.cleanup_all(self.runroot)
+            shutil.rmtree(self.runroot, ignore_errors=True)
 
     def _podman(self, name: str, *args: str) -> list[str]:
         d = self.base / name
-        return ["podman", "--root", str(d / "root"), "--runroot", str(d / "run"), "--storage-driver", "overlay",
+        # podman refuses a runroot longer than 50 characters
+        return ["podman", "--root", str(d / "root"), "--runroot", str(self.runroot / name[0]), "--storage-driver", "overlay",
                 *self.PODMAN[name], "--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "none",
                 *args]
 
@@ -211,7 +224,9 @@ class RunTrue(CliWorkload):
             cmd = [tool("lamina") or "lamina", "--root", str(self.base / "lamina"), "run", "--rm", "bench-busybox",
                    "/bin/true"]
         else:
-            cmd = self._podman(t.contender.name, "run", "--rm", "--network", "none", "bench-busybox", "/bin/true")
+            # podman raises nofile/nproc to values a root without CAP_SYS_RESOURCE (this VM) may not set: pin them
+            cmd = self._podman(t.contender.name, "run", "--rm", "--network", "none", "--ulimit", "nofile=4096:4096",
+                               "--ulimit", "nproc=4096:4096", "bench-busybox", "/bin/true")
         t0 = time.perf_counter()
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         dt = time.perf_counter() - t0

@@ -125,13 +125,23 @@ def trial(w: Workload, c: Contender, layers: list[Path], profile: Profile, base:
 
 def run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, str], profile: Profile,
             scratch: Path) -> Row:
+    try:
+        return _run_row(w, contenders, unavailable, profile, scratch)
+    finally:
+        w.finish()
+
+
+def _run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, str], profile: Profile,
+             scratch: Path) -> Row:
     row = Row(w.name, w.title, w.unit, w.higher_better, [tg.text for tg in w.targets])
     try:
         key, layers = w.image()
         w.prepare()
     except Exception as e:  # a broken data set fails its row, not the run
-        row.errors = {c.name: f"preparing the row: {type(e).__name__}: {e}" for c in contenders}
-        log(f"    {row.errors[contenders[0].name]}" if contenders else "")
+        why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        row.notes.append(f"the row could not be prepared: {why}")
+        row.errors = {c.name: "row not prepared" for c in contenders}
+        log(f"    the row could not be prepared: {why}")
         return row
     row.notes.extend(w.notes())
     row.refs.update(w.refs())

@@ -100,6 +100,9 @@ class Workload:
         """Reference figures charted beside the contenders (after prepare), in the row's unit."""
         return {}
 
+    def finish(self) -> None:
+        """Once per run, in the parent, after the last trial (even a failed one)."""
+
     def setup(self, t: Trial) -> None:
         pass
 
