@@ -1,7 +1,7 @@
 """The container's process tree and everything done inside its namespaces.
 
     supervisor (lamina run, or its detached shim; subreaper; outside every container namespace and cgroup)
-     └─ P1: joins the container cgroup, unshares the user namespace (the supervisor writes uid/gid maps), then the
+     └─ P1: joins the container cgroup, binds the rootfs and volumes in a new mount namespace, unshares the user namespace (the supervisor writes uid/gid maps), then the
         mount, UTS, IPC, network, PID and cgroup namespaces; forks P2, reports its pid and exits
          └─ P2 = PID 1 (this module's init): runc's mount sequence, pivot_root, masked and read-only paths,
             hostname, lo up; forks P3, then reaps zombies and forwards signals until P3 exits, and exits with its
@@ -183,6 +183,7 @@ def _p1(L: Launch, go_r: int, rep_w: int, stdio: tuple[int, int, int]) -> None:
         pass
     if _read_byte(go_r) != b"g":
         os._exit(125)
+    _bind_rootfs(L)
     if L.userns:
         linux.unshare(linux.CLONE_NEWUSER)
         _send(rep_w, {"userns": True})
@@ -190,10 +191,18 @@ def _p1(L: Launch, go_r: int, rep_w: int, stdio: tuple[int, int, int]) -> None:
             os._exit(125)
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
-    flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWPID | linux.CLONE_NEWCGROUP
+    flags = linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWPID | linux.CLONE_NEWCGROUP
+    if L.userns:
+        flags |= linux.CLONE_NEWNS  # a copy owned by the new user namespace, so that its root may mount
     if L.network == "none":
         flags |= linux.CLONE_NEWNET
     linux.unshare(flags)
+    if L.userns:
+        # Mounts copied into a user namespace's mount namespace are locked, and pivot_root refuses a locked new
+        # root: bind it on itself once more, then step out and back in to stand on the new, unlocked mount.
+        linux.mount(".", ".", None, linux.MS_BIND | linux.MS_REC)
+        os.chdir("..")
+        os.chdir(os.path.basename(L.rootfs.rstrip("/")))
     pid2 = os.fork()  # a new PID namespace applies to children only: this one is PID 1
     if pid2 == 0:
         try:
@@ -264,21 +273,30 @@ def _remount_ro(path: str) -> None:
     linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | keep)
 
 
-def _setup_mounts(L: Launch) -> None:
+def _bind_rootfs(L: Launch) -> None:
+    """In P1, still host root, in a new mount namespace: the rootfs bound on itself with the volumes in it, and the
+    working directory set to it. Path lookups happen here, as host root: after unshare(CLONE_NEWUSER) the mapped
+    root may not even traverse the store root's parents. Everything later is relative to this cwd."""
     R = L.rootfs
+    linux.unshare(linux.CLONE_NEWNS)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
     linux.mount(R, R, None, linux.MS_BIND | linux.MS_REC)
+    for src, target, ro in L.binds:
+        linux.mount(src, target, None, linux.MS_BIND | linux.MS_REC)
+        if ro:
+            _remount_ro(target)
+    os.chdir(R)
+
+
+def _setup_mounts(L: Launch) -> None:
+    """In P2 (PID 1), cwd at the rootfs: the kernel filesystems, then pivot_root, then masking."""
+    R = "."
     os.makedirs(R + "/proc", exist_ok=True)
     linux.mount("proc", R + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     os.makedirs(R + "/dev", exist_ok=True)
     _mount_dev(R, L)
     os.makedirs(R + "/sys", exist_ok=True)
     _mount_sys(R, L)
-    for src, target, ro in L.binds:
-        linux.mount(src, target, None, linux.MS_BIND | linux.MS_REC)
-        if ro:
-            _remount_ro(target)
-    os.chdir(R)
     linux.pivot_root(".", ".")
     linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
     linux.umount2(".", linux.MNT_DETACH)

@@ -1,0 +1,130 @@
+"""Each namespace and each hardening step, checked from inside a real busybox container."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_pid_namespace_init_is_pid1_with_ppid0(lamina, image):
+    out = _ok(lamina.sh(image, "grep -E '^(Pid|PPid):' /proc/1/status; echo self=$$; ls /proc | grep -c '^[0-9]'"))
+    lines = out.split()
+    assert "Pid:" in out and out.splitlines()[0].split() == ["Pid:", "1"]
+    assert out.splitlines()[1].split() == ["PPid:", "0"]
+    assert "self=2" in out  # the command runs under the init
+    # init, sh and grep/ls: no host process is visible
+    assert int(lines[-1]) <= 4
+
+
+def test_hostname_uts_namespace(lamina, image):
+    assert _ok(lamina.sh(image, "hostname", "--hostname", "box")).strip() == "box"
+    default = _ok(lamina.sh(image, "hostname")).strip()
+    assert len(default) == 12 and all(c in "0123456789abcdef" for c in default)
+    assert os.uname().nodename not in (default, "box")
+
+
+def test_network_none_has_only_lo_up(lamina, image):
+    out = _ok(lamina.sh(image, "tail -n +3 /proc/net/dev | cut -d: -f1; ip -o link"))
+    names = [line.strip() for line in out.splitlines()[:-1] if line.strip() and "<" not in line]
+    assert names == ["lo"]
+    assert "lo:" in out and ",UP" in out
+
+
+def test_network_host_sees_host_interfaces(lamina, image):
+    with open("/proc/net/dev") as f:
+        host = sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+    out = _ok(lamina.sh(image, "tail -n +3 /proc/net/dev | cut -d: -f1", "--network", "host"))
+    assert sorted(x.strip() for x in out.split()) == host
+
+
+@pytest.mark.parametrize("ns", ["ipc", "uts", "mnt", "pid", "net", "cgroup"])
+def test_namespaces_differ_from_host(lamina, image, ns):
+    inside = _ok(lamina.sh(image, f"readlink /proc/self/ns/{ns}")).strip()
+    assert inside.startswith(f"{ns}:[")
+    assert inside != os.readlink(f"/proc/self/ns/{ns}")
+
+
+def test_userns_maps_root_to_unprivileged_range(lamina, image):
+    r = lamina("run", "--userns", "--name", "uns", image, "sh", "-c",
+               "id -u; cat /proc/self/uid_map /proc/self/gid_map; readlink /proc/self/ns/user; touch /tmp/mine")
+    out = _ok(r)
+    lines = out.splitlines()
+    assert lines[0] == "0"
+    assert lines[1].split() == ["0", "100000", "65536"]
+    assert lines[2].split() == ["0", "100000", "65536"]
+    assert lines[3] != os.readlink("/proc/self/ns/user")
+    c = lamina.containers()[0]
+    st = os.stat(c.upper / "tmp" / "mine")
+    assert (st.st_uid, st.st_gid) == (100000, 100000)
+
+
+def test_no_new_privs_and_docker_default_capabilities(lamina, image):
+    out = _ok(lamina.sh(image, "grep -E '^(NoNewPrivs|CapEff|CapBnd|CapPrm):' /proc/self/status"))
+    fields = dict(line.split(":\t") for line in out.splitlines())
+    assert fields["NoNewPrivs"] == "1"
+    for k in ("CapEff", "CapBnd", "CapPrm"):
+        assert fields[k] == "00000000a80425fb", k  # moby's default set
+
+
+def test_non_root_user_has_no_capabilities(lamina, image):
+    out = _ok(lamina.sh(image, "id -u; id -g; grep CapEff /proc/self/status", "-u", "1000:100"))
+    assert out.split()[:2] == ["1000", "100"]
+    assert out.split()[-1] == "0000000000000000"
+
+
+def test_host_fds_are_not_inherited(lamina, image):
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    high = os.dup2(fd, 50, inheritable=True)
+    try:
+        out = _ok(lamina("run", "--rm", image, "ls", "/proc/self/fd", pass_fds=(high,)))
+    finally:
+        os.close(fd)
+        os.close(high)
+    # 3 is ls's own handle on /proc/self/fd
+    assert sorted(out.split()) == ["0", "1", "2", "3"]
+
+
+def test_mount_sequence(lamina, image):
+    out = _ok(lamina.sh(image, "cat /proc/self/mountinfo"))
+    mounts = {line.split()[4]: line for line in out.splitlines()}
+    assert " - proc " in mounts["/proc"]
+    assert " - tmpfs " in mounts["/dev"]
+    assert "newinstance" in mounts["/dev/pts"] or "ptmxmode=666" in mounts["/dev/pts"]
+    assert "mode=1777" in mounts["/dev/shm"]
+    assert mounts["/sys"].split()[5].startswith("ro")
+    assert mounts["/proc/sys"].split()[5].startswith("ro")
+    # the old root is gone after pivot_root: no host mount is visible
+    assert not any(m.startswith(("/mnt/", "/work")) for m in mounts)
+
+
+def test_masked_paths_read_empty(lamina, image):
+    present = [p for p in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug",
+                           "/proc/latency_stats") if os.path.exists(p)]
+    dirs = [p for p in ("/proc/acpi", "/proc/scsi", "/sys/firmware") if os.path.isdir(p)]
+    assert present or dirs
+    script = "; ".join([f"echo {p}=$(cat {p} | wc -c)" for p in present] +
+                       [f"echo {p}=$(ls -A {p} | wc -l)" for p in dirs])
+    out = _ok(lamina.sh(image, script))
+    for line in out.splitlines():
+        assert line.endswith("=0"), line
+
+
+def test_readonly_paths_and_read_only_rootfs(lamina, image):
+    r = lamina.sh(image, "echo x > /proc/sys/kernel/domainname")
+    assert r.returncode != 0 and "Read-only file system" in r.stderr
+    r = lamina.sh(image, "touch /newfile", "--read-only")
+    assert r.returncode == 1 and "Read-only file system" in r.stderr
+    # without --read-only the same write works
+    _ok(lamina.sh(image, "touch /newfile"))
+
+
+def test_dev_has_standard_nodes(lamina, image):
+    out = _ok(lamina.sh(image, "ls /dev; head -c 4 /dev/zero | wc -c; echo x > /dev/null && echo null-ok"))
+    for n in ("null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm", "fd"):
+        assert n in out.split()
+    assert "null-ok" in out
