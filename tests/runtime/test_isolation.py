@@ -90,12 +90,13 @@ def test_host_fds_are_not_inherited(lamina, image):
 
 
 def test_mount_sequence(lamina, image):
-    out = _ok(lamina.sh(image, "cat /proc/self/mountinfo"))
-    mounts = {line.split()[4]: line for line in out.splitlines()}
+    out = _ok(lamina.sh(image, "stat -c %a /dev/shm; cat /proc/self/mountinfo"))
+    assert out.splitlines()[0] == "1777"
+    mounts = {line.split()[4]: line for line in out.splitlines()[1:]}
     assert " - proc " in mounts["/proc"]
     assert " - tmpfs " in mounts["/dev"]
     assert "newinstance" in mounts["/dev/pts"] or "ptmxmode=666" in mounts["/dev/pts"]
-    assert "mode=1777" in mounts["/dev/shm"]
+    assert " - tmpfs " in mounts["/dev/shm"] and "nosuid,nodev,noexec" in mounts["/dev/shm"]
     assert mounts["/sys"].split()[5].startswith("ro")
     assert mounts["/proc/sys"].split()[5].startswith("ro")
     # the old root is gone after pivot_root: no host mount is visible
