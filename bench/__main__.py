@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or RESULTS / started.strftime("%Y%m%dT%H%M%SZ")
     scratch = a.scratch / f"run-{os.getpid()}"
     scratch.mkdir(parents=True)
+    # explicitly: a shell starts background jobs with SIGINT ignored, and Python would keep ignoring it
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     workloads = [w(profile, scratch) for w in registry() if not a.only or w.name in a.only]

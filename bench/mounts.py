@@ -61,8 +61,10 @@ def wait_gone(pid: int | None, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return
+        if state in ("Z", "X"):  # exited, waiting to be reaped by whoever adopted it
             return
         time.sleep(0.01)
 
