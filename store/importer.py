@@ -339,6 +339,8 @@ class Source:
         try:
             blobs = _Blobs(p)
         except (tarfile.ReadError, EOFError) as e:
+            if head[257:262] == b"ustar":
+                raise BadInput(f"{p}: corrupt or truncated tar ({e})") from None
             raise BadInput(f"{p}: not a directory, tar, OCI layout or docker save archive ({e})") from None
         if any(n in blobs.names for n in ("index.json", "oci-layout", "manifest.json")):
             return self._archive(blobs)

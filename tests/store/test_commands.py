@@ -1,0 +1,142 @@
+"""images, tag, rmi, history, df, gc and fsck, checked against figures computed independently."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+
+from store.reader import open_store
+from tests.store.conftest import make_tar, ti
+
+
+def test_images_tag_rmi_like_docker(lamina, busybox_dir):
+    image_id = lamina("import", busybox_dir, "-t", "bb").stdout.strip()
+    lamina("tag", "bb", "registry.example:5000/team/bb:v1")
+    rows = json.loads(lamina("images", "--format", "json").stdout)
+    assert {(r["repository"], r["tag"]) for r in rows} == {("bb", "latest"), ("registry.example:5000/team/bb", "v1")}
+    assert lamina("images", "-q").stdout.split() == [image_id[7:19]]
+    table = lamina("images").stdout.splitlines()
+    assert table[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "SIZE"]
+    # removing one of two tags only untags; the last one deletes the image
+    assert lamina("rmi", "bb").stdout.strip() == "Untagged: bb:latest"
+    out = lamina("rmi", "registry.example:5000/team/bb:v1").stdout
+    assert f"Deleted: {image_id}" in out
+    assert json.loads(lamina("images", "--format", "json").stdout) == []
+    r = lamina("gc").stdout
+    assert "Removed 1 layers" in r
+    assert lamina.objects() == set()
+    lamina.assert_clean()
+
+
+def test_rmi_by_short_id_with_two_tags_needs_force(lamina, busybox_dir):
+    image_id = lamina("import", busybox_dir, "-t", "a").stdout.strip()
+    lamina("tag", "a", "b")
+    r = lamina("rmi", image_id[7:19], check=False)
+    assert r.returncode == 1 and "multiple repositories" in r.stderr
+    lamina("rmi", "-f", image_id[7:19])
+    assert lamina("images", "-q").stdout == ""
+
+
+def test_history_shows_layers_and_empty_instructions(lamina, tmp_path):
+    """A docker-save archive built by hand: two layers and an ENV instruction with no layer."""
+    l1 = make_tar([(ti("a"), b"x" * 1000)])
+    l2 = make_tar([(ti("b"), b"y" * 10)])
+    import hashlib
+    d1, d2 = ("sha256:" + hashlib.sha256(x).hexdigest() for x in (l1, l2))
+    cfg = {"architecture": "amd64", "os": "linux", "config": {"Env": ["A=1"]},
+           "rootfs": {"type": "layers", "diff_ids": [d1, d2]},
+           "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "ADD a /"},
+                       {"created": "2024-01-02T00:00:00Z", "created_by": "ENV A=1", "empty_layer": True},
+                       {"created": "2024-01-03T00:00:00Z", "created_by": "ADD b /"}]}
+    cfg_bytes = json.dumps(cfg).encode()
+    cfg_name = hashlib.sha256(cfg_bytes).hexdigest() + ".json"
+    manifest = [{"Config": cfg_name, "RepoTags": ["hand:made"], "Layers": ["l1/layer.tar", "l2/layer.tar"]}]
+    members = [(ti(cfg_name), cfg_bytes), (ti("l1/layer.tar"), l1), (ti("l2/layer.tar"), l2),
+               (ti("manifest.json"), json.dumps(manifest).encode())]
+    (tmp_path / "save.tar").write_bytes(make_tar(members))
+    lamina("import", tmp_path / "save.tar")
+    rows = json.loads(lamina("history", "hand:made", "--format", "json").stdout)
+    assert [(r["created_by"], r["size"]) for r in rows] == [("ADD b /", 10), ("ENV A=1", 0), ("ADD a /", 1000)]
+    text = lamina("history", "hand:made").stdout.splitlines()
+    assert text[0].split()[:2] == ["IMAGE", "CREATED"] and "ENV A=1" in text[2] and "0B" in text[2]
+    info = json.loads(lamina("inspect", "hand:made").stdout)[0]
+    assert info["RootFS"]["Layers"] == [d1, d2] and info["Config"]["Env"] == ["A=1"]
+    assert info["Id"] == "sha256:" + cfg_name[:-5]
+
+
+def test_df_figures_match_an_independent_count(lamina, busybox_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(busybox_dir, a, symlinks=True)
+    shutil.copytree(busybox_dir, b, symlinks=True)
+    (a / "only-a").write_bytes(os.urandom(5000))
+    (b / "only-b").write_bytes(os.urandom(7000))
+    lamina("import", a, "-t", "a")
+    lamina("import", b, "-t", "b")
+    df = json.loads(lamina("df", "--format", "json").stdout)
+    st = open_store(str(lamina.root)).store
+    sizes = {h: n for h, n in st.db.execute("SELECT hash, size FROM objects")}
+    skels = {h for (h,) in st.db.execute("SELECT tarsplit FROM layers")}
+    assert df["content_bytes"] == sum(sizes.values())
+    per = {v["tags"][0]: v for v in df["per_image"].values()}
+    bb = os.path.getsize(busybox_dir / "bin/busybox")
+    files_a = {os.path.getsize(p) for p in (a / "only-a",)}
+    # shared: the busybox binary and every small file both trees hold (passwd, group...)
+    assert per["a:latest"]["shared_bytes"] == per["b:latest"]["shared_bytes"] >= bb
+    skel_a = per["a:latest"]["unique_bytes"] - 5000
+    assert 0 < skel_a <= max(sizes[h] for h in skels)  # unique = its own file + its own tar skeleton
+    assert per["b:latest"]["unique_bytes"] - 7000 in {sizes[h] for h in skels}
+    assert df["layers_bytes"] == df["images_bytes"] == sum(
+        n for (n,) in st.db.execute("SELECT size FROM layers"))
+    assert df["dedup_ratio"] > 1.9  # two near-identical images in little more than one's bytes
+    text = lamina("df").stdout
+    assert "Dedup ratio" in text and "SHARED SIZE" in text
+    assert files_a
+
+
+def test_fsck_finds_and_repairs_damage(lamina, busybox_dir, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "f").write_text("precious\n")
+    lamina("import", small, "-t", "small")
+    lamina("import", busybox_dir, "-t", "bb")
+    st = open_store(str(lamina.root))
+    obj = st.reader().lookup(st.image("small").layer_ids[0], "/f").object
+    path = st.reader().object_path(obj)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(b"PRECIOUS")
+    stray = lamina.root / "objects" / "ff" / ("0" * 30)
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"junk")
+    r = lamina("fsck", check=False)
+    assert r.returncode == 1
+    assert f"object {obj}" in r.stdout and "stray file" in r.stdout and "small" not in r.stderr
+    r = lamina("fsck", "--repair")
+    assert "removed damaged image" in r.stdout
+    lamina.assert_clean()
+    assert [x["repository"] for x in json.loads(lamina("images", "--format", "json").stdout)] == ["bb"]
+    lamina("import", small, "-t", "small")  # the damaged image imports again, whole
+    lamina.assert_clean()
+
+
+def test_layer_already_stored_is_not_stored_again(lamina, busybox_dir, tmp_path):
+    lamina("import", busybox_dir, "-t", "one")
+    lamina("save", "one", "-o", tmp_path / "one.tar")
+    before = lamina.objects()
+    lamina("import", tmp_path / "one.tar", "-t", "two")
+    assert lamina.objects() == before
+    st = open_store(str(lamina.root)).store
+    assert st.db.execute("SELECT count(*) FROM layers").fetchone()[0] == 1
+
+
+def test_hardlink_groups_and_implied_dirs_from_a_hand_made_tar(lamina, tmp_path):
+    members = [(ti("a/b/file"), b"data"), (ti("a/b/link1", tarfile.LNKTYPE, linkname="a/b/file"), None),
+               (ti("c/link2", tarfile.LNKTYPE, linkname="a/b/link1"), None)]
+    (tmp_path / "h.tar").write_bytes(make_tar(members))
+    lamina("import", tmp_path / "h.tar", "-t", "h")
+    s = open_store(str(lamina.root))
+    r, lid = s.reader(), s.image("h").layer_ids[0]
+    f, l1, l2 = (r.lookup(lid, p) for p in ("/a/b/file", "/a/b/link1", "/c/link2"))
+    assert f.ino == l1.ino == l2.ino and f.nlink == 3 and l2.object == f.object
+    assert r.lookup(lid, "/a").kind == "d" and r.lookup(lid, "/c").mode & 0o777 == 0o755
