@@ -16,6 +16,8 @@ from bench.runner import log, run_row
 from bench.workloads import registry
 
 RESULTS = Path(__file__).resolve().parent / "results"
+LATEST = Path(__file__).resolve().parent / "latest"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _interrupt(signum, frame):
@@ -33,6 +35,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="results directory (default: bench/results/<timestamp>)")
     ap.add_argument("--scratch", type=Path, default=Path("/var/tmp/lamina-bench"),
                     help="where mounts, uppers and stores live during the run")
+    ap.add_argument("--publish", action="store_true",
+                    help="copy table.md and charts.png to bench/latest/ and put the table in README.md's Performance section")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
     return ap.parse_args(argv)
 
@@ -79,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         md = report.write(out, meta, rows, {w.name: list(w.targets) for w in workloads}, [c.name for c in cs])
         print(md)
         log(f"results in {out}")
+        if a.publish:
+            report.publish(out, LATEST, README)
+            log(f"published to {LATEST} and {README}")
         return 0
     except KeyboardInterrupt:
         log("bench: interrupted; unmounting")

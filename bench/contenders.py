@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import mounts
+from bench import data, mounts
 
 MOUNT_TIMEOUT = 60.0
 
@@ -182,10 +182,10 @@ class LaminaStore(Contender):
         k = tuple(map(str, layers))
         if k in self.images:
             return
-        if len(layers) != 1:
-            raise Unavailable("multi-layer images are not wired up for the store contender")
         name = f"bench-{key}"
-        self.lamina("import", str(layers[0]), "-t", name, timeout=3600)
+        # one layer imports as a directory; several as the docker save archive a user would have
+        src = layers[0] if len(layers) == 1 else data.docker_archive(key, layers)
+        self.lamina("import", str(src), "-t", name, timeout=3600)
         self.images[k] = name
 
     def mount(self, layers, upper, work, mnt):

@@ -104,11 +104,62 @@ def small_image() -> Path:
     return _cached("small-busybox", build)
 
 
-def many_image(p: Profile) -> Path:
+MANY_LAYERS = 4
+
+
+def many_image(p: Profile) -> list[Path]:
+    """The large image: many_files files in MANY_LAYERS layers, returned top layer first (overlay's lowerdir order).
+
+    Directories are dealt round-robin to the layers, so every directory lookup has layers to search; each upper
+    layer also replaces 10 files of the bottom layer, so merged directories occur and the count stays many_files.
+    """
     def build(d: Path) -> None:
-        (d / "scratch").mkdir()
-        _file_tree(d / "usr", p.many_files, seed=1, max_size=2048)
-    return _cached(f"many-{p.many_files}", build)
+        rng = random.Random(1)
+        per_dir = 100
+        for k in range(MANY_LAYERS):
+            (d / f"layer{k}" / "scratch").mkdir(parents=True)
+        for i in range(p.many_files):
+            k = (i // per_dir) % MANY_LAYERS
+            sub = d / f"layer{k}" / "usr" / f"d{i // per_dir:05d}"
+            if i % per_dir == 0:
+                sub.mkdir(parents=True)
+            (sub / f"f{i % per_dir:03d}").write_bytes(_payload(rng, rng.randrange(0, 2048)))
+        for k in range(1, MANY_LAYERS):
+            sub = d / f"layer{k}" / "usr" / "d00000"
+            sub.mkdir(parents=True)
+            for j in range(min(10, p.many_files)):
+                (sub / f"f{j:03d}").write_bytes(f"layer {k} replaces file {j}\n".encode())
+    d = _cached(f"many-{p.many_files}-{MANY_LAYERS}", build)
+    return [d / f"layer{k}" for k in reversed(range(MANY_LAYERS))]
+
+
+def docker_archive(key: str, layers: list[Path]) -> Path:
+    """A `docker save` archive of `layers` (top first), the way a multi-layer image reaches lamina's store."""
+    def build(d: Path) -> None:
+        import hashlib
+        import json
+        names, diff_ids = [], []
+        for k, layer in enumerate(reversed(layers)):  # docker lists the bottom layer first
+            tar = d / f"l{k}.tar"
+            subprocess.run(["tar", "-C", str(layer), "--numeric-owner", "--sort=name", "-cf", str(tar), "."],
+                           check=True)
+            h = hashlib.sha256()
+            with open(tar, "rb") as f:
+                while b := f.read(MiB):
+                    h.update(b)
+            (d / h.hexdigest()).mkdir()
+            tar.rename(d / h.hexdigest() / "layer.tar")
+            names.append(f"{h.hexdigest()}/layer.tar")
+            diff_ids.append(f"sha256:{h.hexdigest()}")
+        config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                             "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+        cid = hashlib.sha256(config).hexdigest()
+        (d / f"{cid}.json").write_bytes(config)
+        (d / "manifest.json").write_text(json.dumps(
+            [{"Config": f"{cid}.json", "RepoTags": [f"bench-{key}:latest"], "Layers": names}]))
+        subprocess.run(["tar", "-C", str(d), "-cf", str(d / "image.tar"), "manifest.json", f"{cid}.json",
+                        *{n.split("/")[0] for n in names}], check=True)
+    return _cached(f"archive-{key}-{len(layers)}", build) / "image.tar"
 
 
 def tree_image(p: Profile) -> Path:

@@ -148,3 +148,23 @@ def write(out: Path, meta: dict, rows: list[Row], targets: dict[str, list[Target
     (out / "table.md").write_text(md)
     charts(rows, contenders, out)
     return md
+
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def publish(out: Path, latest: Path, readme: Path) -> None:
+    """Keep the latest results in the repository (bench/latest/) and their table in README.md's Performance
+    section, between the bench markers; nothing else in the README is touched."""
+    import shutil
+    latest.mkdir(exist_ok=True)
+    for name in ("table.md", "charts.png", "runs.json"):
+        if (out / name).exists():
+            shutil.copy2(out / name, latest / name)
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise RuntimeError(f"{readme}: no {BEGIN} … {END} markers to publish between")
+    table_md = (out / "table.md").read_text().split("\n", 1)[1].strip()  # without its title line
+    body = f"{BEGIN}\n{table_md}\n\n![benchmark charts](bench/latest/charts.png)\n{END}"
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + body + rest.split(END, 1)[1])

@@ -157,7 +157,7 @@ class MountMany(MountSmall):
         return f"mount, {self.p.many_files:,}-file image"
 
     def image(self):
-        return "many", [data.many_image(self.p)]
+        return f"many{self.p.many_files}", data.many_image(self.p)
 
     def run(self, t):
         t0 = time.perf_counter()
