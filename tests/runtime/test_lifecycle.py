@@ -1,0 +1,178 @@
+"""Exit codes, signals, the init's reaping, and ps/logs/stop/kill/rm/exec/diff on real containers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from .conftest import lamina_cgroups, mounts_under
+
+
+def test_exit_codes(lamina, image):
+    assert lamina.sh(image, "exit 3").returncode == 3
+    assert lamina("run", "--rm", image, "true").returncode == 0
+    r = lamina("run", "--rm", image, "no-such-command")
+    assert r.returncode == 127 and "executable file not found" in r.stderr
+    r = lamina("run", "--rm", image, "/etc/passwd")
+    assert r.returncode == 126 and "permission denied" in r.stderr
+    # killed by a signal: 128+N
+    assert lamina.sh(image, "kill -TERM $$; sleep 5").returncode == 128 + signal.SIGTERM
+    assert lamina.sh(image, "kill -KILL $$").returncode == 137
+
+
+def test_signal_to_lamina_run_reaches_the_command(lamina, image):
+    p = lamina.popen("run", "--rm", image, "sh", "-c",
+                     "trap 'echo got-term; exit 7' TERM; echo ready; while true; do sleep 0.1; done")
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=30)
+        assert "got-term" in out
+        assert p.returncode == 7
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_init_reaps_orphaned_zombies(lamina, image):
+    script = ("sh -c 'sleep 0.2 & echo $! > /tmp/orphan'; pid=$(cat /tmp/orphan); n=0;"
+              " while [ -e /proc/$pid ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done;"
+              " if [ -e /proc/$pid ]; then grep State /proc/$pid/status; else echo reaped; fi")
+    r = lamina.sh(image, script)
+    assert r.stdout.strip() == "reaped", r.stdout + r.stderr
+
+
+def test_detached_ps_logs_exec_stop(lamina, image):
+    r = lamina("run", "-d", "--name", "svc", image, "sh", "-c",
+               "echo hello-log; trap 'echo bye; exit 5' TERM; while true; do sleep 0.1; done")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.strip()
+    assert len(cid) == 64
+    ps = lamina("ps").stdout.splitlines()
+    assert ps[0].split()[:2] == ["CONTAINER", "ID"]
+    assert any(line.startswith(cid[:12]) and "Up " in line and line.endswith("svc") for line in ps)
+    r = lamina("exec", "svc", "sh", "-c", "hostname; for n in pid mnt uts ipc net cgroup; do readlink /proc/self/ns/$n;"
+                                          " done; exit 4")
+    assert r.returncode == 4, r.stderr
+    init = lamina.containers()[0].data["pid"]
+    host_name, *nss = r.stdout.split()
+    assert host_name == cid[:12]
+    assert nss == [os.readlink(f"/proc/{init}/ns/{n}") for n in ("pid", "mnt", "uts", "ipc", "net", "cgroup")]
+    for _ in range(100):
+        if "hello-log" in lamina("logs", "svc").stdout:
+            break
+    assert "hello-log" in lamina("logs", "svc").stdout
+    assert lamina("stop", "svc").returncode == 0
+    assert "bye" in lamina("logs", "svc").stdout
+    line = next(x for x in lamina("ps", "-a").stdout.splitlines() if x.endswith("svc"))
+    assert "Exited (5)" in line
+    assert lamina("ps").stdout.splitlines()[1:] == []
+    assert mounts_under(lamina.root) == []  # the rootfs is unmounted once the container exits
+
+
+def test_stop_kills_after_timeout(lamina, image):
+    r = lamina("run", "-d", "--name", "stubborn", image, "sh", "-c", "trap '' TERM; while true; do sleep 0.1; done")
+    assert r.returncode == 0, r.stderr
+    assert lamina("stop", "-t", "1", "stubborn").returncode == 0
+    info = json.loads(lamina("inspect", "stubborn").stdout)[0]
+    assert info["State"]["ExitCode"] == 137 and info["State"]["OOMKilled"] is False
+
+
+def test_kill_sends_signal(lamina, image):
+    r = lamina("run", "-d", "--name", "kk", image, "sh", "-c", "trap 'exit 9' USR1; while true; do sleep 0.1; done")
+    assert r.returncode == 0, r.stderr
+    assert lamina("kill", "-s", "USR1", "kk").returncode == 0
+    for _ in range(200):
+        info = json.loads(lamina("inspect", "kk").stdout)[0]
+        if info["State"]["Status"] == "exited":
+            break
+    assert info["State"]["ExitCode"] == 9
+    r = lamina("kill", "kk")
+    assert r.returncode == 1 and "not running" in r.stderr
+
+
+def test_rm_removes_the_container_layer(lamina, image):
+    r = lamina("run", "--name", "layer", image, "sh", "-c", "echo x > /added; rm /etc/group; echo y >> /etc/passwd")
+    assert r.returncode == 0, r.stderr
+    c = lamina.containers()[0]
+    assert (c.upper / "added").exists()
+    diff = lamina("diff", "layer").stdout.splitlines()
+    assert "A /added" in diff and "D /etc/group" in diff and "C /etc/passwd" in diff and "C /etc" in diff
+    assert lamina("rm", "layer").returncode == 0
+    assert not c.dir.exists()
+    assert lamina("ps", "-a").stdout.splitlines()[1:] == []
+    r = lamina("rm", "layer")
+    assert r.returncode == 1 and "no such container" in r.stderr
+
+
+def test_rm_refuses_running_unless_forced(lamina, image):
+    r = lamina("run", "-d", "--name", "busy", image, "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    r = lamina("rm", "busy")
+    assert r.returncode == 1 and "running" in r.stderr
+    assert lamina("rm", "-f", "busy").returncode == 0
+    assert lamina.containers() == [] and mounts_under(lamina.root) == []
+
+
+def test_ps_tells_the_truth_after_the_supervisor_dies(lamina, image):
+    r = lamina("run", "-d", "--name", "orphan", image, "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    c = lamina.containers()[0]
+    os.kill(c.data["shim_pid"], signal.SIGKILL)
+    os.kill(c.data["pid"], signal.SIGKILL)
+    line = ""
+    for _ in range(200):
+        line = next(x for x in lamina("ps", "-a").stdout.splitlines() if x.endswith("orphan"))
+        if "Dead" in line:
+            break
+    assert "Dead" in line
+    assert lamina("rm", "orphan").returncode == 0
+    assert mounts_under(lamina.root) == [] and lamina.containers() == []
+    assert not any(c.id in str(d) for d in lamina_cgroups())
+
+
+def test_rm_flag_leaves_nothing(lamina, image):
+    before = set(lamina_cgroups())
+    assert lamina("run", "--rm", image, "sh", "-c", "echo x > /f").returncode == 0
+    assert lamina.containers() == [] and mounts_under(lamina.root) == []
+    assert set(lamina_cgroups()) == before
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["-m", "1k"], "memory"),
+    (["-m", "lots"], "memory"),
+    (["--memory-swap", "64m"], "memory"),
+    (["--cpus", "abc"], "cpus"),
+    (["--cpus", "1000"], "cpus"),
+    (["-v", "a:b:c:d"], "volume"),
+    (["-v", "/h:relative"], "absolute"),
+    (["--device-read-bps", "/dev/null:1mb"], "block device"),
+    (["-u", "nosuchuser"], "user"),
+    (["--name", "bad name"], "name"),
+    (["--bogus-flag"], "bogus"),
+])
+def test_bad_input_exits_125_leaving_nothing(lamina, image, args, msg):
+    before = set(lamina_cgroups())
+    r = lamina("run", "--rm", *args, image, "true")
+    assert r.returncode == 125, r.stderr
+    assert msg in r.stderr
+    assert lamina.containers() == [] and mounts_under(lamina.root) == []
+    assert set(lamina_cgroups()) == before
+    assert lamina("volume", "ls", "-q").stdout.split() == []
+
+
+def test_unknown_image_exits_125(lamina):
+    r = lamina("run", "--rm", "/no/such/dir", "true")
+    assert r.returncode == 125 and "no such image" in r.stderr
+    r = lamina("run", "--rm", "nosuchimage:latest", "true")
+    assert r.returncode == 125 and "nosuchimage" in r.stderr
+    assert lamina.containers() == []
+
+
+def test_name_conflict(lamina, image):
+    assert lamina("run", "--name", "twice", image, "true").returncode == 0
+    r = lamina("run", "--name", "twice", image, "true")
+    assert r.returncode == 125 and "already in use" in r.stderr
