@@ -7,6 +7,7 @@ only FUSE 3 passes rename flags (RENAME_NOREPLACE, RENAME_EXCHANGE) and has the 
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import os
@@ -18,6 +19,9 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy as fuse  # noqa: E402
 
 from .overlay import Overlay  # noqa: E402
+
+fuse._libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+fuse._libfuse.fuse_invalidate_path.restype = ctypes.c_int
 
 log = logging.getLogger("lamina.fs")
 
@@ -39,6 +43,7 @@ class LaminaOperations(fuse.Operations):
 
     def __init__(self, ov: Overlay, on_ready: Callable[[], None] | None = None) -> None:
         self.ov = ov
+        ov.notify = self._invalidate
         self.on_ready = on_ready
         self._dirs: dict[int, str] = {}
         self._next_dir = itertools.count(1)
@@ -58,6 +63,15 @@ class LaminaOperations(fuse.Operations):
             conn.max_readahead = IO_SIZE
         if self.on_ready is not None:
             self.on_ready()
+
+    @staticmethod
+    def _invalidate(paths: list[str]) -> None:
+        """Drop the kernel's cached attributes and pages of other names of a changed file."""
+        f = fuse._libfuse.fuse_get_context().contents.fuse
+        if not f:
+            return
+        for p in paths:
+            fuse._libfuse.fuse_invalidate_path(ctypes.c_void_p(f), os.fsencode(p))
 
     @staticmethod
     def _owner() -> tuple[int, int]:

@@ -24,6 +24,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import copyup
@@ -102,6 +103,10 @@ class Overlay:
         self._gen = 0
         self._cache_mu = threading.Lock()
         self.handles: dict[int, Handle] = {}
+        # Names seen for multiply-linked files, so that a change through one name can drop the kernel's cached
+        # attributes and pages of the others (the FUSE high-level API gives each name its own kernel inode).
+        self._peers: dict[int, set[str]] = {}
+        self.notify: Callable[[list[str]], None] | None = None
 
     # ---- resolution -------------------------------------------------------------------------------------------
 
@@ -219,13 +224,32 @@ class Overlay:
 
     # ---- attributes -------------------------------------------------------------------------------------------
 
-    def attrs(self, n: Node) -> dict:
+    def _note_peer(self, ino: int, path: str) -> None:
+        peers = self._peers.get(ino)
+        if peers is None:
+            if len(self._peers) >= _CACHE_MAX:
+                self._peers.pop(next(iter(self._peers)), None)
+            peers = self._peers[ino] = set()
+        if len(peers) < 64:
+            peers.add(path)
+
+    def changed(self, ino: int, but: str | None) -> None:
+        """Tell the front end that every other known name of `ino` changed."""
+        peers = self._peers.get(ino)
+        if peers and self.notify is not None:
+            others = [p for p in peers if p != but]
+            if others:
+                self.notify(others)
+
+    def attrs(self, n: Node, path: str | None = None) -> dict:
         r = n.rec
         nlink = r.nlink
         if r.is_dir and len(n.stack) > 1:
             nlink = 1  # kernel overlayfs reports 1 for merged directories rather than counting subdirectories
         elif not r.is_dir:
             nlink = self._group_nlink(n, nlink)
+            if path is not None and (nlink > 1 or n.ino in self._peers):
+                self._note_peer(n.ino, path)
         return {
             "st_mode": r.mode, "st_ino": n.ino, "st_nlink": nlink, "st_uid": r.uid, "st_gid": r.gid,
             "st_size": r.size, "st_atime": r.atime_ns, "st_mtime": r.mtime_ns, "st_ctime": r.ctime_ns,
@@ -264,7 +288,7 @@ class Overlay:
             return self.attrs(Node(rec, 0 if h.upper else 1, h.path, (), h.ino))
         if path is None:
             raise _err(errno.EBADF)
-        return self.attrs(self._node(path))
+        return self.attrs(self._node(path), path)
 
     def readdir(self, path: str) -> list[tuple[str, int, int]]:
         """(name, type bits, inode) of every visible entry, '.' and '..' first."""
@@ -484,6 +508,9 @@ class Overlay:
             real, _ = self._prepare_new(dst)
             os.link(sreal, real)
             self._adjust_group(n, +1)
+            self._note_peer(n.ino, src)
+            self._note_peer(n.ino, dst)
+        self.changed(n.ino, dst)
 
     # ---- removal ----------------------------------------------------------------------------------------------
 
@@ -517,6 +544,10 @@ class Overlay:
             else:
                 self._copy_up_parent(path)
                 w.make_whiteout_at(real)
+        peers = self._peers.get(n.ino)
+        if peers:
+            peers.discard(path)
+            self.changed(n.ino, path)
 
     def rmdir(self, path: str) -> None:
         with self._mu:
@@ -629,16 +660,23 @@ class Overlay:
 
     # ---- metadata changes -------------------------------------------------------------------------------------
 
+    def _copy_up_for_change(self, path: str) -> str:
+        n = self._node(path)
+        real = self.copy_up(path, n)
+        if not n.is_dir:
+            self.changed(n.ino, path)
+        return real
+
     def chmod(self, path: str, mode: int) -> None:
-        real = self.copy_up(path, self._node(path))
+        real = self._copy_up_for_change(path)
         os.chmod(real, stat.S_IMODE(mode), follow_symlinks=not os.path.islink(real))
 
     def chown(self, path: str, uid: int, gid: int) -> None:
-        real = self.copy_up(path, self._node(path))
+        real = self._copy_up_for_change(path)
         os.chown(real, uid, gid, follow_symlinks=False)
 
     def utimens(self, path: str, times: tuple[int, int] | None) -> None:
-        real = self.copy_up(path, self._node(path))
+        real = self._copy_up_for_change(path)
         if times is None:
             os.utime(real, follow_symlinks=False)
             return
@@ -652,7 +690,7 @@ class Overlay:
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         if is_private_xattr(name):
             raise _err(errno.EPERM, path)
-        real = self.copy_up(path, self._node(path))
+        real = self._copy_up_for_change(path)
         os.setxattr(real, name, value, flags, follow_symlinks=False)
 
     def removexattr(self, path: str, name: str) -> None:
@@ -685,16 +723,21 @@ class Overlay:
         return os.pread(fh, size, offset)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
-        return os.pwrite(fh, data, offset)
+        n = os.pwrite(fh, data, offset)
+        h = self.handles.get(fh)
+        if h is not None and h.ino in self._peers:
+            self.changed(h.ino, h.path)
+        return n
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
         h = self.handles.get(fh) if fh is not None else None
         if h is not None and h.upper:
             os.ftruncate(h.fd, length)
+            self.changed(h.ino, h.path)
             return
         if path is None:
             raise _err(errno.EBADF)
-        real = self.copy_up(path, self._node(path))
+        real = self._copy_up_for_change(path)
         os.truncate(real, length)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
