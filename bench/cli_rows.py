@@ -93,27 +93,100 @@ class ImportSmall(ImportLarge):
         self.amount = sum(1 for f in self.src.rglob("*") if f.is_file())
 
 
-CORPUS_EXTRAS = {  # image name -> host trees added to the python root filesystem (see data.python_rootfs)
+HOST_CORPUS = {  # image name -> host trees added to the python root filesystem (see data.python_rootfs)
     "py": [],
     "py-perl": ["/usr/share/perl"],
     "py-zoneinfo-include": ["/usr/share/zoneinfo", "/usr/include"],
 }
+DEBOOTSTRAP_CORPUS = {"minbase": [], "minbase+python3": ["python3"], "minbase+curl+git": ["curl", "git"]}
+
+
+def _mirror() -> str:
+    """The Debian mirror apt is configured with (the only place the network reaches)."""
+    for f in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            lines = f.read_text().splitlines()
+        except OSError:
+            continue
+        for ln in lines:
+            words = ln.split()
+            urls = words[1:] if words[:1] == ["URIs:"] else words[1:2] if words[:1] == ["deb"] else []
+            for u in urls:
+                if u.startswith("http") and u.rstrip("/").endswith("/debian"):
+                    return u
+    return "http://deb.debian.org/debian"
+
+
+def _suite() -> str:
+    for ln in Path("/etc/os-release").read_text().splitlines():
+        if ln.startswith("VERSION_CODENAME="):
+            return ln.split("=", 1)[1].strip('"')
+    return "bookworm"
+
+
+def debootstrap_corpus() -> list[Path]:
+    """Three Debian root filesystems built independently by debootstrap, as single-layer tars (cached)."""
+    if peers.ensure(["debootstrap"]):
+        raise RuntimeError("debootstrap not installable")
+    tars = []
+    for name, pkgs in DEBOOTSTRAP_CORPUS.items():
+        path = data.CACHE / f"corpus-debootstrap-{name}.tar"
+        if not path.exists():
+            target = data.CACHE / f"debootstrap-{name}"
+            shutil.rmtree(target, ignore_errors=True)
+            (data.CACHE / "debs").mkdir(parents=True, exist_ok=True)
+            cmd = ["debootstrap", "--variant=minbase", f"--cache-dir={data.CACHE / 'debs'}",
+                   *([f"--include={','.join(pkgs)}"] if pkgs else []), _suite(), str(target), _mirror()]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            if p.returncode != 0:
+                shutil.rmtree(target, ignore_errors=True)
+                raise RuntimeError(f"debootstrap {name}: {(p.stdout + p.stderr).strip().splitlines()[-1:]}")
+            for deb in (target / "var/cache/apt/archives").glob("*.deb"):
+                deb.unlink()  # what an image build removes too
+            part = path.with_suffix(".part")
+            subprocess.run(["tar", "-C", str(target), "--numeric-owner", "-cf", str(part), "."], check=True)
+            part.rename(path)
+            shutil.rmtree(target, ignore_errors=True)
+        tars.append(path)
+    return tars
+
+
+def host_corpus() -> list[Path]:
+    """Three images from this host's Debian files sharing a base: the python rootfs, plus perl, plus zoneinfo and
+    /usr/include. Needs no network, so --quick uses it."""
+    base = data.python_rootfs()
+    tars = []
+    for name, extras in HOST_CORPUS.items():
+        path = data.CACHE / f"corpus-{name}.tar"
+        if not path.exists():
+            tmp = path.with_suffix(".part")
+            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+                tf.add(base, arcname=".")
+                for e in extras:
+                    tf.add(e, arcname="." + e)
+            tmp.rename(path)
+        tars.append(path)
+    return tars
 
 
 class StoreSize(CliWorkload):
-    """Three single-layer images built independently from real Debian files sharing a common base.
+    """Single-layer images of Debian root filesystems built independently, imported side by side.
 
-    debootstrap corpora (the store issue's example) need a full run and a reachable mirror; this corpus needs
-    neither, so it runs in --quick too. Each image is one layer tar, so layer-level sharing (Docker's model) saves
-    nothing here: only file-level dedup can.
+    The full run uses three debootstrap root filesystems (minbase, + python3, + curl and git), as the store issue
+    asks; --quick, or a full run where debootstrap fails, uses the host corpus (see host_corpus), and says so.
+    Each image is one layer tar, so layer-level sharing (Docker's model) saves nothing unless two tars are
+    identical: only file-level dedup can.
     """
     name, unit = "store-size", "B"
     reps = 1
     commands = ("import", "df")
+    corpus = "host"
 
     @property
     def title(self):
-        return f"store bytes on disk, {len(CORPUS_EXTRAS)} images (python rootfs ± perl, zoneinfo, include)"
+        if self.corpus == "debootstrap":
+            return f"store bytes on disk, debootstrap corpus ({', '.join(DEBOOTSTRAP_CORPUS)})"
+        return f"store bytes on disk, host corpus ({', '.join(HOST_CORPUS)})"
 
     @property
     def targets(self):
@@ -128,18 +201,15 @@ class StoreSize(CliWorkload):
         return "rootfs", [data.python_rootfs()]
 
     def prepare(self):
-        base = self.image()[1][0]
+        self.why_not_debootstrap = ""
         self.tars = []
-        for name, extras in CORPUS_EXTRAS.items():
-            path = data.CACHE / f"corpus-{name}.tar"
-            if not path.exists():
-                tmp = path.with_suffix(".part")
-                with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-                    tf.add(base, arcname=".")
-                    for e in extras:
-                        tf.add(e, arcname="." + e)
-                tmp.rename(path)
-            self.tars.append(path)
+        if self.p.name == "full":
+            try:
+                self.tars, self.corpus = debootstrap_corpus(), "debootstrap"
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                self.why_not_debootstrap = f"debootstrap corpus failed ({e}); host corpus used"
+        if not self.tars:
+            self.tars, self.corpus = host_corpus(), "host"
         digests = {}
         for p in self.tars:
             h = hashlib.sha256()
@@ -155,7 +225,8 @@ class StoreSize(CliWorkload):
 
     def notes(self) -> list[str]:
         return [f"sum of layer tars {self.tar_sum / 1e6:.1f} MB",
-                f"layer-level sharing (Docker's model) {self.layer_sharing / 1e6:.1f} MB"]
+                f"layer-level sharing (Docker's model) {self.layer_sharing / 1e6:.1f} MB",
+                *([self.why_not_debootstrap] if self.why_not_debootstrap else [])]
 
     def run(self, t: Trial) -> float:
         root = t.tmp / "store"

@@ -143,6 +143,7 @@ def _run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, st
         row.errors = {c.name: "row not prepared" for c in contenders}
         log(f"    the row could not be prepared: {why}")
         return row
+    row.title = w.title  # may depend on what prepare found
     row.notes.extend(w.notes())
     row.refs.update(w.refs())
     active = []
