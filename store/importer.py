@@ -336,6 +336,9 @@ class Source:
         if head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC):
             with open(p, "rb") as f:
                 return self._layer_tar(f, p)
+        if not _looks_like_archive(p):
+            with open(p, "rb") as f:
+                return self._layer_tar(f, p)
         try:
             blobs = _Blobs(p)
         except (tarfile.ReadError, EOFError) as e:
@@ -465,6 +468,23 @@ class Source:
             layers = [({}, name) for name in item.get("Layers") or []]
             out.append((cfg, layers, [normalize_ref(t) for t in item.get("RepoTags") or []]))
         return out
+
+
+_ARCHIVE_TOP = re.compile(r"^(?:\./)?(?:oci-layout|index\.json|manifest\.json|repositories|blobs(?:/.*)?|"
+                          r"[0-9a-f]{64}(?:\.json|\.tar|/.*)?)/?$")
+
+
+def _looks_like_archive(path: str) -> bool:
+    """Whether a tar's first member is one an image archive starts with, as opposed to a root filesystem's
+    ("./", "bin/"...). Saves reading every header of a large layer twice."""
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            first = tf.next()
+            while first is not None and first.name in (".", "./"):
+                first = tf.next()
+    except (tarfile.ReadError, EOFError):
+        return True  # let the full open report what is wrong
+    return first is not None and bool(_ARCHIVE_TOP.match(first.name))
 
 
 def _ref_tags(ref: str | None) -> list[str]:

@@ -2,13 +2,15 @@
 
 Every distinct file content is stored once, named by its XXH3-128. XXH3 is not cryptographic, so a hash hit is
 trusted only after the bytes compare equal (as ZFS's dedup=verify does); a mismatch is refused, never merged.
-New objects are written to the import's staging directory, made durable with one syncfs() for the whole batch
-(an fsync per file would cap small-file imports at the disk's sync rate), then hard-linked into objects/ (link,
-unlike rename, fails on an existing name, which is then compared instead of overwritten).
+New objects are written to the import's staging directory, moved into objects/ with renameat2(RENAME_NOREPLACE)
+(a plain rename would silently replace an object of the same name; this fails instead, and the two are compared),
+then made durable, contents and names together, by one syncfs() before the index commit that makes them
+reachable (an fsync per file would cap small-file imports at the disk's sync rate).
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 from typing import Iterable
@@ -21,6 +23,15 @@ SMALL = 1 << 20  # contents up to this size are hashed and compared in memory
 CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """rename(2) that raises FileExistsError instead of replacing dst."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), dst) if e != errno.EEXIST else FileExistsError(e, "exists", dst)
 
 
 def syncfs(path: str) -> None:
@@ -98,8 +109,13 @@ class ObjectStager:
                 raise Corrupt(f"object {h} differs from incoming content with the same hash "
                               "(damaged store or crafted collision): run `lamina fsck`")
             return h
-        with open(self._staged(h), "wb") as f:
-            f.write(data)
+        fd = os.open(self._staged(h), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         self.new[h] = len(data)
         return h
 
@@ -110,6 +126,7 @@ class ObjectStager:
         hasher = xxhash.xxh3_128()
         n = 0
         with open(tmp, "wb") as f:
+            os.fchmod(f.fileno(), 0o444)  # objects are immutable; the mode says so to anyone looking
             for chunk in chunks:
                 hasher.update(chunk)
                 f.write(chunk)
@@ -136,15 +153,14 @@ class ObjectStager:
     def publish(self) -> list[tuple[str, int]]:
         """Make staged objects durable and visible under objects/; returns the rows to insert.
 
-        The list of linked names is written first, so recovery can remove them if the index commit never comes.
+        The list of moved names is written first, so recovery can remove them if the index commit never comes.
         """
         if not self.new:
             return []
-        syncfs(self.staging)
+        # Recovery reads this list to remove what was moved but never committed (store/root.py). It needs no
+        # fsync: after a power loss rather than a kill, such orphans are found by gc's scan of objects/.
         with open(f"{self.staging}/linked.json", "w") as f:
             json.dump(list(self.new), f)
-            f.flush()
-            os.fsync(f.fileno())
         made_dirs: set[str] = set()
         for h in self.new:
             dst = self.store.object_path(h)
@@ -153,9 +169,9 @@ class ObjectStager:
                 os.makedirs(d, exist_ok=True)
                 made_dirs.add(d)
             try:
-                os.link(self._staged(h), dst)
+                rename_noreplace(self._staged(h), dst)
             except FileExistsError:
-                # Linked meanwhile by a concurrent import, or left by a crash: keep it only if identical.
+                # Moved in meanwhile by a concurrent import, or left by a crash: keep it only if identical.
                 if not same_files(self._staged(h), dst):
                     raise BadInput(f"two different contents share XXH3-128 {h}: refusing a hash collision")
         syncfs(str(self.store.objects_dir))
