@@ -70,7 +70,8 @@ class Launch:
     read_only: bool = False
     cgroup_version: int = 1
     cgroup_mounts: list[tuple[str, str]] = field(default_factory=list)  # v1: (dir name, mount options)
-    console: str | None = None                   # host path of the pty slave, bound on /dev/console
+    tty_socket: int | None = None                # -t: the init sends the master of a pty made in the container here
+    winsize: bytes | None = None                 # -t: the caller's struct winsize, set before the command starts
 
 
 # -- small helpers -------------------------------------------------------------------------------------------
@@ -239,9 +240,6 @@ def _mount_dev(R: str, L: Launch) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore")):
         os.symlink(target, f"{dev}/{name}")
-    if L.console:
-        os.close(os.open(dev + "/console", os.O_CREAT | os.O_WRONLY, 0o600))
-        linux.mount(L.console, dev + "/console", None, linux.MS_BIND)
 
 
 def _mount_sys(R: str, L: Launch) -> None:
@@ -328,6 +326,26 @@ def _lo_up() -> None:
         s.close()
 
 
+def _console(L: Launch) -> tuple[int, int, int]:
+    """As runc's console socket: a pty from the container's own devpts (so the command sees /dev/pts/0 and
+    /dev/console), its master handed to the supervisor over a unix socket."""
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, 0x40045431, struct.pack("i", 0))  # TIOCSPTLCK: unlock
+    n = struct.unpack("I", fcntl.ioctl(master, 0x80045430, b"\0" * 4))[0]  # TIOCGPTN
+    slave_path = f"/dev/pts/{n}"
+    slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY)
+    os.fchown(slave, L.process.uid, 5 if not L.userns else L.process.gid)
+    if L.winsize:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, L.winsize)
+    os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY, 0o600))
+    linux.mount(slave_path, "/dev/console", None, linux.MS_BIND)
+    sock = socket.socket(fileno=L.tty_socket)
+    socket.send_fds(sock, [b"m"], [master])
+    sock.close()
+    os.close(master)
+    return slave, slave, slave
+
+
 # -- P2: init ------------------------------------------------------------------------------------------------
 
 
@@ -348,6 +366,8 @@ def _init(L: Launch, rep_w: int, stdio: tuple[int, int, int]) -> None:
 
     for s in FORWARDED:
         signal.signal(s, forward)
+    if L.tty_socket is not None:
+        stdio = _console(L)
     er, ew = os.pipe2(os.O_CLOEXEC)
     pid3 = os.fork()
     if pid3 == 0:

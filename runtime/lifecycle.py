@@ -139,12 +139,25 @@ def diff(c: state.Container) -> list[tuple[str, str]]:
 
 
 def _store_has(c: state.Container, rel: str) -> bool:
+    """Whether the image holds `rel`: the topmost layer that mentions it decides (a whiteout hides it)."""
     try:
+        from store.entries import WHITEOUT  # noqa: PLC0415 - the store is optional for directory images
         from store.reader import open_store  # noqa: PLC0415
-        img = open_store(str(c.dir.parent.parent)).image(c.data["image"])
-        return img.lookup(rel) is not None
-    except Exception:  # noqa: BLE001 - without the store API every path counts as changed, never lost
+        st = open_store(str(c.dir.parent.parent))
+        img, reader = st.image(c.data["image"]), st.reader()
+    except Exception:  # noqa: BLE001 - without the store every path counts as changed: nothing is hidden
         return True
+    for layer in reversed(img.layer_ids):
+        e = reader.lookup(layer, rel)
+        if e is not None:
+            return e.kind != WHITEOUT
+        parent = os.path.dirname(rel)
+        while parent not in ("/", ""):
+            p = reader.lookup(layer, parent)
+            if p is not None and p.opaque:
+                return False
+            parent = os.path.dirname(parent)
+    return False
 
 
 def _ago(t: float) -> str:

@@ -9,12 +9,16 @@ the exit code (and OOM kills) in state.json and cleans up: cgroup removed, rootf
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import select
 import signal
+import socket
 import sys
+import termios
 import time
+import tty
 from dataclasses import dataclass, field
 
 from . import cgroups, linux, rootfs, state, volumes
@@ -338,21 +342,13 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
     signal.signal(signal.SIGCHLD, lambda s, f: None)  # so that the wakeup fd sees it
     devnull = os.open(os.devnull, os.O_RDWR)
     close_after.append(devnull)
+    tty_sock = None
     if stdio_mode == "tty":
-        master, slave = os.openpty()
-        L.console = os.ttyname(slave)
-        stdio = (slave, slave, slave)
-        close_after.append(slave)
-        relay.outs[master] = [1, log_fd]
-        if interactive:
-            relay.ins[0] = master
-        _copy_winsize(master)
-        signal.signal(signal.SIGWINCH, lambda s, f: _copy_winsize(master))
-        if interactive and os.isatty(0):
-            import termios
-            import tty
-            saved_tty = termios.tcgetattr(0)
-            tty.setraw(0)
+        tty_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        L.tty_socket = child_sock.detach()
+        L.winsize = _winsize()
+        close_after.append(L.tty_socket)
+        stdio = (devnull, devnull, devnull)
     elif stdio_mode == "relay":
         o_r, o_w = os.pipe2(os.O_CLOEXEC)
         e_r, e_w = os.pipe2(os.O_CLOEXEC)
@@ -392,6 +388,15 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
             return code
         if notify_fd is not None:
             _notify(notify_fd, {"started": True})
+        if tty_sock is not None:
+            master = _receive_master(tty_sock)
+            relay.outs[master] = [1, log_fd]
+            if interactive:
+                relay.ins[0] = master
+            signal.signal(signal.SIGWINCH, lambda s, f: _copy_winsize(master))
+            if interactive and os.isatty(0):
+                saved_tty = termios.tcgetattr(0)
+                tty.setraw(0, termios.TCSANOW)  # TCSAFLUSH would drop typed-ahead input
         status = relay.run_until_exit(pid)
         code = _code(status)
     finally:
@@ -405,6 +410,14 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
     return code
 
 
+def _receive_master(sock: socket.socket) -> int:
+    _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    sock.close()
+    if not fds:
+        raise OSError("the container sent no terminal")
+    return fds[0]
+
+
 def _code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
@@ -412,20 +425,25 @@ def _code(status: int) -> int:
 
 def _restore(saved: object) -> None:
     if saved is not None:
-        import termios
         termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
-def _copy_winsize(master: int) -> None:
-    import fcntl
-    import termios
+def _winsize() -> bytes | None:
     for fd in (0, 1):
         try:
-            ws = fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
-            fcntl.ioctl(master, termios.TIOCSWINSZ, ws)
-            return
+            return fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
         except OSError:
             continue
+    return None
+
+
+def _copy_winsize(master: int) -> None:
+    ws = _winsize()
+    if ws is not None:
+        try:
+            fcntl.ioctl(master, termios.TIOCSWINSZ, ws)
+        except OSError:
+            pass
 
 
 def _notify(fd: int, msg: dict) -> None:
