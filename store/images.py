@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .errors import NotFound, StoreError
+from .errors import StoreError
 from .importer import normalize_ref
-from .reader import Image, load_image, resolve
+from .reader import Image, load_image, resolve, resolve_name
 from .root import Store
 
 
@@ -45,13 +45,11 @@ def tag(store: Store, source: str, target: str) -> None:
 
 def rmi(store: Store, ref: str, force: bool = False) -> list[str]:
     """docker's rule: removing a tag untags; the image goes when its last tag does (or when named by id)."""
-    image_id = resolve(store, ref)
+    image_id, name = resolve_name(store, ref)
     out = []
     with store.write() as db:
         holders = [h for (h,) in db.execute("SELECT holder FROM holds WHERE image_id=?", (image_id,))]
-        by_name = not ref.removeprefix("sha256:") or not image_id.startswith("sha256:" + ref.removeprefix("sha256:"))
-        if by_name:
-            name = normalize_ref(ref)
+        if name is not None:
             db.execute("DELETE FROM tags WHERE name=?", (name,))
             out.append(f"Untagged: {name}")
             if db.execute("SELECT 1 FROM tags WHERE image_id=?", (image_id,)).fetchone():
@@ -60,8 +58,8 @@ def rmi(store: Store, ref: str, force: bool = False) -> list[str]:
             raise StoreError(f"image {image_id[7:19]} is referenced in multiple repositories: use -f")
         if holders and not force:
             raise StoreError(f"image {image_id[7:19]} is in use by {holders[0]}: stop and remove it first")
-        for (name,) in db.execute("SELECT name FROM tags WHERE image_id=?", (image_id,)).fetchall():
-            out.append(f"Untagged: {name}")
+        for (tag_name,) in db.execute("SELECT name FROM tags WHERE image_id=?", (image_id,)).fetchall():
+            out.append(f"Untagged: {tag_name}")
         db.execute("DELETE FROM tags WHERE image_id=?", (image_id,))
         if not holders:
             db.execute("DELETE FROM image_layers WHERE image_id=?", (image_id,))
@@ -106,10 +104,3 @@ def inspect(store: Store, ref: str) -> dict:
         "History": cfg.get("history") or [],
         "Size": image_size(store, img.id),
     }
-
-
-def require_image(store: Store, ref: str) -> Image:
-    try:
-        return load_image(store, resolve(store, ref))
-    except NotFound:
-        raise

@@ -73,7 +73,7 @@ def df(store: Store) -> dict:
 def gc(store: Store) -> dict:
     """Drops layers no image uses and objects no layer uses, then stray files under objects/."""
     with store.exclusive():
-        store._recover_locked()
+        store.recover_locked()
         return _gc_locked(store)
 
 
@@ -126,7 +126,7 @@ def fsck(store: Store, repair: bool = False, verify_layers: bool = True) -> Fsck
     """Re-hashes every object, checks every reference, and (by default) rebuilds every layer to its DiffID."""
     rep = FsckReport()
     with store.exclusive():
-        store._recover_locked()
+        store.recover_locked()
         db = store.db
         bad_objects: set[str] = set()
         for h, size in db.execute("SELECT hash, size FROM objects").fetchall():

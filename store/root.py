@@ -141,9 +141,9 @@ class Store:
             return
         with self.exclusive(wait=False) as got:
             if got:
-                self._recover_locked()
+                self.recover_locked()
 
-    def _recover_locked(self) -> None:
+    def recover_locked(self) -> None:
         rows = self.db.execute("SELECT id, staging FROM imports").fetchall()
         for import_id, staging in rows:
             linked = self.root / staging / "linked.json"
