@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import struct
 import termios
 
@@ -21,6 +22,10 @@ def _run_in_pty(lamina, args: list[str], feed: bytes = b"") -> tuple[bytes, int]
         if feed:
             os.write(master, feed)
         while True:
+            # a guard against a hung test, not a timing assertion
+            ready, _, _ = select.select([master], [], [], 60)
+            if not ready:
+                break
             try:
                 data = os.read(master, 4096)
             except OSError:  # EIO: every slave handle is closed
