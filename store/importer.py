@@ -372,6 +372,13 @@ class Source:
 
     # -- OCI layout and docker save -------------------------------------------------------------------------------
     def _archive(self, b: _Blobs) -> None:
+        try:
+            self._read_archive(b)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            # index, manifest or config JSON of the wrong shape (a list where an object belongs, and so on)
+            raise BadInput(f"{self.path}: malformed image metadata ({type(e).__name__}: {e})") from None
+
+    def _read_archive(self, b: _Blobs) -> None:
         found: list[tuple[bytes, list[tuple[dict, str | None]], list[str]]] = []
         if b.exists("index.json"):
             if b.exists("oci-layout"):

@@ -180,3 +180,9 @@ def test_bad_tag_and_unknown_images(seeded, tmp_path):
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and msg in r.stderr, (args, r.stderr)
     assert not (tmp_path / "x.tar").exists()
     seeded.assert_clean()
+
+
+@pytest.mark.parametrize("index", ['{"manifests": [5]}', "[1]", "{not json", '{"manifests": [{"mediaType": 3}]}'])
+def test_layout_malformed_index(seeded, layout, index):
+    (layout / "index.json").write_text(index)
+    check_refused(seeded, layout, "")
