@@ -266,6 +266,27 @@ def diff_cmd(ctx: click.Context, container: str) -> None:
         click.echo(f"{kind} {path}")
 
 
+@click.command("commit", cls=_Cmd)
+@click.argument("container")
+@click.argument("name", required=False)
+@click.pass_context
+def commit_cmd(ctx: click.Context, container: str, name: str | None) -> None:
+    """Create an image from a container's changes (the container is paused meanwhile; volumes are excluded)."""
+    from .commit import CommitError, commit  # noqa: PLC0415
+
+    root = _root(ctx)
+    c = _find(root, container)
+    try:
+        image_id = commit(root, c, name)
+    except (CommitError, OSError) as e:
+        _fail(str(e), 1)
+        return
+    except Exception as e:  # noqa: BLE001 - the store's own errors carry a one-line message
+        _fail(str(e), 1)
+        return
+    click.echo(image_id)
+
+
 @click.command("inspect", cls=_Cmd)
 @click.argument("containers", nargs=-1, required=True)
 @click.pass_context
@@ -351,4 +372,4 @@ def volume_rm(ctx: click.Context, force: bool, names: tuple[str, ...]) -> None:
     sys.exit(bad)
 
 
-COMMANDS = [run_cmd, ps_cmd, logs_cmd, stop_cmd, kill_cmd, rm_cmd, exec_cmd, diff_cmd, inspect_cmd, volume_grp]
+COMMANDS = [run_cmd, ps_cmd, logs_cmd, stop_cmd, kill_cmd, rm_cmd, exec_cmd, diff_cmd, commit_cmd, inspect_cmd, volume_grp]
