@@ -144,7 +144,7 @@ def _store_has(c: state.Container, rel: str) -> bool:
         from store.entries import WHITEOUT  # noqa: PLC0415 - the store is optional for directory images
         from store.reader import open_store  # noqa: PLC0415
         st = open_store(str(c.dir.parent.parent))
-        img, reader = st.image(c.data["image"]), st.reader()
+        img, reader = st.image(c.data.get("image_id") or c.data["image"]), st.reader()
     except Exception:  # noqa: BLE001 - without the store every path counts as changed: nothing is hidden
         return True
     for layer in reversed(img.layer_ids):

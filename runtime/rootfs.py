@@ -27,6 +27,7 @@ class Image:
     kind: str                                   # "dir" or "store"
     config: dict = field(default_factory=dict)  # OCI image config's "config": Env, Cmd, Entrypoint, WorkingDir, User
     path: str | None = None                     # the lower directory of a "dir" image
+    id: str | None = None                       # the store's image id (a tag may move later)
 
     def to_json(self) -> dict:
         return {"ref": self.ref, "kind": self.kind, "path": self.path}
@@ -53,7 +54,7 @@ def resolve(root: str, ref: str) -> Image:
     except Exception as e:  # the store raises its own errors with a one-line message
         raise ImageNotFound(f"unable to find image {ref!r}: {e}") from None
     cfg = dict((img.config or {}).get("config") or {})
-    return Image(ref=ref, kind="store", config=cfg)
+    return Image(ref=ref, kind="store", config=cfg, id=img.id)
 
 
 def _lamina(root: str, *args: str) -> subprocess.CompletedProcess:

@@ -138,6 +138,7 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
     user = spec.user or cfg.get("User") or "0"
     c = state.create(root, cid, {
         "name": name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
+        "image_id": image.id,
         "argv": argv, "hostname": hostname, "rm": spec.rm, "status": "created",
         "mounts": [m.to_json() for m in spec.mounts], "network": spec.network, "userns": spec.userns,
         "user": user, "tty": spec.tty,

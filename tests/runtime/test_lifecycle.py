@@ -176,3 +176,20 @@ def test_name_conflict(lamina, image):
     assert lamina("run", "--name", "twice", image, "true").returncode == 0
     r = lamina("run", "--name", "twice", image, "true")
     assert r.returncode == 125 and "already in use" in r.stderr
+
+
+def test_interactive_stdin_env_workdir_user(lamina, image):
+    r = lamina("run", "--rm", "-i", "-e", "GREETING=hi there", "-w", "/work/dir", "-u", "1000", image, "sh", "-c",
+               "cat; echo \"$GREETING\"; pwd; id -u; echo $HOME", input="from stdin\n", stdin=None)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["from stdin", "hi there", "/work/dir", "1000", "/home/user"]
+    # without -i stdin is /dev/null
+    r = lamina("run", "--rm", image, "cat", input="ignored\n", stdin=None)
+    assert r.returncode == 0 and r.stdout == ""
+
+
+def test_logs_of_a_foreground_container(lamina, image):
+    r = lamina("run", "--name", "fg", image, "sh", "-c", "echo out; echo err >&2")
+    assert r.stdout == "out\n" and r.stderr == "err\n"
+    logs = lamina("logs", "fg").stdout
+    assert "out\n" in logs and "err\n" in logs
