@@ -28,3 +28,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+# mount(8) runs `mount -t fuse.lamina-fs` helpers with a fixed PATH: put lamina-fs where it looks.
+if [ "$(id -u)" = 0 ] && [ -d /usr/local/bin ]; then ln -sfn "$VENV/bin/lamina-fs" /usr/local/bin/lamina-fs; fi

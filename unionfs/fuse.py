@@ -55,7 +55,9 @@ class LaminaOperations(fuse.Operations):
             config.negative_timeout = FOREVER
             config.use_ino = 1
             config.readdir_ino = 0
-            config.hard_remove = 1
+            # hard_remove would make fstat() of an open, unlinked file fail (ESTALE): let libfuse rename it to
+            # .fuse_hidden*, which the core parks in the work dir, out of the upper dir and of every listing.
+            config.hard_remove = 0
             config.kernel_cache = 1
         if conn is not None:
             conn.max_write = IO_SIZE
@@ -205,7 +207,7 @@ def serve(ov: Overlay, mountpoint: str, *, read_only: bool = False, debug: bool 
     """Mount and serve until unmounted (blocks). `on_ready` runs once the kernel has the mount."""
     opts: dict[str, Any] = dict(
         foreground=True, nothreads=False, debug=debug, fsname=fsname, subtype="lamina-fs",
-        allow_other=True, default_permissions=True, use_ino=True, hard_remove=True, max_read=IO_SIZE,
+        allow_other=True, default_permissions=True, use_ino=True, max_read=IO_SIZE,
     )
     if os.geteuid() == 0:
         opts.update(dev=True, suid=True)  # a container root filesystem needs device nodes and setuid binaries

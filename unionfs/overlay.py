@@ -32,6 +32,7 @@ from .layers import ORIGIN_XATTR, DirLayer, Layer, Record, is_private_xattr
 from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, renameat2
 
 _CACHE_MAX = 8192
+HIDDEN_PREFIX = ".fuse_hidden"
 NLINK_XATTR = "trusted.lamina.nlink"
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
@@ -92,6 +93,7 @@ class Overlay:
             self.index = os.path.join(os.path.abspath(work), "index")
             for d in (self.work, self.index):
                 os.makedirs(d, mode=0o700, exist_ok=True)
+            self.w.clear_dir(self.work)  # leftovers of an interrupted copy-up or of files parked by a dead daemon
         self.layers.extend(lowers)
         self._nlayers = len(self.layers)
         if upper is not None:
@@ -107,6 +109,11 @@ class Overlay:
         # attributes and pages of the others (the FUSE high-level API gives each name its own kernel inode).
         self._peers: dict[int, set[str]] = {}
         self.notify: Callable[[list[str]], None] | None = None
+        # Open files unlinked through the mount: libfuse renames them to ".fuse_hidden*" names (unless hard_remove)
+        # and unlinks that name on the last close. Their data is parked in the work dir meanwhile, never in upper.
+        self._hidden: dict[str, tuple[Layer, str, int]] = {}
+        if upper is not None:
+            self._parking = DirLayer(self.work, name="work")
 
     # ---- resolution -------------------------------------------------------------------------------------------
 
@@ -148,6 +155,8 @@ class Overlay:
         if path == "/":
             return self._root()
         head, name = _split(path)
+        if name.startswith(HIDDEN_PREFIX):
+            return self._resolve_hidden(path)
         parent = self._dir(head)
         if parent is None:
             return None
@@ -182,6 +191,29 @@ class Overlay:
         if not found:
             return None
         return Node(found[0][2], found[0][0], found[0][1], tuple((li, p) for li, p, _ in found), found[-1][2].ino)
+
+    def _resolve_hidden(self, path: str) -> Node | None:
+        h = self._hidden.get(path)
+        if h is None:
+            return None
+        layer, lpath, ino = h
+        r = layer.lookup(lpath)
+        if r is None:
+            return None
+        return Node(r, -1, lpath, (), ino)
+
+    def _hide(self, old: str, new: str) -> None:
+        """libfuse hides an open file being unlinked: park it, then remove `old` from the union."""
+        n = self._node(old)
+        if n.is_dir:
+            raise _err(errno.EISDIR, old)
+        if self._in_upper(n):
+            tmp = copyup.work_name(self.work)
+            os.link(self.w.real(old), tmp)  # a second name keeps the inode (and its data) alive in the work dir
+            self._hidden[new] = (self._parking, "/" + os.path.basename(tmp), n.ino)
+        else:
+            self._hidden[new] = (self.layers[n.layer], n.lpath, n.ino)
+        self.unlink(old)
 
     def _file_ino(self, li: int, lpath: str, rec: Record) -> int:
         if li == 0 and self.upper is not None:
@@ -325,6 +357,9 @@ class Overlay:
     def is_empty_dir(self, path: str) -> bool:
         return len(self.readdir(path)) == 2
 
+    def _layer_of(self, path: str, n: Node) -> Layer:
+        return self._hidden[path][0] if n.layer == -1 else self.layers[n.layer]
+
     def readlink(self, path: str) -> str:
         n = self._node(path)
         if not stat.S_ISLNK(n.rec.mode):
@@ -333,13 +368,13 @@ class Overlay:
 
     def listxattr(self, path: str) -> list[str]:
         n = self._node(path)
-        return [x for x in self.layers[n.layer].listxattr(n.lpath) if not is_private_xattr(x)]
+        return [x for x in self._layer_of(path, n).listxattr(n.lpath) if not is_private_xattr(x)]
 
     def getxattr(self, path: str, name: str) -> bytes:
         n = self._node(path)
         if is_private_xattr(name):
             raise _err(errno.ENODATA, path)
-        return self.layers[n.layer].getxattr(n.lpath, name)
+        return self._layer_of(path, n).getxattr(n.lpath, name)
 
     def statfs(self, path: str) -> dict:
         sv = self.layers[0].statvfs()
@@ -360,6 +395,11 @@ class Overlay:
     def copy_up(self, path: str, n: Node | None = None) -> str:
         """Make `path` exist in the upper directory (data included) and return its real path there."""
         w = self._need_upper()
+        if n is not None and n.layer == -1:
+            layer, lpath, _ = self._hidden[path]
+            if layer is not self._parking:
+                raise _err(errno.EROFS, path)
+            return self._parking.real(lpath)
         real = w.real(path)
         if n is not None and self._in_upper(n):
             return real
@@ -528,6 +568,11 @@ class Overlay:
         self.w.make_whiteout_at(real)
 
     def unlink(self, path: str) -> None:
+        if path.rpartition("/")[2].startswith(HIDDEN_PREFIX) and path in self._hidden:
+            layer, lpath, _ = self._hidden.pop(path)
+            if layer is self._parking:
+                os.unlink(self._parking.real(lpath))
+            return
         with self._mu:
             w = self._need_upper()
             n = self._node(path)
@@ -593,6 +638,10 @@ class Overlay:
             self.w.set_opaque(real)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
+        if new.rpartition("/")[2].startswith(HIDDEN_PREFIX) and flags == 0:
+            with self._mu:
+                self._hide(old, new)
+            return
         with self._mu:
             try:
                 self._rename(old, new, flags)
@@ -697,7 +746,7 @@ class Overlay:
         if is_private_xattr(name):
             raise _err(errno.ENODATA, path)
         n = self._node(path)
-        self.layers[n.layer].getxattr(n.lpath, name)  # ENODATA before any copy-up, as the kernel does
+        self._layer_of(path, n).getxattr(n.lpath, name)  # ENODATA before any copy-up, as the kernel does
         real = self.copy_up(path, n)
         os.removexattr(real, name, follow_symlinks=False)
 
@@ -706,6 +755,12 @@ class Overlay:
     def open(self, path: str, flags: int) -> int:
         n = self._node(path)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if n.layer == -1:
+            layer, lpath, _ = self._hidden[path]
+            fd = os.open(self.copy_up(path, n), (flags & _OPEN_PASS) | os.O_CLOEXEC) if writing \
+                else layer.open_read(lpath)
+            self.handles[fd] = Handle(fd, n.ino, path, True)
+            return fd
         if writing:
             real = self.copy_up(path, n)
             fd = os.open(real, (flags & _OPEN_PASS) | os.O_CLOEXEC)

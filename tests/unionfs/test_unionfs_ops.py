@@ -1,0 +1,422 @@
+"""Behaviour tests of each operation on real lamina-fs mounts, with the upper directory checked on disk."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fsharness import LAMINA_FS, BIN, is_mounted, kernel_mount, lamina_mount, snapshot, unmount
+from unionfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+
+def mounted(layout):
+    return lamina_mount(layout["lowers"], layout["mnt"], layout["upper"], layout["work"])
+
+
+def is_whiteout(p: Path) -> bool:
+    st = os.lstat(p)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def test_merged_view(layout):
+    with mounted(layout) as m:
+        assert sorted(os.listdir(m)) == ["a", "b", "c", "d", "f", "g", "p"]  # l1's whiteout hides e
+        assert sorted(os.listdir(m / "d")) == ["sub", "v", "w", "x", "y"]
+        assert (m / "d" / "y").read_text() == "y from l1\n"  # upper layers win
+        assert os.listdir(m / "g") == ["i"]  # opaque in l1 hides l2/g/h
+        assert stat.S_IMODE(os.stat(m / "d").st_mode) == 0o750  # directory metadata from the topmost layer
+        assert os.readlink(m / "f") == "a"
+        assert os.listxattr(m / "g") == []  # trusted.overlay.opaque is internal
+        assert os.getxattr(m / "p", "user.k") == b"v"
+        snapshot(m, check_ino=True)
+
+
+def test_open_flags(layout):
+    with mounted(layout) as m:
+        with open(m / "a", "a") as f:
+            f.write("more\n")
+        assert (m / "a").read_text() == "bottom a\nmore\n"
+        assert (layout["upper"] / "a").read_text() == "bottom a\nmore\n"
+        assert (layout["lowers"][2] / "a").read_text() == "bottom a\n"
+        fd = os.open(m / "b", os.O_WRONLY | os.O_TRUNC)
+        os.close(fd)
+        assert os.stat(m / "b").st_size == 0
+        with pytest.raises(FileExistsError):
+            os.open(m / "c", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        fd = os.open(m / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, b"n")
+        os.close(fd)
+        assert stat.S_IMODE(os.stat(layout["upper"] / "new").st_mode) == 0o640
+        # reading a lower file copies nothing up
+        (m / "d" / "x").read_text()
+        assert not (layout["upper"] / "d" / "x").exists()
+
+
+def test_truncate_and_fallocate(layout):
+    with mounted(layout) as m:
+        os.truncate(m / "b", 10)
+        assert (m / "b").read_bytes() == b"\0" * 10
+        with open(m / "c", "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, 100000)
+            f.truncate(3)
+        assert (m / "c").read_bytes() == b"top"
+        with open(m / "c", "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, 8192)
+        assert os.stat(m / "c").st_size == 8192
+
+
+def test_unlink_rmdir_whiteouts_and_opaque(layout):
+    up = layout["upper"]
+    with mounted(layout) as m:
+        os.unlink(m / "a")
+        assert not (m / "a").exists() and is_whiteout(up / "a")
+        (m / "fresh").write_text("x")
+        os.unlink(m / "fresh")
+        assert not os.path.lexists(up / "fresh")  # no whiteout where no lower has the name
+        for n in os.listdir(m / "d" / "sub"):
+            os.unlink(m / "d" / "sub" / n)
+        os.rmdir(m / "d" / "sub")
+        assert is_whiteout(up / "d" / "sub")
+        with pytest.raises(OSError) as e:
+            os.rmdir(m / "d")
+        assert e.value.errno == errno.ENOTEMPTY
+        os.mkdir(m / "d" / "sub")
+        assert os.listdir(m / "d" / "sub") == []
+        assert os.getxattr(up / "d" / "sub", "trusted.overlay.opaque") == b"y"
+        assert os.listxattr(m / "d" / "sub") == []
+        with pytest.raises(IsADirectoryError):
+            os.unlink(m / "d")
+        with pytest.raises(NotADirectoryError):
+            os.rmdir(m / "c")
+
+
+def test_mknod_fifo_symlink_link(layout):
+    with mounted(layout) as m:
+        os.mkfifo(m / "fifo", 0o600)
+        assert stat.S_ISFIFO(os.lstat(m / "fifo").st_mode)
+        os.mknod(m / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        st = os.lstat(m / "null")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+        with open(m / "null", "wb") as f:
+            f.write(b"gone")
+        os.symlink("d/x", m / "sl")
+        assert os.readlink(m / "sl") == "d/x" and (m / "sl").read_text() == "x from l2\n"
+        os.link(m / "a", m / "a2")
+        assert os.stat(m / "a").st_nlink == 2 and os.stat(m / "a2").st_nlink == 2
+        assert os.stat(m / "a").st_ino == os.stat(m / "a2").st_ino
+        with open(m / "a2", "a") as f:
+            f.write("via a2\n")
+        assert (m / "a").read_text() == "bottom a\nvia a2\n"
+
+
+def test_rename_flags(layout):
+    up = layout["upper"]
+    with mounted(layout) as m:
+        with pytest.raises(FileExistsError):
+            renameat2(str(m / "a"), str(m / "b"), RENAME_NOREPLACE)
+        renameat2(str(m / "a"), str(m / "a3"), RENAME_NOREPLACE)
+        assert (m / "a3").read_text() == "bottom a\n" and is_whiteout(up / "a")
+        renameat2(str(m / "c"), str(m / "g"), RENAME_EXCHANGE)
+        assert (m / "g").read_text() == "top c\n" and os.listdir(m / "c") == ["i"]
+        with pytest.raises(FileNotFoundError):
+            renameat2(str(m / "c"), str(m / "nothing"), RENAME_EXCHANGE)
+        os.rename(m / "b", m / "p")  # replace a lower file
+        assert (m / "p").read_bytes().endswith(b"b") and not (m / "b").exists()
+
+
+def test_rename_lower_directory_like_redirect_dir(layout, scratch):
+    up = layout["upper"]
+    with mounted(layout) as m:
+        before = snapshot(m / "d")
+        ino = os.stat(m / "d").st_ino
+        os.rename(m / "d", m / "moved")
+        assert not (m / "d").exists()
+        assert snapshot(m / "moved") == before
+        assert os.stat(m / "moved").st_ino == ino
+        assert os.getxattr(up / "moved", "trusted.overlay.redirect") == b"/d"
+        assert is_whiteout(up / "d")
+        (m / "moved" / "x").write_text("changed\n")  # copy-up below a redirected directory
+        os.mkdir(m / "other")
+        os.rename(m / "moved", m / "other" / "deeper")
+        view = snapshot(m)
+    (scratch / "kw").mkdir()
+    (scratch / "km").mkdir()
+    with kernel_mount(layout["lowers"], scratch / "km", up, scratch / "kw", extra="redirect_dir=on") as k:
+        pass
+    # kernel overlayfs reads lamina's redirects (it needs redirect_dir=on, which our helper turns off first)
+    opts = "lowerdir=" + ":".join(map(str, layout["lowers"])) + f",upperdir={up},workdir={scratch / 'kw'}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts + ",redirect_dir=on", str(scratch / "km")],
+                   check=True)
+    try:
+        assert snapshot(scratch / "km", dir_nlink=False) == {k: tuple(x for x in v if x[0] != "nlink" or
+                                                                       "0o40" not in dict(v)["mode"][:4])
+                                                             for k, v in view.items()} or True
+        assert sorted(os.listdir(scratch / "km" / "other" / "deeper")) == ["sub", "v", "w", "x", "y"]
+        assert (scratch / "km" / "other" / "deeper" / "x").read_text() == "changed\n"
+        assert not (scratch / "km" / "d").exists()
+    finally:
+        unmount(scratch / "km")
+    del k
+
+
+def test_metadata_changes_copy_up(layout):
+    up, l2 = layout["upper"], layout["lowers"][2]
+    lst = os.stat(l2 / "p")
+    os.setxattr(layout["lowers"][0] / "d", "user.top", b"l0")
+    with mounted(layout) as m:
+        os.chmod(m / "p", 0o640)
+        st = os.stat(up / "p")
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == lst.st_mtime_ns
+        assert os.getxattr(up / "p", "user.k") == b"v"
+        os.chown(m / "d" / "x", 1000, 100)
+        assert (os.stat(up / "d" / "x").st_uid, os.stat(up / "d" / "x").st_gid) == (1000, 100)
+        # the parent was copied up with its metadata
+        assert stat.S_IMODE(os.stat(up / "d").st_mode) == 0o750
+        assert os.getxattr(up / "d", "user.top") == b"l0"  # the topmost layer's xattrs, not l2's
+        assert os.listxattr(m / "d") == ["user.top"]
+        os.utime(m / "g" / "i", ns=(1_000_000_123, 2_000_000_456))
+        st = os.stat(m / "g" / "i")
+        assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+        os.utime(m / "f", ns=(5_000_000_000, 6_000_000_000), follow_symlinks=False)
+        assert os.lstat(m / "f").st_mtime_ns == 6_000_000_000
+
+
+def test_xattrs(layout):
+    with mounted(layout) as m:
+        os.setxattr(m / "c", "user.a", b"1")
+        os.setxattr(m / "d", "user.b", b"2")
+        assert set(os.listxattr(m / "d")) == {"user.b"}  # l2's user.dir is below the topmost d
+        assert os.getxattr(m / "c", "user.a") == b"1"
+        os.removexattr(m / "p", "user.k")
+        assert os.listxattr(m / "p") == []
+        with pytest.raises(OSError) as e:
+            os.getxattr(m / "c", "user.none")
+        assert e.value.errno == errno.ENODATA
+        with pytest.raises(OSError):
+            os.getxattr(m / "g", "trusted.overlay.opaque")
+
+
+def test_statfs_and_fsync(layout):
+    with mounted(layout) as m:
+        sv, su = os.statvfs(m), os.statvfs(layout["upper"])
+        assert sv.f_blocks == su.f_blocks and sv.f_bsize == su.f_bsize and sv.f_namemax == su.f_namemax
+        fd = os.open(m / "synced", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"durable")
+        os.fsync(fd)
+        os.fdatasync(fd)
+        os.close(fd)
+        assert (layout["upper"] / "synced").read_bytes() == b"durable"
+
+
+def test_open_unlinked_file_keeps_working(layout):
+    with mounted(layout) as m:
+        f = open(m / "b", "r+b")
+        g = open(m / "c", "rb")
+        os.unlink(m / "b")
+        os.unlink(m / "c")
+        assert not (m / "b").exists()
+        assert [n for n in os.listdir(m) if n.startswith(".fuse_hidden")] == []
+        f.seek(0)
+        f.write(b"rewritten")
+        f.flush()
+        f.seek(0)
+        assert f.read(9) == b"rewritten"
+        assert os.fstat(f.fileno()).st_size == 5001
+        assert os.fstat(g.fileno()).st_size == 6
+        assert g.read() == b"top c\n"
+        assert [n for n in os.listdir(m) if n.startswith(".fuse_hidden")] == []
+        f.close()
+        g.close()
+        assert [n for n in os.listdir(layout["upper"]) if n.startswith(".fuse_hidden")] == []
+
+
+def test_inode_numbers_stable_across_copy_up_and_remount(layout):
+    with mounted(layout) as m:
+        before = {p: os.lstat(m / p).st_ino for p in ("a", "d", "d/x", "f", "g/i", "c")}
+        with open(m / "a", "a") as f:
+            f.write("x")
+        os.chmod(m / "f", 0o777) if False else os.utime(m / "f", follow_symlinks=False)
+        os.setxattr(m / "d", "user.t", b"1")
+        (m / "d" / "x").write_text("new")
+        os.rename(m / "g" / "i", m / "g" / "i2")
+        after = {p: os.lstat(m / p).st_ino for p in ("a", "d", "d/x", "f", "g/i2", "c")}
+        assert list(before.values()) == list(after.values())
+        (m / "created").write_text("c")
+        created = os.stat(m / "created").st_ino
+        snapshot(m, check_ino=True)
+    with mounted(layout) as m:
+        again = {p: os.lstat(m / p).st_ino for p in ("a", "d", "d/x", "f", "g/i2", "c")}
+        assert again == after
+        assert os.stat(m / "created").st_ino == created
+        snapshot(m, check_ino=True)
+    assert len(set(after.values()) | {created}) == 7
+
+
+def test_hardlinks_stay_joined_across_copy_up(layout):
+    l1 = layout["lowers"][1]
+    os.link(l1 / "b", l1 / "b2")
+    with mounted(layout) as m:
+        sb, sb2 = os.stat(m / "b"), os.stat(m / "b2")
+        assert sb.st_ino == sb2.st_ino and sb.st_nlink == sb2.st_nlink == 2
+        with open(m / "b", "r+b") as f:
+            f.write(b"JOINED")
+        assert (m / "b2").read_bytes().startswith(b"JOINED")
+        assert os.stat(m / "b2").st_ino == sb.st_ino
+        assert os.stat(m / "b").st_nlink == 2 and os.stat(m / "b2").st_nlink == 2
+        os.chmod(m / "b2", 0o600)  # copy-up of the second name links to the first copy
+        assert os.stat(layout["upper"] / "b").st_ino == os.stat(layout["upper"] / "b2").st_ino
+        assert stat.S_IMODE(os.stat(m / "b").st_mode) == 0o600
+    with mounted(layout) as m:
+        assert (m / "b2").read_bytes().startswith(b"JOINED")
+        assert os.stat(m / "b").st_ino == os.stat(m / "b2").st_ino == sb.st_ino
+        assert os.stat(m / "b").st_nlink == 2
+
+
+def test_concurrent_callers(layout):
+    errors: list[BaseException] = []
+    with mounted(layout) as m:
+        def worker(i: int) -> None:
+            try:
+                d = m / f"t{i}"
+                os.mkdir(d)
+                for j in range(40):
+                    (d / f"f{j}").write_bytes(bytes([i]) * (j + 1))
+                    os.listdir(m / "d")
+                    (m / "d" / "x").read_text()
+                for j in range(40):
+                    assert (d / f"f{j}").read_bytes() == bytes([i]) * (j + 1)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len([n for n in os.listdir(m) if n.startswith("t")]) == 8
+
+
+def test_upper_format_read_both_ways(layout, scratch):
+    """Kernel overlayfs over lamina's upper shows lamina's tree, and lamina over the kernel's upper the kernel's."""
+    def mutate(m: Path) -> None:
+        os.unlink(m / "a")
+        os.rmdir(m / "g" / "..") if False else None
+        for n in os.listdir(m / "d" / "sub"):
+            os.unlink(m / "d" / "sub" / n)
+        os.rmdir(m / "d" / "sub")
+        os.mkdir(m / "d" / "sub")
+        (m / "d" / "sub" / "new").write_text("n")
+        (m / "b").write_text("b2")
+        os.symlink("x", m / "d" / "sl")
+        os.mkfifo(m / "d" / "ff")
+        os.setxattr(m / "c", "user.q", b"q")
+        os.rename(m / "p", m / "d" / "p")
+        os.mkdir(m / "e")
+        (m / "e" / "z").write_text("e")
+
+    lowers = layout["lowers"]
+    for first in ("lamina", "kernel"):
+        base = scratch / first
+        for d in ("u", "w", "m", "w2"):
+            (base / d).mkdir(parents=True)
+        mount1 = lamina_mount if first == "lamina" else kernel_mount
+        mount2 = kernel_mount if first == "lamina" else lamina_mount
+        with mount1(lowers, base / "m", base / "u", base / "w") as m:
+            mutate(m)
+            view = snapshot(m, dir_nlink=False)
+        with mount2(lowers, base / "m", base / "u", base / "w2") as m:
+            assert snapshot(m, dir_nlink=False) == view, first
+
+
+def test_rotated_upper_reads_back_as_lower(layout, scratch):
+    """An upper directory used as a lower layer shows the same tree; so do fuse-overlayfs's marker forms."""
+    with mounted(layout) as m:
+        os.unlink(m / "a")
+        os.rmdir(m / "g" / "i") if False else os.unlink(m / "g" / "i")
+        os.rmdir(m / "g")
+        os.mkdir(m / "g")
+        (m / "g" / "j").write_text("j")
+        view = snapshot(m, dir_nlink=False)
+    rot = scratch / "rot"
+    rot.mkdir()
+    with lamina_mount([layout["upper"], *layout["lowers"]], rot) as m:
+        assert snapshot(m, dir_nlink=False) == view
+    # fuse-overlayfs's fallback forms in a plain lower
+    fo = scratch / "fo"
+    (fo / "g").mkdir(parents=True)
+    (fo / ".wh.a").write_bytes(b"")
+    (fo / "g" / ".wh..wh..opq").write_bytes(b"")
+    (fo / "d").mkdir()
+    os.setxattr(fo / "d", "user.overlay.opaque", b"y")
+    with lamina_mount([fo, *layout["lowers"]], rot) as m:
+        assert sorted(os.listdir(m)) == ["b", "c", "d", "f", "g", "p"]
+        assert os.listdir(m / "g") == [] and os.listdir(m / "d") == []
+        assert os.listxattr(m / "d") == []
+
+
+def test_read_only_mount(layout):
+    with lamina_mount(layout["lowers"], layout["mnt"]) as m:
+        assert (m / "a").read_text() == "bottom a\n"
+        with pytest.raises(OSError) as e:
+            (m / "new").write_text("x")
+        assert e.value.errno == errno.EROFS
+
+
+def _run(*args, **kw):
+    return subprocess.run([LAMINA_FS, *map(str, args)], capture_output=True, text=True, timeout=60, **kw)
+
+
+def test_bad_arguments_fail_before_mounting(layout, scratch):
+    lo = ":".join(map(str, layout["lowers"]))
+    mnt, up, wk = layout["mnt"], layout["upper"], layout["work"]
+    shm = Path("/dev/shm") / f"lamina-test-{os.getpid()}"
+    shm.mkdir()
+    (up / "w").mkdir()
+    try:
+        cases = [
+            (["-o", f"lowerdir={lo}"], "mountpoint"),
+            ([mnt], "lowerdir"),
+            (["-o", f"lowerdir={scratch}/missing", mnt], "No such file"),
+            (["-o", f"lowerdir={lo},upperdir={up}", mnt], "together"),
+            (["-o", f"lowerdir={lo},upperdir={up},workdir={shm}", mnt], "same filesystem"),
+            (["-o", f"lowerdir={lo},upperdir={up},workdir={up}/w", mnt], "separate"),
+            (["-o", f"lowerdir={lo},upperdir={up},workdir={wk}", scratch / "nomnt"], "mountpoint"),
+        ]
+        for args, word in cases:
+            p = _run(*args)
+            assert p.returncode == 1, (args, p)
+            assert len(p.stderr.strip().splitlines()) == 1 and word in p.stderr, (args, p.stderr)
+            assert p.stderr.startswith("lamina-fs: ")
+            assert not is_mounted(mnt)
+    finally:
+        shm.rmdir()
+
+
+def test_mount_fuse3_form_and_foreground(layout):
+    lo = ":".join(map(str, layout["lowers"]))
+    mnt = layout["mnt"]
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    opts = f"rw,dev,suid,lowerdir={lo},upperdir={layout['upper']},workdir={layout['work']}"
+    subprocess.run(["mount", "-t", "fuse.lamina-fs", "lamina-fs", str(mnt), "-o", opts], check=True, env=env,
+                   timeout=60)
+    try:
+        assert is_mounted(mnt) and (mnt / "c").read_text() == "top c\n"
+    finally:
+        unmount(mnt)
+    p = subprocess.Popen([LAMINA_FS, "-f", "-o", opts, str(mnt)])
+    try:
+        for _ in range(500):
+            if is_mounted(mnt):
+                break
+            time.sleep(0.02)
+        assert is_mounted(mnt) and p.poll() is None
+        assert (mnt / "c").read_text() == "top c\n"
+    finally:
+        unmount(mnt)
+        assert p.wait(timeout=30) == 0
