@@ -121,18 +121,25 @@ def validate(a: Args) -> None:
         raise UsageError("no lowerdir given")
     for lower in a.lowers:
         _is_dir("lowerdir", lower)
-    if (a.upper is None) != (a.work is None):
-        raise UsageError("upperdir and workdir must be given together")
-    if a.upper is not None and a.work is not None:
-        _is_dir("upperdir", a.upper)
-        _is_dir("workdir", a.work)
-        if os.stat(a.upper).st_dev != os.stat(a.work).st_dev:
-            raise UsageError("upperdir and workdir must be on the same filesystem")
-        if _inside(a.work, a.upper) or _inside(a.upper, a.work):
-            raise UsageError("upperdir and workdir must be separate subtrees")
-        if not os.access(a.upper, os.W_OK):
-            raise UsageError(f"upperdir {a.upper}: Permission denied")
+    check_upper_work(a.upper, a.work)
     _is_dir("mountpoint", a.mountpoint)
+
+
+def check_upper_work(upper: str | None, work: str | None, names: tuple[str, str] = ("upperdir", "workdir")) -> None:
+    """The checks kernel overlayfs makes of an upper/work pair, as one-line UsageErrors."""
+    un, wn = names
+    if (upper is None) != (work is None):
+        raise UsageError(f"{un} and {wn} must be given together")
+    if upper is None or work is None:
+        return
+    _is_dir(un, upper)
+    _is_dir(wn, work)
+    if os.stat(upper).st_dev != os.stat(work).st_dev:
+        raise UsageError(f"{un} and {wn} must be on the same filesystem")
+    if _inside(work, upper) or _inside(upper, work):
+        raise UsageError(f"{un} and {wn} must be separate subtrees")
+    if not os.access(upper, os.W_OK):
+        raise UsageError(f"{un} {upper}: Permission denied")
 
 
 def build(a: Args) -> Overlay:

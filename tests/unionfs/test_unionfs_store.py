@@ -1,0 +1,208 @@
+"""`lamina mount` over store layers: same tree as the directory layers it was imported from, copy-up from objects,
+EIO for a lost object, and recovery from a killed daemon with `lamina umount`."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from fsharness import BIN, is_mounted, lamina_mount, snapshot
+
+
+def layer_tar(d: Path) -> bytes:
+    """An OCI layer tar of directory `d`, overlay markers translated to `.wh.` entries, xattrs as PAX records."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for top, dirs, files in os.walk(d):
+            dirs.sort()
+            for name in sorted(dirs + files):
+                p = Path(top) / name
+                rel = str(p.relative_to(d))
+                st = os.lstat(p)
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    parent = str(Path(rel).parent)
+                    t = tarfile.TarInfo((parent + "/" if parent != "." else "") + ".wh." + name)
+                    tf.addfile(t, io.BytesIO(b""))
+                    continue
+                t = tf.gettarinfo(str(p), arcname=rel)
+                xs = {k: v for k, v in ((n, os.getxattr(p, n, follow_symlinks=False))
+                                        for n in os.listxattr(p, follow_symlinks=False))}
+                opaque = xs.pop("trusted.overlay.opaque", None) == b"y"
+                t.pax_headers = {f"SCHILY.xattr.{k}": v.decode("latin-1") for k, v in xs.items()}
+                if t.isreg():
+                    with open(p, "rb") as f:
+                        tf.addfile(t, f)
+                else:
+                    tf.addfile(t)
+                if opaque:
+                    tf.addfile(tarfile.TarInfo(rel + "/.wh..wh..opq"), io.BytesIO(b""))
+    return buf.getvalue()
+
+
+def docker_archive(layers_top_first: list[Path], dest: Path, tag: str) -> Path:
+    tars = [layer_tar(d) for d in reversed(layers_top_first)]
+    diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                      "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    cfg_name = hashlib.sha256(cfg).hexdigest() + ".json"
+    manifest = [{"Config": cfg_name, "RepoTags": [tag], "Layers": [f"l{i}/layer.tar" for i in range(len(tars))]}]
+    with tarfile.open(dest, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            t = tarfile.TarInfo(name)
+            t.size = len(data)
+            tf.addfile(t, io.BytesIO(data))
+        add(cfg_name, cfg)
+        for i, t in enumerate(tars):
+            add(f"l{i}/layer.tar", t)
+        add("manifest.json", json.dumps(manifest).encode())
+    return dest
+
+
+def lamina(root: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([str(BIN / "lamina"), "--root", str(root), *map(str, args)], capture_output=True, text=True,
+                       timeout=120)
+    if check and p.returncode != 0:
+        raise AssertionError(f"lamina {args}: {p.returncode} {p.stderr}")
+    return p
+
+
+@pytest.fixture
+def store_image(layout, scratch):
+    root = scratch / "store"
+    lamina(root, "import", docker_archive(layout["lowers"], scratch / "img.tar", "ufs:test"))
+    return root, "ufs:test"
+
+
+def mount_store(root: Path, image: str, mnt: Path, *extra) -> None:
+    lamina(root, "mount", image, mnt, *extra)
+    assert is_mounted(mnt)
+
+
+def test_store_mount_matches_directory_layers(layout, scratch, store_image):
+    root, image = store_image
+    (scratch / "dm").mkdir()
+    with lamina_mount(layout["lowers"], scratch / "dm") as dm:
+        expected = snapshot(dm, dir_nlink=False)
+    mnt = layout["mnt"]
+    mount_store(root, image, mnt, "--read-only")
+    try:
+        assert snapshot(mnt, dir_nlink=False, check_ino=True) == expected
+        with pytest.raises(OSError) as e:
+            (mnt / "new").write_text("x")
+        assert e.value.errno == errno.EROFS
+    finally:
+        lamina(root, "umount", mnt)
+    assert not is_mounted(mnt)
+
+
+def test_store_mount_with_upper_copy_up(layout, store_image):
+    root, image = store_image
+    mnt, up = layout["mnt"], layout["upper"]
+    mount_store(root, image, mnt, "--upper", up, "--work", layout["work"])
+    try:
+        ino = os.stat(mnt / "d" / "x").st_ino
+        with open(mnt / "d" / "x", "a") as f:
+            f.write("appended\n")
+        assert (up / "d" / "x").read_text() == "x from l2\nappended\n"
+        assert os.stat(mnt / "d" / "x").st_ino == ino
+        os.chmod(mnt / "p", 0o644)
+        assert os.getxattr(up / "p", "user.k") == b"v" and stat.S_IMODE(os.stat(up / "p").st_mode) == 0o644
+        os.unlink(mnt / "a")
+        st = os.lstat(up / "a")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+        os.rename(mnt / "d", mnt / "d2")
+        assert sorted(os.listdir(mnt / "d2")) == ["sub", "v", "w", "x", "y"]
+        view = snapshot(mnt, dir_nlink=False, check_ino=True)
+    finally:
+        lamina(root, "umount", mnt)
+    mount_store(root, image, mnt, "--upper", up, "--work", layout["work"])
+    try:
+        assert snapshot(mnt, dir_nlink=False) == view
+        assert os.stat(mnt / "d2" / "x").st_ino == ino
+    finally:
+        lamina(root, "umount", mnt)
+
+
+def test_lost_object_gives_eio_for_that_file_only(layout, scratch, store_image):
+    from store.reader import open_store
+    root, image = store_image
+    st = open_store(str(root))
+    img = st.image(image)
+    r = st.reader()
+    entry = next(e for lid in img.layer_ids if (e := r.lookup(lid, "/d/x")) is not None)
+    os.unlink(r.object_path(entry.object))
+    log = scratch / "fs.log"
+    mnt = layout["mnt"]
+    mount_store(root, image, mnt, "--read-only", "--log", log)
+    try:
+        with pytest.raises(OSError) as e:
+            (mnt / "d" / "x").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert (mnt / "d" / "y").read_text() == "y from l1\n"
+        assert (mnt / "c").read_text() == "top c\n"
+    finally:
+        lamina(root, "umount", mnt)
+    assert "/d/x" in log.read_text() and "missing" in log.read_text()
+
+
+def _daemon_pid(mnt: Path) -> int:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mount" in argv and os.fsencode(str(mnt)) in argv:
+                return int(pid)
+    raise AssertionError("no daemon")
+
+
+def test_killed_daemon_then_umount_then_remount(layout, store_image):
+    root, image = store_image
+    mnt, up, wk = layout["mnt"], layout["upper"], layout["work"]
+    mount_store(root, image, mnt, "--upper", up, "--work", wk)
+    (mnt / "kept").write_text("survives\n")
+    pid = _daemon_pid(mnt)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.02)
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt)
+    assert e.value.errno == errno.ENOTCONN
+    lamina(root, "umount", mnt)
+    assert not is_mounted(mnt)
+    assert (up / "kept").read_text() == "survives\n"
+    mount_store(root, image, mnt, "--upper", up, "--work", wk)
+    try:
+        assert (mnt / "kept").read_text() == "survives\n"
+    finally:
+        lamina(root, "umount", mnt)
+
+
+def test_bad_mount_arguments(layout, scratch, store_image):
+    root, image = store_image
+    mnt = layout["mnt"]
+    for args, word in [
+        (["nosuch:image", mnt], "no such image"),
+        ([image, scratch / "missing"], "mountpoint"),
+        ([image, mnt, "--upper", layout["upper"]], "together"),
+        ([image, mnt, "--upper", layout["upper"], "--work", layout["upper"]], "separate"),
+    ]:
+        p = lamina(root, "mount", *args, check=False)
+        assert p.returncode == 1 and p.stderr.startswith("lamina: ") and word in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+        assert not is_mounted(mnt)
+    p = lamina(root, "umount", mnt, check=False)
+    assert p.returncode == 32 and "not mounted" in p.stderr

@@ -1,0 +1,99 @@
+"""`lamina mount` and `lamina umount`: an image from the store as a union mount, and taking any union mount down.
+
+`lamina mount IMAGE MOUNTPOINT [--upper DIR --work DIR] [--read-only]` mounts the image's layers (bottom to top in
+the store, topmost first in the union) with an optional writable upper, and returns once the mount is ready while a
+daemon serves it (`-f` stays in the foreground). `lamina umount MOUNTPOINT` unmounts, lazily if it is busy, and also
+clears the dead mount a killed daemon leaves behind ("Transport endpoint is not connected").
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import click
+
+from .daemon import run
+from .fsmain import UsageError, _is_dir, check_upper_work
+
+# umount(8)'s exit status for "unmount failed", kept for users who script around it
+UMOUNT_FAILED = 32
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    click.echo(f"lamina: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.command("mount")
+@click.argument("image")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--upper", metavar="DIR", help="Writable upper directory (kernel overlayfs format).")
+@click.option("--work", metavar="DIR", help="Work directory, on the same filesystem as --upper.")
+@click.option("--read-only", is_flag=True, help="Mount read-only (the upper, if given, is shown but not changed).")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground until unmounted.")
+@click.option("--log", metavar="FILE", help="Append the daemon's log to FILE (default: syslog, if any).")
+@click.pass_context
+def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None, work: str | None,
+              read_only: bool, foreground: bool, log: str | None) -> None:
+    """Mount IMAGE from the store at MOUNTPOINT as a copy-on-write union filesystem."""
+    from store.errors import StoreError
+    from store.reader import open_store
+
+    mountpoint = os.path.abspath(mountpoint)
+    upper = os.path.abspath(upper) if upper else None
+    work = os.path.abspath(work) if work else None
+    try:
+        check_upper_work(upper, work, ("--upper", "--work"))
+        _is_dir("mountpoint", mountpoint)
+    except UsageError as e:
+        _fail(str(e))
+    root = (ctx.obj or {}).get("root")
+    try:
+        st = open_store(root)
+        img = st.image(image)
+        reader = st.reader()
+    except StoreError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"store: {e.strerror or e}")
+
+    def build():
+        from .layers import DirLayer
+        from .overlay import Overlay
+        from .storelayer import StoreLayer
+        lowers = [StoreLayer(reader, lid) for lid in reversed(img.layer_ids)]
+        if read_only and upper is not None:
+            return Overlay([DirLayer(upper), *lowers])
+        return Overlay(lowers, None if read_only else upper, None if read_only else work)
+
+    rc = run(build, mountpoint, foreground=foreground, read_only=read_only or upper is None, fsname="lamina",
+             log_path=os.path.abspath(log) if log else None, prog="lamina")
+    sys.exit(rc)
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path())
+def umount_cmd(mountpoint: str) -> None:
+    """Unmount a lamina mount (lazily when busy); also clears the mount of a killed daemon."""
+    mountpoint = os.path.realpath(mountpoint)
+    if not _mounted(mountpoint):
+        _fail(f"{mountpoint}: not mounted", UMOUNT_FAILED)
+    err = ""
+    for cmd in (["fusermount3", "-u", "-q", mountpoint], ["umount", mountpoint], ["umount", "-l", mountpoint]):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            err = p.stderr.strip() or err
+        except (OSError, subprocess.TimeoutExpired) as e:
+            err = str(e)
+        if not _mounted(mountpoint):
+            return
+    _fail(f"{mountpoint}: {err.splitlines()[-1] if err else 'could not unmount'}", UMOUNT_FAILED)
+
+
+COMMANDS = [mount_cmd, umount_cmd]
