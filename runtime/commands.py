@@ -36,16 +36,14 @@ def _fail(msg: str, code: int = 125) -> None:
 
 
 class _Cmd(click.Command):
-    """Usage errors exit 125, as Docker's do for `run`, `exec` and friends."""
+    """Usage errors: one line, exit 125, as Docker's for `run`, `exec` and friends."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as e:
-            if e.ctx is None:
-                e.ctx = ctx
-            e.exit_code = 125
-            raise
+            click.echo(f"lamina {ctx.info_name}: {e.format_message()} (see lamina {ctx.info_name} --help)", err=True)
+            raise click.exceptions.Exit(125) from None
 
 
 class _Group(click.Group):

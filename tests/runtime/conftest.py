@@ -22,12 +22,9 @@ def mounts_under(path: Path) -> list[str]:
         return [line.split()[4] for line in f if line.split()[4].startswith(p)]
 
 
-def lamina_cgroups() -> list[Path]:
-    """Container cgroups under this process's own cgroups (where lamina nests them)."""
-    out: list[Path] = []
-    for d in cgroups.CgroupV1.for_container("x").dirs.values():
-        out += sorted(d.parent.glob("lamina-*"))
-    return out
+def cgroup_dirs(c: state.Container) -> list[Path]:
+    """The container's cgroup directories, from its state."""
+    return [p.parent for p in cgroups.from_json(c.data["cgroup"]).procs_file()]
 
 
 class Lamina:
@@ -60,11 +57,6 @@ def sweep(root: Path) -> None:
             pass
     for mp in sorted(mounts_under(root), key=len, reverse=True):
         subprocess.run(["umount", "-l", mp], capture_output=True)
-    for d in lamina_cgroups():
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
     shutil.rmtree(root / "containers", ignore_errors=True)
     shutil.rmtree(root / "volumes", ignore_errors=True)
 
