@@ -88,7 +88,7 @@ class DirLayer:
     """A plain directory as a layer (a lower dir, or the upper dir seen read-only)."""
 
     def __init__(self, root: str, ino_tag: int = 0, name: str | None = None) -> None:
-        self.root = os.path.abspath(root)
+        self.root = os.path.realpath(root)  # podman passes lowerdirs as symlinks (overlay/l/<short id>)
         self.ino_tag = ino_tag
         self.name = name or self.root
 
