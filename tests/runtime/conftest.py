@@ -76,9 +76,17 @@ def busybox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def image(busybox_dir: Path) -> str:
-    """The image the runtime tests run: the busybox rootfs directory (kernel overlayfs)."""
+def dir_image(busybox_dir: Path) -> str:
+    """The busybox rootfs directory as an image: mounted with kernel overlayfs, the reference."""
     return str(busybox_dir)
+
+
+@pytest.fixture(scope="session")
+def image(busybox_dir: Path, lamina_root: Path) -> str:
+    """The image the runtime tests run: busybox imported into the store, mounted by lamina's union filesystem."""
+    r = Lamina(lamina_root)("import", str(busybox_dir), "-t", "busybox:test", "-c", 'CMD ["/bin/sh"]')
+    assert r.returncode == 0, r.stderr
+    return "busybox:test"
 
 
 @pytest.fixture(scope="session")

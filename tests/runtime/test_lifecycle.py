@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -145,11 +146,12 @@ def test_rm_flag_leaves_nothing(lamina, image):
     r = lamina("run", "-d", "--rm", image, "sh", "-c", "read x")  # stdin is /dev/null: exits at once
     assert r.returncode == 0, r.stderr
     dirs: list = []
-    for _ in range(500):
+    for _ in range(1500):  # polling for the supervisor's cleanup; bounded so a bug fails instead of hanging
         cs = lamina.containers()
         if not cs:
             break
         dirs = dirs or (cgroup_dirs(cs[0]) if cs[0].data.get("cgroup") else [])
+        time.sleep(0.02)
     assert lamina.containers() == [] and mounts_under(lamina.root) == []
     assert not any(d.exists() for d in dirs)
 
