@@ -367,6 +367,8 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
                      shim_pid=os.getpid(), shim_start=state.proc_start_time(os.getpid()))
         except StartError as e:
             reports, pid = [{"error": str(e), "code": e.code}], 0
+        except (OSError, ValueError) as e:  # e.g. writing the uid map: still a runtime error, still cleaned up
+            reports, pid = [{"error": f"starting the container: {e}", "code": 125}], 0
         for fd in close_after:
             os.close(fd)
         close_after = []

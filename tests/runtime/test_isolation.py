@@ -63,6 +63,14 @@ def test_userns_maps_root_to_unprivileged_range(lamina, image):
     assert (st.st_uid, st.st_gid) == (100000, 100000)
 
 
+def test_exec_joins_the_user_namespace(lamina, image):
+    r = lamina("run", "-d", "--userns", image, "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    r = lamina("exec", r.stdout.strip(), "sh", "-c", "id -u; cat /proc/self/uid_map")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0", "100000", "65536"]
+
+
 def test_no_new_privs_and_docker_default_capabilities(lamina, image):
     out = _ok(lamina.sh(image, "grep -E '^(NoNewPrivs|CapEff|CapBnd|CapPrm):' /proc/self/status"))
     fields = dict(line.split(":\t") for line in out.splitlines())

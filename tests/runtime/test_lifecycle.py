@@ -38,6 +38,24 @@ def test_signal_to_lamina_run_reaches_the_command(lamina, image):
             p.wait()
 
 
+def test_ctrl_c_reaches_the_command_once(lamina, image):
+    # the terminal sends SIGINT to the whole foreground process group: lamina forwards it, the container must not
+    # get a second copy, and the union filesystem daemon (its own session) must not get it at all
+    p = lamina.popen("run", "--rm", image, "sh", "-c",
+                     "n=0; trap 'n=$((n+1))' INT; echo ready; sleep 1; echo ints=$n; cat /etc/hostname >/dev/null;"
+                     " ls /bin >/dev/null && echo rootfs-ok", start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        assert "ints=1" in out and "rootfs-ok" in out
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_init_reaps_orphaned_zombies(lamina, image):
     script = ("sh -c 'sleep 0.2 & echo $! > /tmp/orphan'; pid=$(cat /tmp/orphan); n=0;"
               " while [ -e /proc/$pid ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done;"
