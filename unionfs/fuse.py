@@ -8,8 +8,10 @@ only FUSE 3 passes rename flags (RENAME_NOREPLACE, RENAME_EXCHANGE) and has the 
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import logging
+import threading
 import os
 from collections.abc import Callable
 from typing import Any
@@ -28,10 +30,66 @@ log = logging.getLogger("lamina.fs")
 # Every change passes through the daemon, so the kernel may trust its caches for as long as it likes.
 FOREVER = 86400.0 * 365
 IO_SIZE = 1 << 20
+FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags
+FUSE_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
+
+
+_pinned_threads: set[int] = set()
 
 
 class _FUSE(fuse.FUSE):
-    """mfusepy drops rename's flags on FUSE 3; pass them through."""
+    """mfusepy's FUSE with rename flags passed through and libfuse's worker threads kept known to Python."""
+
+    def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # ctypes gives a foreign thread a fresh Python thread state for every callback and drops it afterwards,
+        # which costs more than the operation itself and empties threading.local (the store's per-thread SQLite
+        # connections). One extra PyGILState_Ensure per libfuse worker keeps its thread state for good.
+        tid = threading.get_native_id()
+        if tid not in _pinned_threads:
+            _pinned_threads.add(tid)
+            ctypes.pythonapi.PyGILState_Ensure()
+        return super()._wrapper(func, *args, **kwargs)
+
+    def opendir(self, path: bytes, fip: Any) -> int:
+        fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
+        # the kernel may keep listings: every change to a directory passes through it and resets its cache
+        fip.contents.cache_readdir = 1
+        fip.contents.keep_cache = 1
+        return 0
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        """Entries with offsets and full attributes: with READDIRPLUS the kernel then needs no LOOKUP per entry.
+
+        libfuse passes readdirplus attributes on only when the filesystem gives offsets, so the merged name list
+        is kept with the open directory handle and each call continues where the last one stopped.
+        """
+        ops: LaminaOperations = self.operations
+        h = ops._dirs.get(fip.contents.fh)
+        if h is None:
+            return -errno.EBADF
+        if offset == 0 or h[1] is None:
+            try:
+                h[1] = ops.ov.readdir_names(h[0])
+            except OSError as e:
+                return -(e.errno or errno.EIO)
+        names: list[str] = h[1]
+        plus = bool(flags & FUSE_READDIR_PLUS)
+        st = fuse.c_stat()
+        size = ctypes.sizeof(st)
+        for i in range(offset, len(names)):
+            name = names[i]
+            try:
+                attrs = ops.ov.child_attrs(h[0], name)
+            except OSError:
+                attrs = None
+            if attrs is None:
+                continue
+            ctypes.memset(ctypes.byref(st), 0, size)
+            fuse.set_st_attrs(st, attrs, use_ns=True)
+            fill = FUSE_FILL_DIR_PLUS if plus and i >= 2 else 0
+            if filler(buf, name.encode(self.encoding, self.errors), st, i + 1, fill) != 0:
+                break
+        return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(
@@ -45,7 +103,7 @@ class LaminaOperations(fuse.Operations):
         self.ov = ov
         ov.notify = self._invalidate
         self.on_ready = on_ready
-        self._dirs: dict[int, str] = {}
+        self._dirs: dict[int, list[Any]] = {}
         self._next_dir = itertools.count(1)
 
     def init_with_config(self, conn: Any, config: Any) -> None:
@@ -87,13 +145,13 @@ class LaminaOperations(fuse.Operations):
         return self.ov.readlink(path)
 
     def opendir(self, path: str) -> int:
-        fh = next(self._next_dir)  # the handle only remembers the path; merging happens in readdir
-        self._dirs[fh] = path
+        fh = next(self._next_dir)  # [path, merged names once read]: merging happens in readdir
+        self._dirs[fh] = [path, None]
         return fh
 
     def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        p = path if path is not None else self._dirs.get(fh, "/")
-        return [(name, {"st_mode": mode, "st_ino": ino}, 0) for name, mode, ino in self.ov.readdir(p)]
+        # registers the callback with mfusepy; _FUSE.readdir_fuse_3 does the work
+        raise fuse.FuseOSError(errno.ENOSYS)
 
     def releasedir(self, path: str | None, fh: int) -> int:
         self._dirs.pop(fh, None)
@@ -208,6 +266,8 @@ def serve(ov: Overlay, mountpoint: str, *, read_only: bool = False, debug: bool 
     opts: dict[str, Any] = dict(
         foreground=True, nothreads=False, debug=debug, fsname=fsname, subtype="lamina-fs",
         allow_other=True, default_permissions=True, use_ino=True, max_read=IO_SIZE,
+        # idle workers are kept rather than ended, so their pinned thread states stay in use
+        max_idle_threads=64,
     )
     if os.geteuid() == 0:
         opts.update(dev=True, suid=True)  # a container root filesystem needs device nodes and setuid binaries

@@ -322,6 +322,34 @@ class Overlay:
             raise _err(errno.EBADF)
         return self.attrs(self._node(path), path)
 
+    def readdir_names(self, path: str) -> list[str]:
+        """Names of every visible entry, '.' and '..' first (attributes come from `child_attrs`)."""
+        n = self._dir(path)
+        if n is None:
+            raise _err(errno.ENOTDIR if self.resolve(path) else errno.ENOENT, path)
+        out = [".", ".."]
+        seen: set[str] = set()
+        for li, lp in n.stack:
+            for name, _fmt, _ino, wh in self.layers[li].listdir(lp):
+                if name not in seen:
+                    seen.add(name)
+                    if not wh:
+                        out.append(name)
+        return out
+
+    def child_attrs(self, path: str, name: str) -> dict | None:
+        """Full attributes of `name` in directory `path`, None if it vanished meanwhile."""
+        n = self._dir(path)
+        if n is None:
+            return None
+        if name == ".":
+            return self.attrs(n)
+        if name == "..":
+            up = self._dir(_split(path)[0]) if path != "/" else n
+            return {"st_mode": stat.S_IFDIR, "st_ino": (up or n).ino}
+        c = self._child(n, name)
+        return None if c is None else self.attrs(c, _join(path, name))
+
     def readdir(self, path: str) -> list[tuple[str, int, int]]:
         """(name, type bits, inode) of every visible entry, '.' and '..' first."""
         n = self._dir(path)
