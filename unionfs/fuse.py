@@ -50,6 +50,16 @@ class _FUSE(fuse.FUSE):
             ctypes.pythonapi.PyGILState_Ensure()
         return super()._wrapper(func, *args, **kwargs)
 
+    def open(self, path: bytes, fip: Any) -> int:
+        r = super().open(path, fip)
+        fip.contents.noflush = 1  # writes reach the upper file at once: close() has nothing left to flush
+        return r
+
+    def create(self, path: bytes, mode: int, fip: Any) -> int:
+        r = super().create(path, mode, fip)
+        fip.contents.noflush = 1
+        return r
+
     def opendir(self, path: bytes, fip: Any) -> int:
         fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
         # the kernel may keep listings: every change to a directory passes through it and resets its cache
