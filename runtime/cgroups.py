@@ -160,6 +160,12 @@ class CgroupV1:
         for d in self.dirs.values():
             _write(d / "cgroup.procs", str(pid))
 
+    def release_from_memory(self, pid: int) -> None:
+        """Move `pid` back to the parent memory cgroup (v1 hierarchies are independent, the others stay)."""
+        d = self.dirs.get("memory")
+        if d is not None:
+            _write(d.parent / "cgroup.procs", str(pid))
+
     def procs_file(self) -> list[Path]:
         return [d / "cgroup.procs" for d in self.dirs.values()]
 

@@ -248,7 +248,8 @@ def exec_cmd(ctx: click.Context, interactive: bool, tty: bool, env: tuple[str, .
     cg = cgroups.from_json(d["cgroup"])
     stdin = 0 if interactive else os.open(os.devnull, os.O_RDONLY)
     try:
-        code = join(d["pid"], p, cg.add, (stdin, 1, 2))
+        mem = getattr(cg, "dirs", {}).get("memory")
+        code = join(d["pid"], p, cg.add, (stdin, 1, 2), str(mem.parent / "cgroup.procs") if mem else None)
     except StartError as e:
         _fail(str(e), e.code)
         return

@@ -72,6 +72,7 @@ class Launch:
     cgroup_mounts: list[tuple[str, str]] = field(default_factory=list)  # v1: (dir name, mount options)
     tty_socket: int | None = None                # -t: the init sends the master of a pty made in the container here
     winsize: bytes | None = None                 # -t: the caller's struct winsize, set before the command starts
+    hold_init: bool = False                      # the command waits until the supervisor has called release_init
 
 
 # -- small helpers -------------------------------------------------------------------------------------------
@@ -105,10 +106,13 @@ def exit_code(status: int) -> int:
 # -- P1 ------------------------------------------------------------------------------------------------------
 
 
-def spawn(L: Launch, add_to_cgroup, stdio: tuple[int, int, int]) -> tuple[int, list[dict]]:
+def spawn(L: Launch, add_to_cgroup, stdio: tuple[int, int, int],
+          release_init=None) -> tuple[int, list[dict]]:
     """Start the container; return (init's host pid, reports). Raises StartError if it could not be set up.
 
-    `add_to_cgroup(pid)` puts P1 in the container's cgroup before it unshares its cgroup namespace.
+    `add_to_cgroup(pid)` puts P1 in the container's cgroup before it unshares its cgroup namespace. With
+    L.hold_init, `release_init(init_pid)` runs once the command is forked and before it execs (to take the init out
+    of the memory cgroup, so that the OOM killer only ever chooses among the command's processes).
     Reports after the pid are P2's: {"started": true} once the command is exec'd, or {"error", "code"}.
     """
     go_r, go_w = os.pipe()
@@ -148,6 +152,13 @@ def spawn(L: Launch, add_to_cgroup, stdio: tuple[int, int, int]) -> tuple[int, l
         if "pid" not in msg:
             raise StartError(msg.get("error", "container setup failed"), msg.get("code", 125))
         init_pid = msg["pid"]
+        if L.hold_init:
+            msg = json.loads(reader.readline() or b"{}")
+            if "held" not in msg:
+                raise StartError(msg.get("error", "container setup failed"), msg.get("code", 125))
+            if release_init is not None:
+                release_init(init_pid)
+            _go(go_w, b"r", reader)
         reports = [json.loads(line) for line in reader]  # until P2 closes its end: started, or an error
     except BaseException:
         if init_pid:
@@ -207,7 +218,7 @@ def _p1(L: Launch, go_r: int, rep_w: int, stdio: tuple[int, int, int]) -> None:
     pid2 = os.fork()  # a new PID namespace applies to children only: this one is PID 1
     if pid2 == 0:
         try:
-            _init(L, rep_w, stdio)
+            _init(L, rep_w, stdio, go_r)
         except BaseException as e:  # noqa: BLE001
             try:
                 _send(rep_w, {"error": f"container setup: {e}", "code": 125})
@@ -349,7 +360,7 @@ def _console(L: Launch) -> tuple[int, int, int]:
 # -- P2: init ------------------------------------------------------------------------------------------------
 
 
-def _init(L: Launch, rep_w: int, stdio: tuple[int, int, int]) -> None:
+def _init(L: Launch, rep_w: int, stdio: tuple[int, int, int], go_r: int) -> None:
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     _setup_mounts(L)
     if L.network == "none":
@@ -369,12 +380,25 @@ def _init(L: Launch, rep_w: int, stdio: tuple[int, int, int]) -> None:
     if L.tty_socket is not None:
         stdio = _console(L)
     er, ew = os.pipe2(os.O_CLOEXEC)
+    hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
     pid3 = os.fork()
     if pid3 == 0:
         os.close(er)
+        os.close(hold_w)
+        if L.hold_init and _read_byte(hold_r) != b"r":
+            os._exit(125)
+        os.close(hold_r)
         _exec(L.process, stdio, ew)
     child[0] = pid3
     os.close(ew)
+    os.close(hold_r)
+    if L.hold_init:
+        _send(rep_w, {"held": True})
+        if _read_byte(go_r) != b"r":
+            os.kill(pid3, signal.SIGKILL)
+            os._exit(125)
+        os.write(hold_w, b"r")
+    os.close(hold_w)
     for fd in set(stdio):
         if fd > 2:
             os.close(fd)
@@ -482,8 +506,12 @@ def _become(p: Process) -> None:
 # -- lamina exec ---------------------------------------------------------------------------------------------
 
 
-def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int]) -> int:
-    """Run `p` in the namespaces and cgroup of the container whose init is `init_pid`; return its exit code."""
+def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int],
+         release_path: str | None = None) -> int:
+    """Run `p` in the namespaces and cgroup of the container whose init is `init_pid`; return its exit code.
+
+    `release_path` (a v1 parent memory cgroup's cgroup.procs, opened here as host root) lets the intermediate
+    process leave the memory cgroup once the command is forked, as the init does."""
     fds = {}
     for name, flag in NS_FILES:
         try:
@@ -493,6 +521,7 @@ def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int]) 
         except FileNotFoundError:
             raise StartError("container is not running") from None
     root_fd = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    release_fd = os.open(release_path, os.O_WRONLY | os.O_CLOEXEC) if release_path else None
     er, ew = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -515,6 +544,11 @@ def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int]) 
         if pid2 == 0:
             _exec(p, stdio, ew)
         os.close(ew)
+        if release_fd is not None:
+            try:
+                os.write(release_fd, b"0")  # this process only; the command stays in the memory cgroup
+            except OSError:
+                pass
         signal.signal(signal.SIGINT, lambda s, f: os.kill(pid2, s))
         signal.signal(signal.SIGTERM, lambda s, f: os.kill(pid2, s))
         _, status = os.waitpid(pid2, 0)
@@ -523,6 +557,8 @@ def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int]) 
     for fd, _ in fds.values():
         os.close(fd)
     os.close(root_fd)
+    if release_fd is not None:
+        os.close(release_fd)
     err = b""
     while chunk := os.read(er, 4096):
         err += chunk

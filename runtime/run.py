@@ -361,7 +361,9 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
         stdio = (devnull, log_fd, log_fd)
     try:
         try:
-            pid, reports = spawn(L, p.cgroup.add, stdio)
+            release = getattr(p.cgroup, "release_from_memory", None)
+            L.hold_init = release is not None
+            pid, reports = spawn(L, p.cgroup.add, stdio, release)
             init_pid[0] = pid
             c.update(status="running", pid=pid, pid_start=state.proc_start_time(pid), started_at=time.time(),
                      shim_pid=os.getpid(), shim_start=state.proc_start_time(os.getpid()))
