@@ -42,7 +42,10 @@ def _is_opaque(path: str) -> bool:
     return os.path.lexists(os.path.join(path, ".wh..wh..opq"))
 
 
-def write_dir_tar(root: str, out: BinaryIO, overlay_upper: bool = False) -> None:
+def write_dir_tar(root: str, out: BinaryIO, overlay_upper: bool = False,
+                  exclude: frozenset[str] = frozenset()) -> None:
+    """`exclude` names layer paths ('/data') to leave out when they are empty placeholders (a mount point that
+    a container runtime created for a volume), never when they hold content."""
     tf = tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
     try:
         def add(path: str, arcname: str, st: os.stat_result) -> None:
@@ -71,6 +74,9 @@ def write_dir_tar(root: str, out: BinaryIO, overlay_upper: bool = False) -> None
                 path = os.path.join(dirpath, name)
                 arc = f"{arcdir}/{name}" if arcdir else name
                 st = os.lstat(path)
+                if "/" + arc in exclude and (stat.S_ISREG(st.st_mode) and st.st_size == 0 or
+                                             stat.S_ISDIR(st.st_mode) and not os.listdir(path)):
+                    continue
                 if stat.S_ISSOCK(st.st_mode):
                     continue  # tar cannot hold sockets; neither does any image format
                 if overlay_upper and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 
 from .errors import StoreError
-from .importer import normalize_ref
+from .refs import normalize_ref
 from .reader import Image, load_image, resolve, resolve_name
 from .root import Store
 

@@ -31,6 +31,7 @@ from .errors import BadInput, NotFound, StoreError
 from .ingest import (P_GID, P_IMPLICIT, P_KIND, P_LEADER, P_LINK, P_MODE, P_MTIME, P_OBJ, P_OPAQUE, P_RDEV,
                      P_SIZE, P_UID, P_XATTRS, LayerData, ingest_tar, split)
 from .objects import ObjectStager
+from .refs import normalize_ref
 from .root import Store
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -49,22 +50,6 @@ LAYER_TYPES = {
 }
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-_NAME_RE = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-                      r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-
-def normalize_ref(ref: str) -> str:
-    """docker's rule: NAME[:TAG], with ':latest' when no tag is given. Refuses malformed references."""
-    name, tag = ref, "latest"
-    last = ref.rsplit("/", 1)[-1]
-    if ":" in last:
-        name, tag = ref.rsplit(":", 1)
-    if not _NAME_RE.match(name) or not _TAG_RE.match(tag):
-        raise BadInput(f"invalid reference format: {ref!r}")
-    return f"{name}:{tag}"
-
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -501,6 +486,31 @@ def _ref_tags(ref: str | None) -> list[str]:
         return [normalize_ref(ref)] if ref else []
     except BadInput:
         return []
+
+
+def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags: list[str] | None = None,
+                 exclude: frozenset[str] = frozenset()) -> str:
+    """A new image: the parent image plus one layer made from an overlayfs upper directory (its 0/0 whiteouts and
+    opaque markers become OCI whiteouts). This is `lamina commit`. Returns the new image id."""
+    from .reader import load_image
+    parent = load_image(store, parent_id)
+    imp = Importer(store)
+    with imp.session():
+        tmp = f"{imp.staging}/upper.tar"
+        with open(tmp, "wb") as out:
+            write_dir_tar(upper, out, overlay_upper=True, exclude=exclude)
+        with open(tmp, "rb") as f:
+            data = imp.add_layer_stream(f)
+        os.unlink(tmp)
+        cfg = json.loads(parent.config_bytes)
+        t = now_iso()
+        diff_ids = [*parent.diff_ids, data.diff_id]
+        cfg["created"] = t
+        cfg.setdefault("rootfs", {"type": "layers"})["diff_ids"] = diff_ids
+        cfg.setdefault("history", []).append({"created": t, "created_by": created_by})
+        imp.images.append(ImageSpec(json.dumps(cfg, separators=(",", ":")).encode(), diff_ids,
+                                    [normalize_ref(t_) for t_ in tags or []]))
+        return imp.commit()[0]
 
 
 def import_source(store: Store, source: str, tag: str | None = None, changes: dict | None = None,

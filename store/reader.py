@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .entries import Entry
 from .errors import NotFound
-from .importer import normalize_ref
+from .refs import normalize_ref
 from .ingest import split
 from .root import Store, connect
 

@@ -1,0 +1,21 @@
+"""Image references: docker's NAME[:TAG] grammar and its normalisation."""
+from __future__ import annotations
+
+import re
+
+from .errors import BadInput
+
+_NAME_RE = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+                      r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def normalize_ref(ref: str) -> str:
+    """docker's rule: NAME[:TAG], with ':latest' when no tag is given. Refuses malformed references."""
+    name, tag = ref, "latest"
+    last = ref.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = ref.rsplit(":", 1)
+    if not _NAME_RE.match(name) or not _TAG_RE.match(tag):
+        raise BadInput(f"invalid reference format: {ref!r}")
+    return f"{name}:{tag}"
