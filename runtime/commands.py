@@ -113,6 +113,9 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
     if dup:
         _fail(f"duplicate mount point: {sorted(dup)[0]}")
     sys.stdout.flush()
+    # Descriptors inherited from our caller reach neither the container nor the union filesystem's daemon.
+    from .linux import close_fds_from  # noqa: PLC0415
+    close_fds_from(3)
     sys.exit(run(root, spec))
 
 

@@ -8,11 +8,16 @@ development and as an oracle.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+
+import click
 
 from . import linux
 
@@ -67,9 +72,31 @@ def mount(root: str, image: Image, upper: str, work: str, target: str) -> None:
         opts = f"lowerdir={image.path},upperdir={upper},workdir={work}"
         linux.mount("overlay", target, "overlay", 0, opts)
         return
-    r = _lamina(root, "mount", image.ref, target, "--upper", upper, "--work", work)
-    if r.returncode != 0:
-        raise OSError(f"mounting {image.ref}: {(r.stderr or r.stdout).strip() or 'lamina mount failed'}")
+    args = [image.id or image.ref, target, "--upper", upper, "--work", work]
+    try:
+        from unionfs.cli import mount_cmd  # noqa: PLC0415 - runtime -> unionfs, the allowed direction
+    except ImportError:
+        mount_cmd = None
+    if mount_cmd is None:
+        r = _lamina(root, "mount", *args)
+        if r.returncode != 0:
+            raise OSError(f"mounting {image.ref}: {(r.stderr or r.stdout).strip() or 'lamina mount failed'}")
+        return
+    # `lamina mount` run in this process: the same command and contract, without starting another interpreter.
+    # Its daemon forks from here before any thread exists and detaches; it must not keep the caller's other fds.
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            mount_cmd.main(args, prog_name="lamina mount", standalone_mode=False, obj={"root": root})
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except click.ClickException as e:
+        err.write(e.format_message())
+        code = 1
+    if code != 0 or not is_mounted(target):
+        msg = err.getvalue().strip().splitlines()
+        raise OSError(f"mounting {image.ref}: {msg[-1].removeprefix('lamina: ') if msg else 'lamina mount failed'}")
 
 
 def is_mounted(target: str) -> bool:
@@ -82,13 +109,11 @@ def is_mounted(target: str) -> bool:
 
 
 def umount(root: str, image_kind: str, target: str) -> None:
-    """Unmount, lazily if busy; for a store image also let `lamina umount` stop its daemon."""
+    """Unmount, lazily if busy. For a FUSE mount this is what `lamina umount` does too (its daemon exits when the
+    kernel drops the mount), done here without starting another interpreter; a dead daemon's mount
+    (ENOTCONN) goes the same way."""
     if not is_mounted(target):
         return
-    if image_kind == "store":
-        r = _lamina(root, "umount", target)
-        if r.returncode == 0 and not is_mounted(target):
-            return
     for _ in range(50):
         try:
             linux.umount2(target, 0)
@@ -96,7 +121,7 @@ def umount(root: str, image_kind: str, target: str) -> None:
         except OSError as e:
             if not is_mounted(target):
                 return
-            if e.errno != 16:  # EBUSY: a process from the container is still exiting
+            if e.errno != errno.EBUSY:  # a process from the container may still be exiting
                 break
             time.sleep(0.02)
     linux.umount2(target, linux.MNT_DETACH)

@@ -9,25 +9,30 @@ from runtime import cgroups
 from .conftest import cgroup_dirs
 
 
-def _daemon_pids(rootfs: Path) -> list[int]:
+def _daemon_pids(marker: str) -> list[int]:
+    """Processes holding /dev/fuse whose command line mentions `marker` (the daemon is forked by `lamina run`,
+    or started as `lamina mount ... ROOTFS`)."""
     out = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
         try:
-            args = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            if marker.encode() not in Path(f"/proc/{p}/cmdline").read_bytes():
+                continue
+            fds = [os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")]
         except OSError:
             continue
-        if b"mount" in args and str(rootfs).encode() in args:
+        if "/dev/fuse" in fds:
             out.append(int(p))
     return out
 
 
 def test_fuse_daemon_lives_outside_the_container(lamina, image):
-    r = lamina("run", "-d", "--pids-limit", "20", "-m", "64m", image, "sleep", "60")
+    name = f"fusecheck-{os.getpid()}"
+    r = lamina("run", "-d", "--name", name, "--pids-limit", "20", "-m", "64m", image, "sleep", "60")
     assert r.returncode == 0, r.stderr
     c = lamina.containers()[0]
-    daemons = _daemon_pids(c.rootfs)
+    daemons = _daemon_pids(name) + _daemon_pids(str(c.rootfs))
     assert daemons, "no union filesystem daemon serves the rootfs"
     inside = set(cgroups.from_json(c.data["cgroup"]).pids())
     assert c.data["pid"] in inside
