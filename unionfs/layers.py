@@ -24,8 +24,27 @@ PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlay
 ORIGIN_XATTR = "trusted.lamina.origin"
 
 
+# Like kernel overlayfs (6.7+), a user's own "trusted.overlay.X" is stored escaped as "trusted.overlay.overlay.X".
+ESCAPED_PREFIX = "trusted.overlay.overlay."
+OVL_PREFIX = "trusted.overlay."
+
+
 def is_private_xattr(name: str) -> bool:
-    return name.startswith(PRIVATE_XATTR_PREFIXES)
+    return name.startswith(PRIVATE_XATTR_PREFIXES) and not name.startswith(ESCAPED_PREFIX)
+
+
+def xattr_to_layer(name: str) -> str | None:
+    """The stored name of a user-visible xattr name; None for names the union keeps for itself."""
+    if name.startswith(OVL_PREFIX):
+        return ESCAPED_PREFIX + name[len(OVL_PREFIX):]
+    return None if name.startswith(PRIVATE_XATTR_PREFIXES) else name
+
+
+def xattr_from_layer(name: str) -> str | None:
+    """The user-visible name of a stored xattr; None for the union's own bookkeeping."""
+    if name.startswith(ESCAPED_PREFIX):
+        return OVL_PREFIX + name[len(ESCAPED_PREFIX):]
+    return None if name.startswith(PRIVATE_XATTR_PREFIXES) else name
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import copyup
-from .layers import ORIGIN_XATTR, DirLayer, Layer, Record, is_private_xattr
+from .layers import ORIGIN_XATTR, DirLayer, Layer, Record, xattr_from_layer, xattr_to_layer
 from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, renameat2
 
 _CACHE_MAX = 8192
@@ -278,6 +278,10 @@ class Overlay:
         nlink = r.nlink
         if r.is_dir and len(n.stack) > 1:
             nlink = 1  # kernel overlayfs reports 1 for merged directories rather than counting subdirectories
+        elif r.is_dir and n.layer >= 0:
+            count = getattr(self.layers[n.layer], "dir_nlink", None)  # layers that do not store it count it
+            if count is not None:
+                nlink = count(n.lpath)
         elif not r.is_dir:
             nlink = self._group_nlink(n, nlink)
             if path is not None and (nlink > 1 or n.ino in self._peers):
@@ -396,13 +400,15 @@ class Overlay:
 
     def listxattr(self, path: str) -> list[str]:
         n = self._node(path)
-        return [x for x in self._layer_of(path, n).listxattr(n.lpath) if not is_private_xattr(x)]
+        names = (xattr_from_layer(x) for x in self._layer_of(path, n).listxattr(n.lpath))
+        return [x for x in names if x is not None]
 
     def getxattr(self, path: str, name: str) -> bytes:
         n = self._node(path)
-        if is_private_xattr(name):
+        real = xattr_to_layer(name)
+        if real is None:
             raise _err(errno.ENODATA, path)
-        return self._layer_of(path, n).getxattr(n.lpath, name)
+        return self._layer_of(path, n).getxattr(n.lpath, real)
 
     def statfs(self, path: str) -> dict:
         sv = self.layers[0].statvfs()
@@ -765,18 +771,20 @@ class Overlay:
         os.utime(real, ns=(pick[0], pick[1]), follow_symlinks=False)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
-        if is_private_xattr(name):
+        stored = xattr_to_layer(name)
+        if stored is None:
             raise _err(errno.EPERM, path)
         real = self._copy_up_for_change(path)
-        os.setxattr(real, name, value, flags, follow_symlinks=False)
+        os.setxattr(real, stored, value, flags, follow_symlinks=False)
 
     def removexattr(self, path: str, name: str) -> None:
-        if is_private_xattr(name):
+        stored = xattr_to_layer(name)
+        if stored is None:
             raise _err(errno.ENODATA, path)
         n = self._node(path)
-        self._layer_of(path, n).getxattr(n.lpath, name)  # ENODATA before any copy-up, as the kernel does
+        self._layer_of(path, n).getxattr(n.lpath, stored)  # ENODATA before any copy-up, as the kernel does
         real = self.copy_up(path, n)
-        os.removexattr(real, name, follow_symlinks=False)
+        os.removexattr(real, stored, follow_symlinks=False)
 
     # ---- file data --------------------------------------------------------------------------------------------
 

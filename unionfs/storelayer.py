@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 
-from store.entries import WHITEOUT, Entry
+from store.entries import DIR, WHITEOUT, Entry
 from store.reader import StoreReader
 
 from .layers import Record, is_private_xattr
@@ -56,6 +56,10 @@ class StoreLayer:
             else:
                 out.append((name, stat.S_IFMT(e.mode), e.ino | STORE_INO_TAG, False))
         return out
+
+    def dir_nlink(self, path: str) -> int:
+        """A directory's link count as a filesystem would give it: 2 plus its subdirectories."""
+        return 2 + sum(1 for _, e in self.reader.children(self.layer_id, path) if e.kind == DIR)
 
     def open_read(self, path: str) -> int:
         e = self._entry(path)

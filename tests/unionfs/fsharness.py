@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -216,3 +219,77 @@ def make_layers(base: Path) -> list[Path]:
     (l0 / "d" / "v").write_text("v\n")
     os.chmod(l0 / "d", 0o750)
     return [l0, l1, l2]
+
+
+def layer_tar(d: Path) -> bytes:
+    """An OCI layer tar of directory `d`, overlay markers translated to `.wh.` entries, xattrs as PAX records."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for top, dirs, files in os.walk(d):
+            dirs.sort()
+            for name in sorted(dirs + files):
+                p = Path(top) / name
+                rel = str(p.relative_to(d))
+                st = os.lstat(p)
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    parent = str(Path(rel).parent)
+                    t = tarfile.TarInfo((parent + "/" if parent != "." else "") + ".wh." + name)
+                    tf.addfile(t, io.BytesIO(b""))
+                    continue
+                t = tf.gettarinfo(str(p), arcname=rel)
+                xs = {k: v for k, v in ((n, os.getxattr(p, n, follow_symlinks=False))
+                                        for n in os.listxattr(p, follow_symlinks=False))}
+                opaque = xs.pop("trusted.overlay.opaque", None) == b"y"
+                t.pax_headers = {f"SCHILY.xattr.{k}": v.decode("latin-1") for k, v in xs.items()}
+                if t.isreg():
+                    with open(p, "rb") as f:
+                        tf.addfile(t, f)
+                else:
+                    tf.addfile(t)
+                if opaque:
+                    tf.addfile(tarfile.TarInfo(rel + "/.wh..wh..opq"), io.BytesIO(b""))
+    return buf.getvalue()
+
+
+def docker_archive(layers_top_first: list[Path], dest: Path, tag: str) -> Path:
+    tars = [layer_tar(d) for d in reversed(layers_top_first)]
+    diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                      "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    cfg_name = hashlib.sha256(cfg).hexdigest() + ".json"
+    manifest = [{"Config": cfg_name, "RepoTags": [tag], "Layers": [f"l{i}/layer.tar" for i in range(len(tars))]}]
+    with tarfile.open(dest, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            t = tarfile.TarInfo(name)
+            t.size = len(data)
+            tf.addfile(t, io.BytesIO(data))
+        add(cfg_name, cfg)
+        for i, t in enumerate(tars):
+            add(f"l{i}/layer.tar", t)
+        add("manifest.json", json.dumps(manifest).encode())
+    return dest
+
+
+def lamina(root: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([str(BIN / "lamina"), "--root", str(root), *map(str, args)], capture_output=True, text=True,
+                       timeout=120)
+    if check and p.returncode != 0:
+        raise AssertionError(f"lamina {args}: {p.returncode} {p.stderr}")
+    return p
+
+
+@contextlib.contextmanager
+def store_mount(root: Path, image: str, mnt: Path, upper: Path | None = None, work: Path | None = None,
+                *extra: str) -> Iterator[Path]:
+    """`lamina mount` of a store image, taken down by `lamina umount` (then harder, if that fails)."""
+    args = ["mount", image, mnt, *extra]
+    if upper is not None:
+        args += ["--upper", upper, "--work", work]
+    lamina(root, *args)
+    try:
+        yield mnt
+    finally:
+        try:
+            lamina(root, "umount", mnt)
+        finally:
+            unmount(mnt)

@@ -18,7 +18,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from fsharness import kernel_mount, lamina_mount, make_layers, snapshot, tmpdir, unmount
+from fsharness import docker_archive, kernel_mount, lamina, lamina_mount, make_layers, snapshot, store_mount, tmpdir, unmount
 from unionfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 PATHS = ["a", "b", "c", "d", "e", "f", "g", "p", "n", "m", "d/x", "d/y", "d/v", "d/w", "d/sub", "d/sub/z",
@@ -58,6 +58,8 @@ def _copy_move(src: str, dst: str) -> None:
 
 
 class OverlayVsKernel(RuleBasedStateMachine):
+    from_store = False  # lamina's lowers: the directories themselves, or the same layers imported into a store
+
     def __init__(self) -> None:
         super().__init__()
         self.base = tmpdir("lamina-diff-")
@@ -73,7 +75,11 @@ class OverlayVsKernel(RuleBasedStateMachine):
         self.stack = contextlib.ExitStack()
         b = self.base
         self.k = self.stack.enter_context(kernel_mount(self.lowers, b / "km", b / "ku", b / "kw"))
-        self.l = self.stack.enter_context(lamina_mount(self.lowers, b / "lm", b / "lu", b / "lw"))
+        if self.from_store:
+            lamina(b / "store", "import", docker_archive(self.lowers, b / "img.tar", "diff:test"))
+            self.l = self.stack.enter_context(store_mount(b / "store", "diff:test", b / "lm", b / "lu", b / "lw"))
+        else:
+            self.l = self.stack.enter_context(lamina_mount(self.lowers, b / "lm", b / "lu", b / "lw"))
         self.compare()
 
     def teardown(self) -> None:
@@ -140,7 +146,8 @@ class OverlayVsKernel(RuleBasedStateMachine):
     def chown(self, p, uid, gid):
         self.both(lambda r, p, u, g: os.chown(r / p, u, g, follow_symlinks=False), p, uid, gid)
 
-    @rule(p=paths, name=st.sampled_from(["user.k", "user.n", "trusted.x"]), value=st.binary(max_size=20))
+    @rule(p=paths, name=st.sampled_from(["user.k", "user.n", "trusted.x", "trusted.overlay.x"]),
+          value=st.binary(max_size=20))
     def setxattr(self, p, name, value):
         self.both(lambda r, p, n, v: os.setxattr(r / p, n, v, follow_symlinks=False), p, name, value)
 
@@ -193,3 +200,12 @@ OverlayVsKernel.TestCase.settings = settings(
     phases=[Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if os.environ.get("LAMINA_DIFF_SHRINK") else []),
 )
 TestOverlayVsKernel = OverlayVsKernel.TestCase
+
+
+class StoreOverlayVsKernel(OverlayVsKernel):
+    from_store = True
+
+
+StoreOverlayVsKernel.TestCase.settings = settings(
+    OverlayVsKernel.TestCase.settings, max_examples=int(os.environ.get("LAMINA_DIFF_STORE_EXAMPLES", "10")))
+TestStoreOverlayVsKernel = StoreOverlayVsKernel.TestCase
