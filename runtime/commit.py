@@ -20,7 +20,7 @@ class CommitError(Exception):
 
 
 def _excluded(c: state.Container) -> frozenset[str]:
-    out = set()
+    out = set(c.data.get("etc_files", []))
     for m in c.data.get("mounts", []):
         out.add(m["target"])
     return frozenset(out)

@@ -120,6 +120,7 @@ def diff(c: state.Container) -> list[tuple[str, str]]:
             return _store_has(c, rel)
         return os.path.lexists(os.path.join(lower, rel.lstrip("/")))
 
+    hidden = set(c.data.get("etc_files", []))  # mount points of lamina's own /etc files, as Docker hides them
     for dirpath, dirnames, filenames in os.walk(upper):
         for name in sorted(dirnames + filenames):
             full = os.path.join(dirpath, name)
@@ -128,6 +129,8 @@ def diff(c: state.Container) -> list[tuple[str, str]]:
                 st = os.lstat(full)
             except OSError:
                 continue
+            if rel in hidden and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                continue
             if _is_whiteout(st):
                 out.append(("D", rel))
             elif in_lower(rel):
@@ -135,7 +138,11 @@ def diff(c: state.Container) -> list[tuple[str, str]]:
             else:
                 out.append(("A", rel))
     out.sort(key=lambda t: t[1])
-    return out
+    # A directory copied up only to hold those mount points is not a change either.
+    holders = {os.path.dirname(h) for h in hidden}
+    visible = [p for _, p in out]
+    return [(k, p) for k, p in out
+            if not (k == "C" and p in holders and not any(v.startswith(p + "/") for v in visible))]
 
 
 def _store_has(c: state.Container, rel: str) -> bool:

@@ -120,6 +120,36 @@ def _v1_mounts() -> list[tuple[str, str]]:
     return out
 
 
+def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int] | None,
+               user_targets: set[str]) -> list[tuple[str, str, str]]:
+    """/etc/hostname, /etc/hosts and /etc/resolv.conf as Docker provides them: files of the container's own,
+    bound over the image's, unless the user mounts something there (or on /etc). Returns (source, host target,
+    container path)."""
+    etc = resolve_in_root(R, "/etc")
+    if not os.path.isdir(etc):
+        return []
+    try:
+        with open("/etc/resolv.conf") as f:
+            resolv = f.read()
+    except OSError:
+        resolv = ""
+    contents = {
+        "hostname": f"{hostname}\n",
+        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n",
+        "resolv.conf": resolv,
+    }
+    out = []
+    for name, text in contents.items():
+        if "/etc" in user_targets or f"/etc/{name}" in user_targets:
+            continue
+        src = c.dir / name
+        src.write_text(text)
+        if userns:
+            os.chown(src, userns[0], userns[0])
+        out.append((str(src), make_mountpoint(R, f"/etc/{name}", False), f"/etc/{name}"))
+    return out
+
+
 def prepare(root: str, spec: RunSpec) -> Prepared:
     """Everything before the first process. Raises SpecError/rootfs.ImageNotFound/OSError after rolling back."""
     if spec.name is not None:
@@ -183,9 +213,9 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
             binds.append((str(vol.data), target, m.readonly))
             mounts_json.append({**m.to_json(), "source": vol.name})
         if cwd != "/":
-            host_cwd = make_mountpoint(R, cwd, True)
-            if userns and not os.listdir(host_cwd):
-                pass
+            make_mountpoint(R, cwd, True)
+        etc_files = _etc_files(c, R, hostname, userns, {m.target for m in spec.mounts})
+        binds += [(src, target, False) for src, target, _ in etc_files]
         version = cgroups.detect_version()
         cg = cgroups.for_container(f"lamina-{cid}")
         cg.create()
@@ -198,7 +228,7 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
             process=Process(argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups, tty=spec.tty),
             cgroup_version=version, cgroup_mounts=_v1_mounts() if version == 1 else [],
         )
-        c.update(mounts=mounts_json, cgroup=cg.to_json(), env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
+        c.update(mounts=mounts_json, etc_files=[t for _, _, t in etc_files], cgroup=cg.to_json(), env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
         return Prepared(c, launch, cg, image, created)
     except BaseException:
         _rollback(root, c, image.kind, cg, created)

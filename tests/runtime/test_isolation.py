@@ -28,6 +28,15 @@ def test_hostname_uts_namespace(lamina, image):
     assert os.uname().nodename not in (default, "box")
 
 
+def test_etc_hostname_and_hosts(lamina, image):
+    r = lamina("run", "--name", "named-host", "--hostname", "web", image, "sh", "-c",
+               "cat /etc/hostname; grep -c localhost /etc/hosts; ping -c1 -W1 web | head -1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "web" and int(lines[1]) >= 1 and "127.0.1.1" in lines[2]
+    assert lamina("diff", "named-host").stdout == ""  # lamina's own /etc files are not container changes
+
+
 def test_network_none_has_only_lo_up(lamina, image):
     out = _ok(lamina.sh(image, "tail -n +3 /proc/net/dev | cut -d: -f1; ip -o link"))
     names = [line.strip() for line in out.splitlines()[:-1] if line.strip() and "<" not in line]
