@@ -94,8 +94,6 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
 
     root = _root(ctx)
     try:
-        if detach and rm is False and tty:
-            pass
         spec = RunSpec(
             image=image, cmd=list(cmd), name=name, env=parse_env(env), workdir=workdir,
             user=parse_user(user) if user is not None else None,

@@ -1,11 +1,13 @@
 """The container's process tree and everything done inside its namespaces.
 
     supervisor (lamina run, or its detached shim; subreaper; outside every container namespace and cgroup)
-     └─ P1: joins the container cgroup, binds the rootfs and volumes in a new mount namespace, unshares the user namespace (the supervisor writes uid/gid maps), then the
-        mount, UTS, IPC, network, PID and cgroup namespaces; forks P2, reports its pid and exits
-         └─ P2 = PID 1 (this module's init): runc's mount sequence, pivot_root, masked and read-only paths,
-            hostname, lo up; forks P3, then reaps zombies and forwards signals until P3 exits, and exits with its
-            status (128+N for a signal)
+     └─ P1: joins the container cgroup; in a new mount namespace, still host root, binds the rootfs on itself with
+        the volumes in it; unshares the user namespace (the supervisor writes uid/gid maps), then the UTS, IPC,
+        network, PID and cgroup namespaces (and a mount namespace owned by the user namespace); forks P2, reports
+        its pid and exits
+         └─ P2 = PID 1 (this module's init): /proc, /dev, /sys, pivot_root, masked and read-only paths, hostname,
+            lo up; forks P3 (held until the supervisor has taken the init out of the v1 memory cgroup), then reaps
+            zombies and forwards signals until P3 exits, and exits with its status (128+N for a signal)
              └─ P3: the command: new session (controlling tty with -t), no_new_privs, Docker's capabilities,
                 setgroups/setgid/setuid, fds >= 3 closed, execve. Exec failures are reported as 126/127.
 

@@ -10,7 +10,7 @@ import signal
 import stat
 import time
 
-from . import rootfs, state
+from . import state
 from .run import cleanup, remove_container
 
 
@@ -218,7 +218,3 @@ def inspect(c: state.Container) -> dict:
                                                                  "MergedDir": str(c.rootfs)}},
         "Cgroup": d.get("cgroup"),
     }
-
-
-def umount_if_mounted(root: str, c: state.Container) -> None:
-    rootfs.umount(root, c.data.get("image_kind", "dir"), str(c.rootfs))

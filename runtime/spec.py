@@ -60,7 +60,6 @@ class RunSpec:
     detach: bool = False
     interactive: bool = False
     tty: bool = False
-    entrypoint: str | None = None
 
 
 def _clean_target(target: str, spec: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import busybox, cgroups, lifecycle, rootfs, state
+from runtime import busybox, cgroups, lifecycle, state
 
 LAMINA = [sys.executable, "-m", "runtime.cli"]
 TOP = Path(__file__).resolve().parents[2]
