@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
+    load_start = report.load()
     workloads = [w(profile, scratch) for w in registry() if not a.only or w.name in a.only]
     try:
         if not a.no_install:
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_row(w, cs, unavailable, profile, scratch))
         meta = {"started": started.isoformat(timespec="seconds"),
                 "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "profile": profile.asdict(), "machine": report.machine(), "contenders": status}
+                "profile": profile.asdict(), "machine": report.machine(), "load": [load_start, report.load()],
+                "contenders": status}
         md = report.write(out, meta, rows, {w.name: list(w.targets) for w in workloads}, [c.name for c in cs])
         print(md)
         log(f"results in {out}")

@@ -39,7 +39,7 @@ class Profile:
 
 
 QUICK = Profile("quick", reps=3, many_files=20_000, tree_files=5_000, flat_entries=5_000, big_file=128 * MiB,
-                copyup_file=64 * MiB, random_reads=2_000, storm_files=2_000, fsync_write=64 * MiB,
+                copyup_file=64 * MiB, random_reads=2_000, storm_files=1_000, fsync_write=64 * MiB,
                 import_small=5_000, timeout=120)
 FULL = Profile("full", reps=5, many_files=100_000, tree_files=20_000, flat_entries=10_000, big_file=1024 * MiB,
                copyup_file=256 * MiB, random_reads=20_000, storm_files=10_000, fsync_write=256 * MiB,

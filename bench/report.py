@@ -23,7 +23,21 @@ def machine() -> dict:
     except (OSError, StopIteration):
         distro = ""
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem / 2**20, 1), "kernel": platform.release(),
-            "os": distro, "python": platform.python_version()}
+            "os": distro, "python": platform.python_version(), "fs": _fstype(Path("/var/tmp"))}
+
+
+def _fstype(path: Path) -> str:
+    best = ("", "")
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, mp, fstype, *_ = line.split()
+        if str(path).startswith(mp.rstrip("/") + "/") and len(mp) > len(best[0]):
+            best = (mp, fstype)
+    return best[1]
+
+
+def load() -> str:
+    """The 1-minute load average: other work on the machine shows in the min–max spread."""
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def fmt(v: float, unit: str) -> str:
@@ -138,7 +152,8 @@ def write(out: Path, meta: dict, rows: list[Row], targets: dict[str, list[Target
     (out / "runs.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
     avail = meta["contenders"]
     intro = [f"# lamina benchmarks — {meta['started']} ({meta['profile']['name']})", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items()), "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items())
+             + f"; load average {meta['load'][0]} at start, {meta['load'][1]} at end", "",
              "Contenders: " + "; ".join(
                  f"{c} ({avail[c]['version'] or 'available'})" if avail[c]["available"]
                  else f"{c} (not available: {avail[c]['reason']})" for c in contenders), "",

@@ -34,6 +34,7 @@ class Row:
     errors: dict[str, str] = field(default_factory=dict)
     na: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the whole row, preparation included
     refs: dict[str, float] = field(default_factory=dict)  # reference figures that are not contenders
 
     def medians(self) -> dict[str, float]:
@@ -125,10 +126,14 @@ def trial(w: Workload, c: Contender, layers: list[Path], profile: Profile, base:
 
 def run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, str], profile: Profile,
             scratch: Path) -> Row:
+    t0 = time.monotonic()
     try:
-        return _run_row(w, contenders, unavailable, profile, scratch)
+        row = _run_row(w, contenders, unavailable, profile, scratch)
     finally:
         w.finish()
+    row.seconds = round(time.monotonic() - t0, 1)
+    log(f"    {row.seconds:.1f} s")
+    return row
 
 
 def _run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, str], profile: Profile,
@@ -154,7 +159,10 @@ def _run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, st
             continue
         try:
             if w.mounts:
+                t0 = time.monotonic()
                 c.prepare(layers, key)
+                if time.monotonic() - t0 > 1:
+                    log(f"    {c.name}: prepared {key} in {time.monotonic() - t0:.1f} s")
         except (Unavailable, RuntimeError) as e:
             row.na[c.name] = f"prepare: {e}"
             continue
