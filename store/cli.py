@@ -45,16 +45,21 @@ def human(n: int) -> str:
 
 
 def ago(iso: str) -> str:
+    """docker's (go-units) human durations: '3 minutes ago', '2 weeks ago', '3 years ago'."""
     try:
         t = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
     except ValueError:
         return iso or "N/A"
     s = (dt.datetime.now(dt.timezone.utc) - t).total_seconds()
-    for limit, div, unit in ((120, 1, "seconds"), (7200, 60, "minutes"), (172800, 3600, "hours"),
-                             (1209600, 86400, "days"), (8e9, 604800, "weeks")):
+    h = s / 3600
+    if s < 1:
+        return "Less than a second ago"
+    for limit, value, unit in ((60, s, "seconds"), (3600, s / 60, "minutes"), (48 * 3600, h, "hours"),
+                               (14 * 86400, h / 24, "days"), (60 * 86400, h / 24 / 7, "weeks"),
+                               (730 * 86400, h / 24 / 30, "months")):
         if s < limit:
-            return f"{int(s // div)} {unit} ago"
-    return iso
+            return f"{int(value)} {unit} ago"
+    return f"{int(h / 24 / 365)} years ago"
 
 
 def table(rows: list[list[str]], headers: list[str]) -> None:

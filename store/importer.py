@@ -216,8 +216,16 @@ def _insert_layer(db, data: LayerData) -> None:
 
 # -- sources ------------------------------------------------------------------------------------------------------
 
-def _new_config(diff_ids: list[str], created_by: str, changes: dict) -> bytes:
-    t = now_iso()
+def _iso_ns(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns // 1_000_000_000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _new_config(layer: LayerData, created_by: str, changes: dict) -> bytes:
+    """The config of a one-layer image made from a tar or directory. Its times are the newest mtime in the layer,
+    not the clock, so importing the same content with the same changes twice gives the same image id (docker
+    import stamps the current time and makes a new image each time; a content-addressed store should not)."""
+    diff_ids = [layer.diff_id]
+    t = _iso_ns(max((r[P_MTIME] for r in layer.rows.values()), default=0))
     cfg = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}
     cfg.update(changes)
     config = {"created": t, "architecture": host_arch(), "os": "linux", "config": cfg,
@@ -335,13 +343,13 @@ class Source:
         with open(p, "rb") as f:
             return self._layer_tar(f, p)
 
-    def _single_image(self, diff_id: str, created_by: str) -> None:
-        cfg = _new_config([diff_id], created_by, self.changes)
-        self.imp.images.append(ImageSpec(cfg, [diff_id], self.tags))
+    def _single_image(self, layer: LayerData, created_by: str) -> None:
+        cfg = _new_config(layer, created_by, self.changes)
+        self.imp.images.append(ImageSpec(cfg, [layer.diff_id], self.tags))
 
     def _layer_tar(self, f: BinaryIO, name: str) -> None:
         data = self.imp.add_layer_stream(f)
-        self._single_image(data.diff_id, f"lamina import {os.path.basename(name)}")
+        self._single_image(data, f"lamina import {os.path.basename(name)}")
 
     def _directory(self, p: str) -> None:
         tmp = f"{self.imp.staging}/dir.tar"
@@ -353,7 +361,7 @@ class Source:
         with open(tmp, "rb") as f:
             data = self.imp.add_layer_stream(f)
         os.unlink(tmp)
-        self._single_image(data.diff_id, f"lamina import {os.path.basename(os.path.abspath(p))}")
+        self._single_image(data, f"lamina import {os.path.basename(os.path.abspath(p))}")
 
     # -- OCI layout and docker save -------------------------------------------------------------------------------
     def _archive(self, b: _Blobs) -> None:
