@@ -216,7 +216,7 @@ def rm_cmd(ctx: click.Context, force: bool, containers: tuple[str, ...]) -> None
 
 @click.command("exec", cls=_Cmd, context_settings=_RUN_CTX)
 @click.option("-i", "--interactive", is_flag=True)
-@click.option("-t", "--tty", is_flag=True, help="Accepted for Docker compatibility; the caller's terminal is used.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal (from the container's devpts).")
 @click.option("-e", "--env", multiple=True, metavar="K=V")
 @click.option("-w", "--workdir", default=None)
 @click.option("-u", "--user", default=None)
@@ -244,13 +244,15 @@ def exec_cmd(ctx: click.Context, interactive: bool, tty: bool, env: tuple[str, .
     except SpecError as e:
         _fail(str(e))
         return
-    p = Process(argv=list(cmd), env=_merge_env(d.get("env", []), extra), cwd=workdir or d.get("cwd", "/"), uid=uid,
-                gid=gid, groups=groups)
+    p = Process(argv=list(cmd), env=_merge_env(d.get("env", []), extra + (["TERM=xterm"] if tty else [])),
+                cwd=workdir or d.get("cwd", "/"), uid=uid, gid=gid, groups=groups, tty=tty)
     cg = cgroups.from_json(d["cgroup"])
     stdin = 0 if interactive else os.open(os.devnull, os.O_RDONLY)
     try:
         mem = getattr(cg, "dirs", {}).get("memory")
-        code = join(d["pid"], p, cg.add, (stdin, 1, 2), str(mem.parent / "cgroup.procs") if mem else None)
+        from .relay import winsize  # noqa: PLC0415
+        code = join(d["pid"], p, cg.add, (stdin, 1, 2), str(mem.parent / "cgroup.procs") if mem else None,
+                    winsize() if tty else None)
     except StartError as e:
         _fail(str(e), e.code)
         return

@@ -339,17 +339,23 @@ def _lo_up() -> None:
         s.close()
 
 
-def _console(L: Launch) -> tuple[int, int, int]:
-    """As runc's console socket: a pty from the container's own devpts (so the command sees /dev/pts/0 and
-    /dev/console), its master handed to the supervisor over a unix socket."""
+def open_pty(uid: int, gid: int, winsize: bytes | None) -> tuple[int, int, str]:
+    """A pty from the devpts at /dev/pts (the container's, once inside): (master, slave, slave path)."""
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     fcntl.ioctl(master, 0x40045431, struct.pack("i", 0))  # TIOCSPTLCK: unlock
     n = struct.unpack("I", fcntl.ioctl(master, 0x80045430, b"\0" * 4))[0]  # TIOCGPTN
     slave_path = f"/dev/pts/{n}"
     slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY)
-    os.fchown(slave, L.process.uid, 5 if not L.userns else L.process.gid)
-    if L.winsize:
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, L.winsize)
+    os.fchown(slave, uid, gid)
+    if winsize:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, winsize)
+    return master, slave, slave_path
+
+
+def _console(L: Launch) -> tuple[int, int, int]:
+    """As runc's console socket: a pty from the container's own devpts (so the command sees /dev/pts/0 and
+    /dev/console), its master handed to the supervisor over a unix socket."""
+    master, slave, slave_path = open_pty(L.process.uid, 5 if not L.userns else L.process.gid, L.winsize)
     os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY, 0o600))
     linux.mount(slave_path, "/dev/console", None, linux.MS_BIND)
     sock = socket.socket(fileno=L.tty_socket)
@@ -505,15 +511,39 @@ def _become(p: Process) -> None:
     linux.set_capabilities(keep)
 
 
+def _relay_tty(pid: int, master: int, stdio: tuple[int, int, int]) -> int:
+    from .relay import Relay, copy_winsize  # noqa: PLC0415 - only `exec -t` needs it
+
+    relay = Relay()
+    relay.outs[master] = [stdio[1]]
+    relay.ins[stdio[0]] = master
+    signal.signal(signal.SIGWINCH, lambda s, f: copy_winsize(master))
+    saved = None
+    if os.isatty(stdio[0]):
+        saved = termios.tcgetattr(stdio[0])
+        raw = termios.tcgetattr(stdio[0])
+        raw[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
+        raw[0] &= ~(termios.IXON | termios.ICRNL)
+        raw[1] &= ~termios.OPOST
+        termios.tcsetattr(stdio[0], termios.TCSANOW, raw)
+    try:
+        return relay.run_until_exit(pid)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdio[0], termios.TCSADRAIN, saved)
+        os.close(master)
+
+
 # -- lamina exec ---------------------------------------------------------------------------------------------
 
 
 def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int],
-         release_path: str | None = None) -> int:
+         release_path: str | None = None, winsize: bytes | None = None) -> int:
     """Run `p` in the namespaces and cgroup of the container whose init is `init_pid`; return its exit code.
 
     `release_path` (a v1 parent memory cgroup's cgroup.procs, opened here as host root) lets the intermediate
-    process leave the memory cgroup once the command is forked, as the init does."""
+    process leave the memory cgroup once the command is forked, as the init does. With p.tty the command gets a
+    pty from the container's devpts, relayed to `stdio` here."""
     fds = {}
     for name, flag in NS_FILES:
         try:
@@ -525,6 +555,7 @@ def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int],
     root_fd = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     release_fd = os.open(release_path, os.O_WRONLY | os.O_CLOEXEC) if release_path else None
     er, ew = os.pipe2(os.O_CLOEXEC)
+    sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) if p.tty else (None, None)
     pid = os.fork()
     if pid == 0:
         os.close(er)
@@ -542,6 +573,16 @@ def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int],
         if p.uid == 0 and "user" in fds:
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
+        if child_sock is not None:
+            try:
+                master, slave, _ = open_pty(p.uid, p.gid, winsize)
+                socket.send_fds(child_sock, [b"m"], [master])
+            except OSError as e:
+                _send(ew, {"error": f"allocating a terminal: {e}", "code": 126})
+                os._exit(126)
+            os.close(master)
+            child_sock.close()
+            stdio = (slave, slave, slave)
         pid2 = os.fork()  # setns(pid) applies to children
         if pid2 == 0:
             _exec(p, stdio, ew)
@@ -561,13 +602,22 @@ def join(init_pid: int, p: Process, add_to_cgroup, stdio: tuple[int, int, int],
     os.close(root_fd)
     if release_fd is not None:
         os.close(release_fd)
+    master = None
+    if sock is not None:
+        child_sock.close()
+        _, got, _, _ = socket.recv_fds(sock, 1, 1)
+        sock.close()
+        master = got[0] if got else None
     err = b""
     while chunk := os.read(er, 4096):
         err += chunk
     os.close(er)
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, lambda sig, f: os.kill(pid, sig))
-    _, status = os.waitpid(pid, 0)
+    if master is not None and not err:
+        status = _relay_tty(pid, master, stdio)
+    else:
+        _, status = os.waitpid(pid, 0)
     if err:
         msg = json.loads(err.splitlines()[0])
         raise StartError(msg["error"], msg["code"])

@@ -8,11 +8,8 @@ the exit code (and OOM kills) in state.json and cleans up: cgroup removed, rootf
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -24,6 +21,7 @@ from dataclasses import dataclass, field
 from . import cgroups, linux, rootfs, state, volumes
 from .launch import Launch, Process, StartError, spawn
 from .paths import EscapeError, make_mountpoint, resolve_in_root
+from .relay import Relay, copy_winsize, winsize
 from .spec import RunSpec, SpecError, VOLUME_NAME
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -285,78 +283,12 @@ def remove_container(root: str, c: state.Container) -> None:
 # -- supervision ---------------------------------------------------------------------------------------------
 
 
-class _Relay:
-    """Copies container output to the terminal and the log, and terminal input to a pty; wakes on SIGCHLD."""
-
-    def __init__(self, log_fd: int):
-        self.log_fd = log_fd
-        self.outs: dict[int, list[int]] = {}
-        self.ins: dict[int, int] = {}
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def run_until_exit(self, pid: int) -> int:
-        signal.set_wakeup_fd(self.wake_w)
-        status = None
-        try:
-            while True:
-                if status is None:
-                    try:
-                        p, st = os.waitpid(pid, os.WNOHANG)
-                    except ChildProcessError:
-                        p, st = pid, 0
-                    if p == pid:
-                        status = st
-                fds = list(self.outs) + list(self.ins)
-                if status is not None and not self.outs:
-                    break
-                # After the exit, drain what is buffered without waiting for writers that may linger.
-                r, _, _ = select.select(fds + [self.wake_r], [], [], 0 if status is not None else None)
-                if not r and status is not None:
-                    break
-                for fd in r:
-                    if fd == self.wake_r:
-                        try:
-                            os.read(self.wake_r, 4096)
-                        except BlockingIOError:
-                            pass
-                        continue
-                    try:
-                        data = os.read(fd, 65536)
-                    except OSError as e:
-                        data = b"" if e.errno in (errno.EIO, errno.EBADF) else b""
-                    if fd in self.outs:
-                        if not data:
-                            del self.outs[fd]
-                            continue
-                        for dst in self.outs[fd]:
-                            _write_all(dst, data)
-                    else:
-                        if not data:
-                            del self.ins[fd]
-                            continue
-                        _write_all(self.ins[fd], data)
-        finally:
-            signal.set_wakeup_fd(-1)
-        return status
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    while data:
-        try:
-            n = os.write(fd, data)
-        except InterruptedError:
-            continue
-        except OSError:
-            return
-        data = data[n:]
-
-
 def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify_fd: int | None = None) -> int:
     """Start the container and wait for it. stdio_mode: "relay" (foreground), "tty" (-t), "log" (detached)."""
     c, L = p.container, p.launch
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     log_fd = os.open(c.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-    relay = _Relay(log_fd)
+    relay = Relay()
     close_after: list[int] = []
     saved_tty = None
     init_pid = [0]
@@ -370,14 +302,13 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, forward)
-    signal.signal(signal.SIGCHLD, lambda s, f: None)  # so that the wakeup fd sees it
     devnull = os.open(os.devnull, os.O_RDWR)
     close_after.append(devnull)
     tty_sock = None
     if stdio_mode == "tty":
         tty_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         L.tty_socket = child_sock.detach()
-        L.winsize = _winsize()
+        L.winsize = winsize()
         close_after.append(L.tty_socket)
         stdio = (devnull, devnull, devnull)
     elif stdio_mode == "relay":
@@ -428,7 +359,7 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
             relay.outs[master] = [1, log_fd]
             if interactive:
                 relay.ins[0] = master
-            signal.signal(signal.SIGWINCH, lambda s, f: _copy_winsize(master))
+            signal.signal(signal.SIGWINCH, lambda s, f: copy_winsize(master))
             if interactive and os.isatty(0):
                 saved_tty = termios.tcgetattr(0)
                 tty.setraw(0, termios.TCSANOW)  # TCSAFLUSH would drop typed-ahead input
@@ -461,24 +392,6 @@ def _code(status: int) -> int:
 def _restore(saved: object) -> None:
     if saved is not None:
         termios.tcsetattr(0, termios.TCSADRAIN, saved)
-
-
-def _winsize() -> bytes | None:
-    for fd in (0, 1):
-        try:
-            return fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
-        except OSError:
-            continue
-    return None
-
-
-def _copy_winsize(master: int) -> None:
-    ws = _winsize()
-    if ws is not None:
-        try:
-            fcntl.ioctl(master, termios.TIOCSWINSZ, ws)
-        except OSError:
-            pass
 
 
 def _notify(fd: int, msg: dict) -> None:

@@ -65,3 +65,15 @@ def test_tty_job_control(lamina, image):
                             feed=b"sleep 5 &\njobs\nkill %1\nexit 0\n")
     assert code == 0
     assert b"Running" in out and b"sleep 5" in out
+
+
+def test_exec_tty(lamina, image):
+    r = lamina("run", "-d", "--name", "ttyexec", image, "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    out, code = _run_in_pty(lamina, ["exec", "-it", "ttyexec", "sh", "-c", "tty; stty size; read x; echo got:$x; exit 4"],
+                            feed=b"typed\n")
+    lines = [x for x in out.decode().splitlines() if x != "typed"]  # the outer terminal echoes the typed line
+    assert code == 4
+    assert lines[0].startswith("/dev/pts/")
+    assert lines[1] == "30 100"
+    assert "got:typed" in lines
