@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CPU_PERIOD = 100_000
-V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio", "freezer")
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio", "freezer", "devices")
+# Docker's default device rules: any node may be created, only these may be opened (moby's DefaultCapabilities
+# companion, oci/devices_linux.go). Without them container root could mknod the host's disk and read it.
+DEVICE_RULES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
+                "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm")
 
 
 @dataclass
@@ -124,6 +128,11 @@ class CgroupV1:
     def create(self) -> None:
         for d in self.dirs.values():
             d.mkdir(exist_ok=True)
+        dev = self.dirs.get("devices")
+        if dev is not None:
+            _write(dev / "devices.deny", "a")
+            for rule in DEVICE_RULES:
+                _write(dev / "devices.allow", rule)
 
     def apply(self, lim: Limits) -> None:
         if "memory" in self.dirs and lim.memory is not None:

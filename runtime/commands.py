@@ -228,6 +228,7 @@ def exec_cmd(ctx: click.Context, interactive: bool, tty: bool, env: tuple[str, .
     """Run a command in a running container."""
     from . import cgroups  # noqa: PLC0415
     from .launch import Process, StartError, join  # noqa: PLC0415
+    from .linux import DEFAULT_CAPS  # noqa: PLC0415
     from .run import _merge_env, resolve_user  # noqa: PLC0415
 
     root = _root(ctx)
@@ -245,7 +246,8 @@ def exec_cmd(ctx: click.Context, interactive: bool, tty: bool, env: tuple[str, .
         _fail(str(e))
         return
     p = Process(argv=list(cmd), env=_merge_env(d.get("env", []), extra + (["TERM=xterm"] if tty else [])),
-                cwd=workdir or d.get("cwd", "/"), uid=uid, gid=gid, groups=groups, tty=tty)
+                cwd=workdir or d.get("cwd", "/"), uid=uid, gid=gid, groups=groups, tty=tty,
+                caps=frozenset(d["caps"]) if "caps" in d else DEFAULT_CAPS)
     cg = cgroups.from_json(d["cgroup"])
     stdin = 0 if interactive else os.open(os.devnull, os.O_RDONLY)
     try:

@@ -59,6 +59,7 @@ class Process:
     gid: int = 0
     groups: list[int] = field(default_factory=list)
     tty: bool = False
+    caps: frozenset[int] = linux.DEFAULT_CAPS    # for root; a non-root user gets none
 
 
 @dataclass
@@ -500,8 +501,8 @@ def _exec(p: Process, stdio: tuple[int, int, int], ew: int) -> None:
 
 def _become(p: Process) -> None:
     # Bounding set first, while CAP_SETPCAP is still ours; setuid to non-root then clears the rest.
-    keep = linux.DEFAULT_CAPS if p.uid == 0 else frozenset()
-    linux.drop_bounding(linux.DEFAULT_CAPS)
+    keep = p.caps if p.uid == 0 else frozenset()
+    linux.drop_bounding(p.caps)
     try:
         os.setgroups(p.groups)
     except PermissionError:

@@ -215,6 +215,8 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
         etc_files = _etc_files(c, R, hostname, userns, {m.target for m in spec.mounts})
         binds += [(src, target, False) for src, target, _ in etc_files]
         version = cgroups.detect_version()
+        # v1's devices cgroup limits what may be opened; v2 would need an eBPF program, so there no node may be made.
+        caps = linux.DEFAULT_CAPS if version == 1 else linux.DEFAULT_CAPS - {linux.CAPS["MKNOD"]}
         cg = cgroups.for_container(f"lamina-{cid}")
         cg.create()
         try:
@@ -223,10 +225,10 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
             raise SpecError(f"setting cgroup limits: {e.strerror or e}") from None
         launch = Launch(
             rootfs=R, hostname=hostname, network=spec.network, userns=userns, binds=binds, read_only=spec.read_only,
-            process=Process(argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups, tty=spec.tty),
+            process=Process(argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups, tty=spec.tty, caps=caps),
             cgroup_version=version, cgroup_mounts=_v1_mounts() if version == 1 else [],
         )
-        c.update(mounts=mounts_json, etc_files=[t for _, _, t in etc_files], cgroup=cg.to_json(), env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
+        c.update(caps=sorted(caps), mounts=mounts_json, etc_files=[t for _, _, t in etc_files], cgroup=cg.to_json(), env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
         return Prepared(c, launch, cg, image, created)
     except BaseException:
         _rollback(root, c, image.kind, cg, created)

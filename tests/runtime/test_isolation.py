@@ -141,6 +141,14 @@ def test_readonly_paths_and_read_only_rootfs(lamina, image):
     _ok(lamina.sh(image, "touch /newfile"))
 
 
+def test_host_devices_cannot_be_opened(lamina, image):
+    # Docker's device rules: creating a node is allowed, opening one outside the standard set is not
+    r = lamina.sh(image, "mknod /tmp/disk b 7 0 && head -c 16 /tmp/disk | wc -c; mknod /tmp/mem c 1 1 && "
+                         "head -c 1 /tmp/mem | wc -c")
+    assert r.stderr.count("Operation not permitted") == 2, r.stderr
+    assert r.stdout.split() == ["0", "0"]
+
+
 def test_dev_has_standard_nodes(lamina, image):
     out = _ok(lamina.sh(image, "ls /dev; head -c 4 /dev/zero | wc -c; echo x > /dev/null && echo null-ok"))
     for n in ("null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm", "fd"):
