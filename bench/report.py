@@ -140,7 +140,7 @@ def charts(rows: list[Row], contenders: list[str], out: Path) -> list[Path]:
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
     fig.suptitle("lamina benchmarks — median, min–max bars; label = ratio to kernel overlayfs (kov)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path = out / "charts.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -158,7 +158,7 @@ def write(out: Path, meta: dict, rows: list[Row], targets: dict[str, list[Target
                  f"{c} ({avail[c]['version'] or 'available'})" if avail[c]["available"]
                  else f"{c} (not available: {avail[c]['reason']})" for c in contenders), "",
              f"Median of {meta['profile']['reps']} interleaved runs, (min–max), ×N = ratio to lamina "
-             "(store-backed `lamina mount`, else lamina-fs over the same directories).", ""]
+             "(store-backed `lamina mount`, else lamina-fs over the same directories).", "", ""]
     md = "\n".join(intro) + table(rows, targets, contenders)
     (out / "table.md").write_text(md)
     charts(rows, contenders, out)
