@@ -225,3 +225,14 @@ def test_logs_of_a_foreground_container(lamina, image):
     assert r.stdout == "out\n" and r.stderr == "err\n"
     logs = lamina("logs", "fg").stdout
     assert "out\n" in logs and "err\n" in logs
+
+
+def test_image_config_is_used_as_docker_does(lamina, busybox_dir):
+    r = lamina("import", str(busybox_dir), "-t", "configured:1",
+               "-c", 'ENTRYPOINT ["/bin/sh", "-c", "echo $0 $FOO $(pwd) $(id -u)"]', "-c", 'CMD ["default"]',
+               "-c", "ENV FOO=bar", "-c", "WORKDIR /srv", "-c", "USER 1000")
+    assert r.returncode == 0, r.stderr
+    assert lamina("run", "--rm", "configured:1").stdout == "default bar /srv 1000\n"
+    assert lamina("run", "--rm", "configured:1", "mine").stdout == "mine bar /srv 1000\n"
+    r = lamina("run", "--rm", "-u", "0", "-w", "/tmp", "-e", "FOO=baz", "configured:1")
+    assert r.stdout == "default baz /tmp 0\n", r.stderr
