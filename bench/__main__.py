@@ -37,12 +37,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="where mounts, uppers and stores live during the run")
     ap.add_argument("--publish", action="store_true",
                     help="copy table.md and charts.png to bench/latest/ and put the table in README.md's Performance section")
+    ap.add_argument("--render", type=Path, metavar="DIR",
+                    help="run nothing: write table.md and charts.png again from DIR/runs.json (with --publish, publish it)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
     return ap.parse_args(argv)
 
 
+def render(out: Path, publish: bool) -> int:
+    meta, rows = report.read(out)
+    targets = {w.name: list(w.targets) for w in registry()}
+    print(report.write(out, meta, rows, targets, list(meta["contenders"]), raw=False))
+    if publish:
+        report.publish(out, LATEST, README)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    if a.render:
+        return render(a.render, a.publish)
     if os.geteuid() != 0:
         print("bench: must run as root (mount, chroot, drop_caches)", file=sys.stderr)
         return 2
@@ -57,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
-    load_start = report.load()
+    load_start = report.loadavg()
     workloads = [w(profile, scratch) for w in registry() if not a.only or w.name in a.only]
     try:
         if not a.no_install:
@@ -80,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_row(w, cs, unavailable, profile, scratch))
         meta = {"started": started.isoformat(timespec="seconds"),
                 "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "profile": profile.asdict(), "machine": report.machine(), "load": [load_start, report.load()],
+                "profile": profile.asdict(), "machine": report.machine(), "load": [load_start, report.loadavg()],
                 "contenders": status}
         md = report.write(out, meta, rows, {w.name: list(w.targets) for w in workloads}, [c.name for c in cs])
         print(md)

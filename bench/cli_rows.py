@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import data, mounts, peers
 from bench.contenders import Contender, Unavailable, tool
-from bench.workloads import Target, Trial, Workload, lamina_of
+from bench.workloads import Target, Trial, Workload, at_most, lamina_of
 
 CMD_TIMEOUT = 1800
 
@@ -188,14 +188,7 @@ class StoreSize(CliWorkload):
             return f"store bytes on disk, debootstrap corpus ({', '.join(DEBOOTSTRAP_CORPUS)})"
         return f"store bytes on disk, host corpus ({', '.join(HOST_CORPUS)})"
 
-    @property
-    def targets(self):
-        tars = getattr(self, "tar_sum", None)
-
-        def check(m):
-            mine = lamina_of(m)
-            return None if mine is None or tars is None else mine <= 0.5 * tars
-        return (Target("store ≤ 0.5 × sum of layer tars", check),)
+    targets = (Target("store ≤ 0.5 × sum of layer tars", at_most("sum of layer tars", 0.5)),)
 
     def image(self):
         return "rootfs", [data.python_rootfs()]

@@ -35,7 +35,7 @@ def _fstype(path: Path) -> str:
     return best[1]
 
 
-def load() -> str:
+def loadavg() -> str:
     """The 1-minute load average: other work on the machine shows in the min–max spread."""
     return Path("/proc/loadavg").read_text().split()[0]
 
@@ -71,7 +71,7 @@ def cell(row: Row, c: str) -> str:
 
 
 def verdicts(row: Row, targets: list[Target]) -> list[str]:
-    m = row.medians()
+    m = {**row.refs, **row.medians()}  # a target may compare with a reference figure
     out = []
     for tg in targets:
         ok = tg.check(m)
@@ -147,9 +147,17 @@ def charts(rows: list[Row], contenders: list[str], out: Path) -> list[Path]:
     return [path]
 
 
-def write(out: Path, meta: dict, rows: list[Row], targets: dict[str, list[Target]], contenders: list[str]) -> str:
+def read(out: Path) -> tuple[dict, list[Row]]:
+    """A finished run back from its runs.json, to render again."""
+    meta = json.loads((out / "runs.json").read_text())
+    return meta, [Row(**r) for r in meta.pop("rows")]
+
+
+def write(out: Path, meta: dict, rows: list[Row], targets: dict[str, list[Target]], contenders: list[str],
+          raw: bool = True) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "runs.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    if raw:
+        (out / "runs.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
     avail = meta["contenders"]
     intro = [f"# lamina benchmarks — {meta['started']} ({meta['profile']['name']})", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items())

@@ -81,3 +81,6 @@ def test_end_to_end_writes_json_table_and_chart(scratch):
     table = (out / "table.md").read_text()
     assert "readdir" in table and "lamina-fs" in table  # an unavailable contender is shown, not hidden
     assert (out / "charts.png").stat().st_size > 0
+    (out / "table.md").unlink()
+    assert main(["--render", str(out)]) == 0
+    assert (out / "table.md").read_text() == table
