@@ -293,6 +293,14 @@ class CgroupV2:
 
     def freeze(self, frozen: bool) -> None:
         _write(self.path / "cgroup.freeze", "1" if frozen else "0")
+        want = f"frozen {1 if frozen else 0}"
+        for _ in range(200):  # the kernel reports completion in cgroup.events
+            try:
+                if want in (self.path / "cgroup.events").read_text().splitlines():
+                    return
+            except OSError:
+                return
+            time.sleep(0.01)
 
     def remove(self) -> None:
         _rmdir(self.path)

@@ -144,3 +144,46 @@ def test_hybrid_host_is_v1():
         assert cgroups.detect_version() == 1
     else:
         assert cgroups.detect_version() == 2
+
+
+def _unified_mount() -> str | None:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, post = line.split(" - ", 1)
+            if post.split()[0] == "cgroup2":
+                return pre.split()[4]
+    return None
+
+
+def test_v2_placement_and_freeze_on_a_real_cgroup2_tree(tmp_path):
+    """Where a cgroup2 tree is mounted (the controller-less "unified" one of a hybrid host, or the whole v2
+    hierarchy), the v2 code creates, joins, freezes, thaws and removes for real."""
+    import signal
+    import subprocess
+    if _unified_mount() is None:
+        pytest.skip("no cgroup2 mount")
+    cg = CgroupV2.for_container(f"lamina-test-{os.getpid()}")
+    proc = None
+    try:
+        cg.create()
+        proc = subprocess.Popen(["sleep", "60"])
+        cg.add(proc.pid)
+        assert cg.pids() == [proc.pid]
+        with open(f"/proc/{proc.pid}/cgroup") as f:
+            assert any(line.startswith("0::") and line.strip().endswith(cg.path.name) for line in f)
+        cg.freeze(True)
+        for _ in range(500):
+            if "frozen 1" in (cg.path / "cgroup.events").read_text():
+                break
+        assert "frozen 1" in (cg.path / "cgroup.events").read_text()
+        cg.freeze(False)
+        for _ in range(500):
+            if "frozen 0" in (cg.path / "cgroup.events").read_text():
+                break
+        assert "frozen 0" in (cg.path / "cgroup.events").read_text()
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        cg.remove()
+    assert not cg.path.exists()
