@@ -29,7 +29,7 @@ import struct
 import termios
 from dataclasses import dataclass, field
 
-from . import linux
+from . import linux, seccomp
 
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
              signal.SIGWINCH, signal.SIGALRM, signal.SIGCONT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
@@ -60,6 +60,7 @@ class Process:
     groups: list[int] = field(default_factory=list)
     tty: bool = False
     caps: frozenset[int] = linux.DEFAULT_CAPS    # for root; a non-root user gets none
+    seccomp: bool = True                         # runtime.seccomp's filter, loaded just before execve
 
 
 @dataclass
@@ -483,6 +484,8 @@ def _exec(p: Process, stdio: tuple[int, int, int], ew: int) -> None:
             except OSError as e:
                 raise StartError(f"chdir to cwd ({p.cwd!r}) set in config.json failed: {e.strerror}", 126) from None
             path = _find(p.argv[0], p.env)
+            if p.seccomp and seccomp.available():
+                seccomp.load()
             linux.close_fds_from(3, keep=(ew,))
             env = dict(e.split("=", 1) for e in p.env)
             os.execve(path, p.argv, env)

@@ -141,6 +141,14 @@ def test_readonly_paths_and_read_only_rootfs(lamina, image):
     _ok(lamina.sh(image, "touch /newfile"))
 
 
+def test_seccomp_blocks_new_namespaces(lamina, image):
+    r = lamina.sh(image, "grep '^Seccomp:' /proc/self/status; unshare -U true; echo user=$?; unshare -n true;"
+                         " echo net=$?")
+    assert r.stdout.splitlines()[0].split() == ["Seccomp:", "2"]
+    assert "user=1" in r.stdout and "net=1" in r.stdout
+    assert r.stderr.count("Operation not permitted") == 2, r.stderr
+
+
 def test_host_devices_cannot_be_opened(lamina, image):
     # Docker's device rules: creating a node is allowed, opening one outside the standard set is not
     r = lamina.sh(image, "mknod /tmp/disk b 7 0 && head -c 16 /tmp/disk | wc -c; mknod /tmp/mem c 1 1 && "
