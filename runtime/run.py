@@ -173,6 +173,7 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
     })
     cg: cgroups.Cgroup | None = None
     created: list[str] = []
+    made_dirs: list[tuple[str, str]] = []  # (topmost created, leaf) host directories for bind sources
     try:
         rootfs.mount(root, image, str(c.upper), str(c.work), str(c.rootfs))
         R = str(c.rootfs)
@@ -193,7 +194,11 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
             if m.kind == "bind":
                 src = m.source
                 if not os.path.exists(src):
+                    top = src
+                    while not os.path.exists(os.path.dirname(top)):
+                        top = os.path.dirname(top)
                     os.makedirs(src, exist_ok=True)  # Docker creates a missing host directory
+                    made_dirs.append((top, src))
                 target = make_mountpoint(R, m.target, os.path.isdir(src))
                 binds.append((src, target, m.readonly))
                 mounts_json.append(m.to_json())
@@ -228,10 +233,21 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
             process=Process(argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups, tty=spec.tty, caps=caps),
             cgroup_version=version, cgroup_mounts=_v1_mounts() if version == 1 else [],
         )
-        c.update(caps=sorted(caps), mounts=mounts_json, etc_files=[t for _, _, t in etc_files], cgroup=cg.to_json(), env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
+        c.update(caps=sorted(caps), mounts=mounts_json, etc_files=[t for _, _, t in etc_files], cgroup=cg.to_json(),
+                 env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
         return Prepared(c, launch, cg, image, created)
     except BaseException:
         _rollback(root, c, image.kind, cg, created)
+        for top, leaf in made_dirs:  # only while still empty: nothing of the user's is ever removed
+            d = leaf
+            while True:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+                if d == top:
+                    break
+                d = os.path.dirname(d)
         raise
 
 

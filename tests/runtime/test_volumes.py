@@ -97,11 +97,16 @@ def test_escaping_targets_are_refused_and_leave_nothing(lamina, trap_image, tmp_
     host = tmp_path / "h"
     host.mkdir()
     probe = f"lamina-escape-{os.getpid()}"
+    fresh = tmp_path / "not" / "yet"
     for spec in (f"{host}:/escape/{probe}", f"{host}:/../../tmp/{probe}", f"named:/escape/{probe}"):
         r = lamina("run", "--rm", "-v", spec, trap_image, "true")
         assert r.returncode == 125, spec
         assert r.stderr.startswith("lamina: ") and len(r.stderr.strip().splitlines()) == 1
     assert not os.path.lexists(f"/tmp/{probe}")  # where /escape leads on the host
+    # a host directory made for a bind that then fails (a directory onto the image's file) is taken back
+    r = lamina("run", "--rm", "-v", f"{fresh}:/etc/passwd", trap_image, "true")
+    assert r.returncode == 125 and "passwd" in r.stderr
+    assert not (tmp_path / "not").exists()
     assert lamina.containers() == []
     assert lamina("volume", "ls", "-q").stdout.split() == []
     assert mounts_under(lamina.root) == []
