@@ -370,7 +370,24 @@ def _console(L: Launch) -> tuple[int, int, int]:
 # -- P2: init ------------------------------------------------------------------------------------------------
 
 
+def _set_title(title: bytes) -> None:
+    """Show the init as `lamina-init` in the container's ps, not as the host's lamina command line: overwrite the
+    argv area in place (what setproctitle does) and set the comm name."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48 and 49)
+        if end > start:
+            with open("/proc/self/mem", "r+b", buffering=0) as mem:
+                mem.seek(start)
+                mem.write(title[: end - start - 1].ljust(end - start, b"\0"))
+        linux.set_comm(title)
+    except (OSError, ValueError, IndexError):
+        pass
+
+
 def _init(L: Launch, rep_w: int, stdio: tuple[int, int, int], go_r: int) -> None:
+    _set_title(b"lamina-init")
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     _setup_mounts(L)
     if L.network == "none":

@@ -92,6 +92,12 @@ def sethostname(name: str) -> None:
     _check(_libc.sethostname(b, ctypes.c_size_t(len(b))), "sethostname")
 
 
+def set_comm(name: bytes) -> None:
+    """PR_SET_NAME: the process's comm (15 bytes at most)."""
+    buf = ctypes.create_string_buffer(name[:15])
+    _check(_libc.prctl(ctypes.c_int(15), buf, ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl")
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
                               ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), "prctl")

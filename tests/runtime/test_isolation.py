@@ -17,6 +17,9 @@ def test_pid_namespace_init_is_pid1_with_ppid0(lamina, image):
     assert "Pid:" in out and out.splitlines()[0].split() == ["Pid:", "1"]
     assert out.splitlines()[1].split() == ["PPid:", "0"]
     assert "self=2" in out  # the command runs under the init
+    ps = _ok(lamina.sh(image, "ps -o pid,args"))
+    init_line = next(line for line in ps.splitlines() if line.split()[0] == "1")
+    assert init_line.split()[1:] == ["lamina-init"]  # no host command line or path shows through
     # init, sh and grep/ls: no host process is visible
     assert int(lines[-1]) <= 4
 
