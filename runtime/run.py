@@ -176,6 +176,10 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
     made_dirs: list[tuple[str, str]] = []  # (topmost created, leaf) host directories for bind sources
     try:
         rootfs.mount(root, image, str(c.upper), str(c.work), str(c.rootfs))
+        # From here a SIGTERM or SIGHUP rolls back like Ctrl-C does. Not earlier: the union filesystem's daemon,
+        # forked by the mount, must keep the default dispositions for libfuse to install its own.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupted)
         R = str(c.rootfs)
         uid, gid, groups, home = resolve_user(R, user)
         env = _merge_env([DEFAULT_PATH, f"HOSTNAME={hostname}", f"HOME={home}"] + (["TERM=xterm"] if spec.tty else []),
@@ -249,6 +253,10 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
                     break
                 d = os.path.dirname(d)
         raise
+
+
+def _interrupted(sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {sig}")
 
 
 def _rollback(root: str, c: state.Container, kind: str, cg: cgroups.Cgroup | None, created: list[str]) -> None:
@@ -430,6 +438,9 @@ def run(root: str, spec: RunSpec) -> int:
     except OSError as e:
         print(f"lamina: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
         return 125
+    except KeyboardInterrupt:
+        print("lamina: interrupted before the container started; nothing was kept", file=sys.stderr)
+        return 130
     if not spec.detach:
         return supervise(root, p, "tty" if spec.tty else "relay", spec.interactive)
     r, w = os.pipe()
