@@ -1,5 +1,6 @@
-"""Fixtures for the runtime tests: a temporary LAMINA_ROOT for the session, the busybox image, a `lamina` runner,
-and a sweep after every test that removes containers, volumes, mounts and cgroups even when the test failed."""
+"""Fixtures for the runtime tests: a temporary LAMINA_ROOT for the session, the busybox image (from the suite's
+busybox_dir), a `lamina` runner, and a sweep after every test that removes containers, volumes, mounts and cgroups
+even when the test failed."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import busybox, cgroups, lifecycle, state
+from runtime import cgroups, lifecycle, state
 
 LAMINA = [sys.executable, "-m", "runtime.cli"]
 TOP = Path(__file__).resolve().parents[2]
@@ -68,11 +69,6 @@ def lamina_root(tmp_path_factory: pytest.TempPathFactory):
         yield root
     finally:
         sweep(root)
-
-
-@pytest.fixture(scope="session")
-def busybox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return busybox.build(tmp_path_factory.mktemp("busybox") / "rootfs")
 
 
 @pytest.fixture(scope="session")
