@@ -251,10 +251,11 @@ def df_cmd(store: Store, fmt: str) -> None:
 @click.command("gc")
 @store_command
 def gc_cmd(store: Store) -> None:
-    """Remove layers and contents that no image references."""
+    """Remove untagged unused images, and layers and contents that no image references."""
     from .maintenance import gc
     r = gc(store)
-    click.echo(f"Removed {r['layers']} layers and {r['objects']} objects, {human(r['bytes'])} reclaimed")
+    click.echo(f"Removed {r['images']} untagged images, {r['layers']} layers and {r['objects']} objects, "
+               f"{human(r['bytes'])} reclaimed")
 
 
 @click.command("fsck")

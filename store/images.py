@@ -50,9 +50,12 @@ def rmi(store: Store, ref: str, force: bool = False) -> list[str]:
     with store.write() as db:
         holders = [h for (h,) in db.execute("SELECT holder FROM holds WHERE image_id=?", (image_id,))]
         if name is not None:
+            others = db.execute("SELECT 1 FROM tags WHERE image_id=? AND name != ?", (image_id, name)).fetchone()
+            if holders and not others and not force:
+                raise StoreError(f"image {image_id[7:19]} is in use by {holders[0]}: use -f to untag it anyway")
             db.execute("DELETE FROM tags WHERE name=?", (name,))
             out.append(f"Untagged: {name}")
-            if db.execute("SELECT 1 FROM tags WHERE image_id=?", (image_id,)).fetchone():
+            if others:
                 return out
         elif not force and db.execute("SELECT count(*) FROM tags WHERE image_id=?", (image_id,)).fetchone()[0] > 1:
             raise StoreError(f"image {image_id[7:19]} is referenced in multiple repositories: use -f")

@@ -71,7 +71,8 @@ def df(store: Store) -> dict:
 
 
 def gc(store: Store) -> dict:
-    """Drops layers no image uses and objects no layer uses, then stray files under objects/."""
+    """Drops images with neither tag nor holder, layers no image uses and objects no layer uses, then stray files
+    under objects/."""
     with store.exclusive():
         store.recover_locked()
         return _gc_locked(store)
@@ -79,6 +80,13 @@ def gc(store: Store) -> dict:
 
 def _gc_locked(store: Store) -> dict:
     with store.write() as db:
+        # Dangling images (no tag, no holder) go first, as `docker image prune` removes them.
+        dead_images = [i for (i,) in db.execute(
+            "SELECT id FROM images WHERE id NOT IN (SELECT image_id FROM tags) "
+            "AND id NOT IN (SELECT image_id FROM holds)")]
+        for image_id in dead_images:
+            db.execute("DELETE FROM image_layers WHERE image_id=?", (image_id,))
+            db.execute("DELETE FROM images WHERE id=?", (image_id,))
         dead_layers = [lid for (lid,) in db.execute(
             "SELECT id FROM layers WHERE id NOT IN (SELECT layer_id FROM image_layers)")]
         for lid in dead_layers:
@@ -99,7 +107,8 @@ def _gc_locked(store: Store) -> dict:
     for p in strays:
         freed += os.lstat(p).st_size
         os.unlink(p)
-    return {"layers": len(dead_layers), "objects": len(dead) + len(strays), "bytes": freed}
+    return {"images": len(dead_images), "layers": len(dead_layers), "objects": len(dead) + len(strays),
+            "bytes": freed}
 
 
 def _stray_files(store: Store) -> list[str]:
