@@ -172,6 +172,8 @@ class DirLayer:
     def listdir(self, path: str) -> list[tuple[str, int, int, bool]]:
         out: list[tuple[str, int, int, bool]] = []
         real = self.real(path)
+        # kernel overlayfs marks a directory holding xattr whiteouts with opaque=x; only then are files checked
+        xattr_whiteouts = self._xattr(real, self._xattr_names(real), OPAQUE_XATTRS) == b"x"
         with os.scandir(real) as it:
             for de in it:
                 name = de.name
@@ -184,7 +186,11 @@ class DirLayer:
                         fmt = stat.S_IFDIR
                     elif de.is_file(follow_symlinks=False):
                         fmt = stat.S_IFREG
-                        # a zero-size regular file may be an xattr whiteout; only nested overlays write those
+                        if xattr_whiteouts and de.stat(follow_symlinks=False).st_size == 0:
+                            xs = self._xattr_names(de.path)
+                            if any(n in xs for n in WHITEOUT_XATTRS):
+                                out.append((name, stat.S_IFCHR, 0, True))
+                                continue
                     elif de.is_symlink():
                         fmt = stat.S_IFLNK
                     else:
