@@ -77,3 +77,41 @@ def test_exec_tty(lamina, image):
     assert lines[0].startswith("/dev/pts/")
     assert lines[1] == "30 100"
     assert "got:typed" in lines
+
+
+def test_window_size_follows_the_terminal(lamina, image):
+    import signal
+    import subprocess
+    import time
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    p = subprocess.Popen([*LAMINA, "run", "--rm", "-it", image, "sh", "-c", "stty size; read x; stty size"],
+                         stdin=slave, stdout=slave, stderr=slave, env=lamina.env, cwd=TOP, start_new_session=True)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 60  # a guard against a hang, not a timing assertion
+        while b"30 100" not in out and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                out += os.read(master, 4096)
+        assert b"30 100" in out
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+        p.send_signal(signal.SIGWINCH)  # what the kernel sends a terminal's foreground group on a resize
+        os.write(master, b"\n")
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1)[0]:
+                continue
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        assert p.wait(timeout=30) == 0
+        assert b"50 132" in out
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
