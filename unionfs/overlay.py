@@ -354,40 +354,8 @@ class Overlay:
         c = self._child(n, name)
         return None if c is None else self.attrs(c, _join(path, name))
 
-    def readdir(self, path: str) -> list[tuple[str, int, int]]:
-        """(name, type bits, inode) of every visible entry, '.' and '..' first."""
-        n = self._dir(path)
-        if n is None:
-            raise _err(errno.ENOTDIR if self.resolve(path) else errno.ENOENT, path)
-        out: list[tuple[str, int, int]] = [(".", stat.S_IFDIR, n.ino), ("..", stat.S_IFDIR, 0)]
-        seen: set[str] = set()
-        for li, lp in n.stack:
-            for name, fmt, ino, wh in self.layers[li].listdir(lp):
-                if name in seen:
-                    continue
-                seen.add(name)
-                if wh:
-                    continue
-                child = _join(path, name)
-                if fmt == stat.S_IFDIR:
-                    d = self._dir(child)
-                    if d is None:
-                        continue
-                    out.append((name, stat.S_IFDIR, d.ino))
-                else:
-                    if li == 0 and self.upper is not None:
-                        try:
-                            v = copyup.decode_ino(
-                                os.getxattr(self.upper.real(child), ORIGIN_XATTR, follow_symlinks=False))
-                            if v is not None:
-                                ino = v
-                        except OSError:
-                            pass
-                    out.append((name, fmt, ino))
-        return out
-
     def is_empty_dir(self, path: str) -> bool:
-        return len(self.readdir(path)) == 2
+        return len(self.readdir_names(path)) == 2
 
     def _layer_of(self, path: str, n: Node) -> Layer:
         return self._hidden[path][0] if n.layer == -1 else self.layers[n.layer]
