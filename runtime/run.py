@@ -237,8 +237,12 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
             process=Process(argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups, tty=spec.tty, caps=caps),
             cgroup_version=version, cgroup_mounts=_v1_mounts() if version == 1 else [],
         )
-        c.update(caps=sorted(caps), mounts=mounts_json, etc_files=[t for _, _, t in etc_files], cgroup=cg.to_json(),
-                 env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
+        # The container's config as Docker keeps it: the image's, with the run's command, env, workdir and user.
+        config = {k: v for k, v in cfg.items() if k not in ("Env", "Cmd", "WorkingDir", "User")}
+        config.update(Env=_merge_env(list(cfg.get("Env") or []), spec.env), Cmd=list(spec.cmd) or cfg.get("Cmd"),
+                      WorkingDir=spec.workdir or cfg.get("WorkingDir") or "", User=spec.user or cfg.get("User") or "")
+        c.update(config=config, caps=sorted(caps), mounts=mounts_json, etc_files=[t for _, _, t in etc_files],
+                 cgroup=cg.to_json(), env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
         return Prepared(c, launch, cg, image, created)
     except BaseException:
         _rollback(root, c, image.kind, cg, created)

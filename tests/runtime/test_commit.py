@@ -45,3 +45,13 @@ def test_commit_running_container_pauses_and_resumes(lamina, image):
 def test_commit_unknown_container(lamina):
     r = lamina("commit", "nope", "x:y")
     assert r.returncode == 1 and "no such container" in r.stderr
+
+
+def test_committed_image_runs_with_the_new_layer(lamina, image):
+    r = lamina("run", "--name", "cfgsrc", "-e", "GREETING=hello", "-w", "/srv", image, "sh", "-c",
+               "echo $GREETING from $(pwd) > /srv/msg; rm /etc/group")
+    assert r.returncode == 0, r.stderr
+    assert lamina("commit", "cfgsrc", "withlayer:1").returncode == 0
+    r = lamina("run", "--rm", "withlayer:1", "sh", "-c", "cat /srv/msg; ls /etc/group")
+    assert r.stdout == "hello from /srv\n"
+    assert "No such file" in r.stderr
