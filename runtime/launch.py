@@ -191,8 +191,8 @@ def _go(fd: int, byte: bytes, reader) -> None:
 
 def _p1(L: Launch, go_r: int, rep_w: int, stdio: tuple[int, int, int]) -> None:
     os.setsid()  # the terminal's Ctrl-C goes to the supervisor only, which forwards it once
-    # The init should not be the OOM killer's choice over the command (P3 resets this to 0 before exec). Lowering
-    # needs CAP_SYS_RESOURCE, which some hosts withhold even from root: then both end with 137 all the same.
+    # Best effort: the init should not be the OOM killer's choice (P3 resets this to 0 before exec). Lowering needs
+    # CAP_SYS_RESOURCE, which some hosts withhold even from root; on v1 the init leaves the memory cgroup anyway.
     try:
         _write_file("/proc/self/oom_score_adj", "-999")
     except PermissionError:
@@ -301,14 +301,26 @@ def _bind_rootfs(L: Launch) -> None:
     os.chdir(R)
 
 
+def _plain_dir(name: str) -> None:
+    """Before pivot_root a symlink would be followed on the host's side: the image's /proc, /dev and /sys must be
+    directories (made if missing), never links (runc's "mount destination is a symlink")."""
+    try:
+        st = os.lstat(name)
+    except FileNotFoundError:
+        os.mkdir(name, 0o755)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, f"the image's /{name} is not a directory; refusing to mount there")
+
+
 def _setup_mounts(L: Launch) -> None:
     """In P2 (PID 1), cwd at the rootfs: the kernel filesystems, then pivot_root, then masking."""
     R = "."
-    os.makedirs(R + "/proc", exist_ok=True)
+    _plain_dir("proc")
     linux.mount("proc", R + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-    os.makedirs(R + "/dev", exist_ok=True)
+    _plain_dir("dev")
     _mount_dev(R, L)
-    os.makedirs(R + "/sys", exist_ok=True)
+    _plain_dir("sys")
     _mount_sys(R, L)
     linux.pivot_root(".", ".")
     linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)

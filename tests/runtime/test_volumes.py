@@ -110,3 +110,15 @@ def test_escaping_targets_are_refused_and_leave_nothing(lamina, trap_image, tmp_
     assert lamina.containers() == []
     assert lamina("volume", "ls", "-q").stdout.split() == []
     assert mounts_under(lamina.root) == []
+
+
+def test_symlinked_proc_in_the_image_is_refused(lamina, busybox_dir, tmp_path):
+    import shutil
+    import subprocess
+    evil = tmp_path / "evil"
+    subprocess.run(["cp", "-a", str(busybox_dir), str(evil)], check=True)
+    shutil.rmtree(evil / "proc")
+    os.symlink("/etc", evil / "proc")  # followed before pivot_root, this would be the host's /etc
+    r = lamina("run", "--rm", str(evil), "true")
+    assert r.returncode == 125 and "/proc is not a directory" in r.stderr
+    assert lamina.containers() == [] and mounts_under(lamina.root) == []
