@@ -111,6 +111,7 @@ class Overlay:
         self.notify: Callable[[list[str]], None] | None = None
         # Open files unlinked through the mount: libfuse renames them to ".fuse_hidden*" names (unless hard_remove)
         # and unlinks that name on the last close. Their data is parked in the work dir meanwhile, never in upper.
+        # Keyed by name alone: libfuse makes hidden names unique per mount, and the directory may move meanwhile.
         self._hidden: dict[str, tuple[Layer, str, int]] = {}
         if upper is not None:
             self._parking = DirLayer(self.work, name="work")
@@ -193,7 +194,7 @@ class Overlay:
         return Node(found[0][2], found[0][0], found[0][1], tuple((li, p) for li, p, _ in found), found[-1][2].ino)
 
     def _resolve_hidden(self, path: str) -> Node | None:
-        h = self._hidden.get(path)
+        h = self._hidden.get(_split(path)[1])
         if h is None:
             return None
         layer, lpath, ino = h
@@ -210,9 +211,9 @@ class Overlay:
         if self._in_upper(n):
             tmp = copyup.work_name(self.work)
             os.link(self.w.real(old), tmp)  # a second name keeps the inode (and its data) alive in the work dir
-            self._hidden[new] = (self._parking, "/" + os.path.basename(tmp), n.ino)
+            self._hidden[_split(new)[1]] = (self._parking, "/" + os.path.basename(tmp), n.ino)
         else:
-            self._hidden[new] = (self.layers[n.layer], n.lpath, n.ino)
+            self._hidden[_split(new)[1]] = (self.layers[n.layer], n.lpath, n.ino)
         self.unlink(old)
 
     def _file_ino(self, li: int, lpath: str, rec: Record) -> int:
@@ -358,7 +359,7 @@ class Overlay:
         return len(self.readdir_names(path)) == 2
 
     def _layer_of(self, path: str, n: Node) -> Layer:
-        return self._hidden[path][0] if n.layer == -1 else self.layers[n.layer]
+        return self._hidden[_split(path)[1]][0] if n.layer == -1 else self.layers[n.layer]
 
     def readlink(self, path: str) -> str:
         n = self._node(path)
@@ -398,7 +399,7 @@ class Overlay:
         """Make `path` exist in the upper directory (data included) and return its real path there."""
         w = self._need_upper()
         if n is not None and n.layer == -1:
-            layer, lpath, _ = self._hidden[path]
+            layer, lpath, _ = self._hidden[_split(path)[1]]
             if layer is not self._parking:
                 raise _err(errno.EROFS, path)
             return self._parking.real(lpath)
@@ -570,8 +571,8 @@ class Overlay:
         self.w.make_whiteout_at(real)
 
     def unlink(self, path: str) -> None:
-        if path.rpartition("/")[2].startswith(HIDDEN_PREFIX) and path in self._hidden:
-            layer, lpath, _ = self._hidden.pop(path)
+        if _split(path)[1] in self._hidden:
+            layer, lpath, _ = self._hidden.pop(_split(path)[1])
             if layer is self._parking:
                 os.unlink(self._parking.real(lpath))
             return
@@ -760,7 +761,7 @@ class Overlay:
         n = self._node(path)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if n.layer == -1:
-            layer, lpath, _ = self._hidden[path]
+            layer, lpath, _ = self._hidden[_split(path)[1]]
             fd = os.open(self.copy_up(path, n), (flags & _OPEN_PASS) | os.O_CLOEXEC) if writing \
                 else layer.open_read(lpath)
             self.handles[fd] = Handle(fd, n.ino, path, True)

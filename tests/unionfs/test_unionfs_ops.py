@@ -234,6 +234,17 @@ def test_open_unlinked_file_keeps_working(layout):
         f.close()
         g.close()
         assert [n for n in os.listdir(layout["upper"]) if n.startswith(".fuse_hidden")] == []
+        # the directory of an open unlinked file moves away before the last close
+        os.mkdir(m / "t")
+        (m / "t" / "f").write_text("in t")
+        h = open(m / "t" / "f", "rb")
+        os.unlink(m / "t" / "f")
+        os.rename(m / "t", m / "t2")
+        assert os.fstat(h.fileno()).st_size == 4 and h.read() == b"in t"
+        assert os.listdir(m / "t2") == []
+        h.close()
+        os.rmdir(m / "t2")
+    assert os.listdir(layout["work"] / "work") == []
 
 
 def test_inode_numbers_stable_across_copy_up_and_remount(layout):
