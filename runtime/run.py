@@ -227,6 +227,7 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
         # v1's devices cgroup limits what may be opened; v2 would need an eBPF program, so there no node may be made.
         caps = linux.DEFAULT_CAPS if version == 1 else linux.DEFAULT_CAPS - {linux.CAPS["MKNOD"]}
         cg = cgroups.for_container(f"lamina-{cid}")
+        c.update(cgroup=cg.to_json())  # recorded first: if lamina dies now, `lamina rm` still finds it
         cg.create()
         try:
             cg.apply(spec.limits)

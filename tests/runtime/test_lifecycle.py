@@ -236,3 +236,22 @@ def test_image_config_is_used_as_docker_does(lamina, busybox_dir):
     assert lamina("run", "--rm", "configured:1", "mine").stdout == "mine bar /srv 1000\n"
     r = lamina("run", "--rm", "-u", "0", "-w", "/tmp", "-e", "FOO=baz", "configured:1")
     assert r.stdout == "default baz /tmp 0\n", r.stderr
+
+
+def test_rm_cleans_up_after_a_killed_lamina_run(lamina, image):
+    # lamina itself killed with SIGKILL while the container runs: no supervisor is left, yet `rm` cleans up all
+    p = lamina.popen("run", "--name", "crashed", image, "sh", "-c", "echo up; sleep 60")
+    try:
+        assert p.stdout.readline().strip() == "up"
+        c = lamina.containers()[0]
+        dirs = cgroup_dirs(c)
+        p.kill()
+        p.wait()
+        assert "Up " in next(x for x in lamina("ps").stdout.splitlines() if x.endswith("crashed"))
+        assert lamina("rm", "-f", "crashed").returncode == 0
+        assert lamina.containers() == [] and mounts_under(lamina.root) == []
+        assert not any(d.exists() for d in dirs)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
