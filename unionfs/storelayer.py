@@ -19,6 +19,7 @@ from .layers import Record, is_private_xattr
 log = logging.getLogger("lamina.fs")
 # Store inode numbers live in their own range so they never meet the upper directory's.
 STORE_INO_TAG = 1 << 60
+_LISTED_DIRS = 8
 
 
 class StoreLayer:
@@ -26,8 +27,17 @@ class StoreLayer:
         self.reader = reader
         self.layer_id = layer_id
         self.name = name or f"layer {layer_id}"
+        # The entries of the last few directories listed: a listing is followed by a lookup of each name (to
+        # answer READDIRPLUS), and layers never change, so those lookups need no query of their own.
+        self._listed: dict[str, dict[str, Entry]] = {}
 
     def _entry(self, path: str) -> Entry | None:
+        if path == "/":
+            return self.reader.lookup(self.layer_id, path)
+        head, _, name = path.rpartition("/")
+        listed = self._listed.get(head or "/")
+        if listed is not None:
+            return listed.get(name)
         return self.reader.lookup(self.layer_id, path)
 
     def _record(self, e: Entry) -> Record:
@@ -50,7 +60,14 @@ class StoreLayer:
 
     def listdir(self, path: str) -> list[tuple[str, int, int, bool]]:
         out = []
-        for name, e in self.reader.children(self.layer_id, path):
+        children = self.reader.children(self.layer_id, path)
+        if len(self._listed) >= _LISTED_DIRS:
+            try:
+                self._listed.pop(next(iter(self._listed)), None)
+            except (StopIteration, RuntimeError):  # another thread got there first
+                pass
+        self._listed[path] = dict(children)
+        for name, e in children:
             if e.kind == WHITEOUT:
                 out.append((name, stat.S_IFCHR, 0, True))
             else:
