@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import sqlite_utils
 
 from .errors import StoreError
 from .schema import SCHEMA, SCHEMA_VERSION
@@ -75,9 +74,10 @@ class Store:
         return conn
 
     def _init_schema(self) -> None:
-        db = sqlite_utils.Database(self.db)
-        if db.journal_mode != "wal":
-            db.enable_wal()
+        if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            # Imported only for a new store: sqlite_utils imports numpy when it is installed (~0.2 s per command).
+            import sqlite_utils  # noqa: PLC0415
+            sqlite_utils.Database(self.db).enable_wal()
         with self.write():
             # Statement by statement (executescript would COMMIT); all are idempotent (IF NOT EXISTS).
             code = re.sub(r"--[^\n]*", "", SCHEMA)
