@@ -47,11 +47,19 @@ def test_network_none_has_only_lo_up(lamina, image):
     assert "lo:" in out and ",UP" in out
 
 
-def test_network_host_sees_host_interfaces(lamina, image):
+def _host_interfaces() -> set[str]:
     with open("/proc/net/dev") as f:
-        host = sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+        return {line.split(":")[0].strip() for line in f.readlines()[2:]}
+
+
+def test_network_host_sees_host_interfaces(lamina, image):
+    before = _host_interfaces()
     out = _ok(lamina.sh(image, "tail -n +3 /proc/net/dev | cut -d: -f1", "--network", "host"))
-    assert sorted(x.strip() for x in out.split()) == host
+    after = _host_interfaces()
+    inside = {x.strip() for x in out.split()}
+    # other workloads on the machine may add or drop interfaces meanwhile (podman's veths)
+    assert before & after <= inside <= before | after
+    assert len(inside) > 1
 
 
 @pytest.mark.parametrize("ns", ["ipc", "uts", "mnt", "pid", "net", "cgroup"])
