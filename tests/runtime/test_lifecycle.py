@@ -42,8 +42,8 @@ def test_ctrl_c_reaches_the_command_once(lamina, image):
     # the terminal sends SIGINT to the whole foreground process group: lamina forwards it, the container must not
     # get a second copy, and the union filesystem daemon (its own session) must not get it at all
     p = lamina.popen("run", "--rm", image, "sh", "-c",
-                     "n=0; trap 'n=$((n+1))' INT; echo ready; sleep 1; echo ints=$n; cat /etc/hostname >/dev/null;"
-                     " ls /bin >/dev/null && echo rootfs-ok", start_new_session=True)
+                     "n=0; trap 'n=$((n+1))' INT; echo ready; while [ $n -eq 0 ]; do sleep 0.1; done; sleep 0.5;"
+                     " echo ints=$n; ls /bin >/dev/null && echo rootfs-ok", start_new_session=True)
     try:
         assert p.stdout.readline().strip() == "ready"
         os.killpg(p.pid, signal.SIGINT)
