@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-
 from .errors import StoreError
 from .schema import SCHEMA, SCHEMA_VERSION
 
@@ -73,7 +72,19 @@ class Store:
             self._local.conn = conn
         return conn
 
+    def _version(self) -> int | None:
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.OperationalError:  # no meta table: a new store
+            return None
+        return None if row is None else int(row[0])
+
     def _init_schema(self) -> None:
+        version = self._version()
+        if version == SCHEMA_VERSION:
+            return  # the common case costs one read and never waits for a writer
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreError(f"store {self.root} has schema {version}, newer than this lamina ({SCHEMA_VERSION})")
         if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             # Imported only for a new store: sqlite_utils imports numpy when it is installed (~0.2 s per command).
             import sqlite_utils  # noqa: PLC0415
@@ -84,11 +95,7 @@ class Store:
             for stmt in code.split(";"):
                 if stmt.strip():
                     self.db.execute(stmt)
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise StoreError(f"store {self.root} has schema {row[0]}, newer than this lamina ({SCHEMA_VERSION})")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
