@@ -187,7 +187,9 @@ def publish(out: Path, latest: Path, readme: Path) -> None:
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         raise RuntimeError(f"{readme}: no {BEGIN} … {END} markers to publish between")
-    table_md = (out / "table.md").read_text().split("\n", 1)[1].strip()  # without its title line
+    title, table_md = (out / "table.md").read_text().split("\n", 1)
+    when = title.split("—", 1)[-1].strip()  # "2026-…Z (quick)"
+    table_md = f"Latest published run: {when}, from `bench/latest/runs.json`.\n\n" + table_md.strip()
     body = f"{BEGIN}\n{table_md}\n\n![benchmark charts](bench/latest/charts.png)\n{END}"
     head, rest = text.split(BEGIN, 1)
     readme.write_text(head + body + rest.split(END, 1)[1])
