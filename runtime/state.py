@@ -14,6 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from store.holds import hold, release
+from store.root import Store
+
 _ADJ = ("admiring", "brave", "calm", "dreamy", "eager", "focused", "gallant", "happy", "jolly", "keen", "lucid",
         "modest", "nifty", "quirky", "relaxed", "serene", "tender", "upbeat", "vibrant", "zealous")
 _NOUN = ("archimedes", "babbage", "curie", "darwin", "euler", "fermi", "gauss", "hopper", "kepler", "lovelace",
@@ -140,6 +143,9 @@ def create(root: str | Path, cid: str, data: dict) -> Container:
         (d / sub).mkdir()
     c = Container(d, dict(data, id=cid, created=time.time(), status="created"))
     c.save()
+    if data.get("image_id"):
+        # The store keeps an image a container uses (gc spares it; rmi needs -f), until the container is removed.
+        hold(Store(str(root)), f"container:{cid}", data["image_id"])
     return c
 
 
@@ -176,3 +182,6 @@ def remove_dir(c: Container) -> None:
     shutil.rmtree(c.dir, ignore_errors=True)
     if c.dir.exists():
         shutil.rmtree(c.dir)
+    # Released after the directory is gone: a crash in between leaves a stale hold (an image kept), never a
+    # container whose image gc may take.
+    release(Store(str(c.dir.parent.parent)), f"container:{c.id}")
