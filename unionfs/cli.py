@@ -38,6 +38,7 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
               read_only: bool, foreground: bool, log: str | None) -> None:
     """Mount IMAGE from the store at MOUNTPOINT as a copy-on-write union filesystem."""
     from store.errors import StoreError
+    from store.holds import hold, release
     from store.reader import open_store
 
     mountpoint = os.path.abspath(mountpoint)
@@ -67,8 +68,16 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
             return Overlay([DirLayer(upper), *lowers])
         return Overlay(lowers, None if read_only else upper, None if read_only else work)
 
-    rc = run(build, mountpoint, foreground=foreground, read_only=read_only or upper is None, fsname="lamina",
-             log_path=os.path.abspath(log) if log else None, prog="lamina")
+    # The store keeps a mounted image (gc spares its objects, rmi needs -f) until `lamina umount` releases it.
+    holder = f"mount:{os.path.realpath(mountpoint)}"
+    hold(st.store, holder, img.id)
+    rc = 1
+    try:
+        rc = run(build, mountpoint, foreground=foreground, read_only=read_only or upper is None, fsname="lamina",
+                 log_path=os.path.abspath(log) if log else None, prog="lamina")
+    finally:
+        if rc != 0 or foreground:
+            release(st.store, holder)
     sys.exit(rc)
 
 
@@ -77,11 +86,20 @@ def _mounted(path: str) -> bool:
         return any(line.split()[4] == path for line in f)
 
 
+def _release_hold(root: str | None, mountpoint: str) -> None:
+    from store.holds import release
+    from store.root import Store, default_root
+    if os.path.exists(os.path.join(root or default_root(), "index.db")):  # never create a store to unmount
+        release(Store(root), f"mount:{mountpoint}")
+
+
 @click.command("umount")
 @click.argument("mountpoint", type=click.Path())
-def umount_cmd(mountpoint: str) -> None:
+@click.pass_context
+def umount_cmd(ctx: click.Context, mountpoint: str) -> None:
     """Unmount a lamina mount (lazily when busy); also clears the mount of a killed daemon."""
     mountpoint = os.path.realpath(mountpoint)
+    _release_hold((ctx.obj or {}).get("root"), mountpoint)
     if not _mounted(mountpoint):
         _fail(f"{mountpoint}: not mounted", UMOUNT_FAILED)
     err = ""

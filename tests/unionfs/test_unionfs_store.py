@@ -144,3 +144,19 @@ def test_bad_mount_arguments(layout, scratch, store_image):
         assert not is_mounted(mnt)
     p = lamina(root, "umount", mnt, check=False)
     assert p.returncode == 32 and "not mounted" in p.stderr
+
+
+def test_mounted_image_is_held_until_umount(layout, store_image):
+    """gc must not take the objects a mount serves: the mount holds its image until `lamina umount`."""
+    root, image = store_image
+    mnt = layout["mnt"]
+    mount_store(root, image, mnt, "--read-only")
+    try:
+        r = lamina(root, "rmi", image, check=False)
+        assert r.returncode == 1 and "in use by mount:" in r.stderr
+        lamina(root, "rmi", "-f", image)
+        lamina(root, "gc")
+        assert snapshot(mnt, dir_nlink=False)  # every file still readable
+    finally:
+        lamina(root, "umount", mnt)
+    assert "Removed 1 untagged images" in lamina(root, "gc").stdout
