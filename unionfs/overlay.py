@@ -417,6 +417,7 @@ class Overlay:
                 idx = self._index_path(n.ino)
                 if os.path.lexists(idx):
                     os.link(idx, real)
+                    self._follow_copy_up(n.ino, real)
                     return real
                 tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
                 try:
@@ -433,7 +434,20 @@ class Overlay:
                 raise
             if n.is_dir:
                 self._invalidate()
+            else:
+                self._follow_copy_up(n.ino, real)
             return real
+
+    def _follow_copy_up(self, ino: int, real: str) -> None:
+        """Files opened read-only before the copy-up read the copy from now on (as kernel overlayfs does)."""
+        for h in list(self.handles.values()):
+            if h.ino == ino and not h.upper:
+                fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.dup2(fd, h.fd)  # the kernel keeps using the same handle number
+                finally:
+                    os.close(fd)
+                h.upper = True
 
     def _copy_up_parent(self, path: str) -> str:
         head, _ = _split(path)

@@ -65,6 +65,7 @@ class OverlayVsKernel(RuleBasedStateMachine):
         self.base = tmpdir("lamina-diff-")
         self.stack = None
         self.diverged = False
+        self.fds: list[tuple[int, int]] = []  # (kernel fd, lamina fd) open on the same path
 
     @initialize()
     def mount(self) -> None:
@@ -83,6 +84,9 @@ class OverlayVsKernel(RuleBasedStateMachine):
         self.compare()
 
     def teardown(self) -> None:
+        for kfd, lfd in self.fds:
+            os.close(kfd)
+            os.close(lfd)
         try:
             if self.stack is not None:
                 self.stack.close()
@@ -186,6 +190,56 @@ class OverlayVsKernel(RuleBasedStateMachine):
         else:
             assert rl == rk, f"rename{(src, dst, flags)}: lamina {rl} kernel {rk}"
         self.compare()
+
+    @precondition(lambda self: len(self.fds) < 4)
+    @rule(p=paths, how=st.sampled_from([os.O_RDONLY, os.O_RDWR, os.O_WRONLY | os.O_APPEND]))
+    def open_fd(self, p, how):
+        rk = outcome(os.open, self.k / p, how | os.O_NONBLOCK)
+        rl = outcome(os.open, self.l / p, how | os.O_NONBLOCK)
+        if rk[0] == "ok" and rl[0] == "ok":
+            self.fds.append((rk[1], rl[1]))
+        else:
+            for r in (rk, rl):
+                if r[0] == "ok":
+                    os.close(r[1])
+            assert (rl[0], rl[1] if rl[0] == "err" else None) == (rk[0], rk[1] if rk[0] == "err" else None)
+        self.compare()
+
+    def _fd_both(self, i: int, fn, *args) -> None:
+        kfd, lfd = self.fds[i % len(self.fds)]
+        rk, rl = outcome(fn, kfd, *args), outcome(fn, lfd, *args)
+        assert rl == rk, f"{fn.__name__}{args}: lamina {rl} kernel {rk}"
+        self.compare()
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, 3), payload=data, off=st.integers(0, 6000))
+    def fd_write(self, i, payload, off):
+        self._fd_both(i, os.pwrite, payload, off)
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, 3), n=st.integers(0, 7000), off=st.integers(0, 6000))
+    def fd_read(self, i, n, off):
+        self._fd_both(i, os.pread, n, off)
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, 3), n=st.integers(0, 7000))
+    def fd_truncate(self, i, n):
+        self._fd_both(i, os.ftruncate, n)
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, 3))
+    def fd_stat(self, i):
+        def fstat(fd):
+            s = os.fstat(fd)
+            return (oct(s.st_mode), s.st_size, s.st_nlink, s.st_uid)
+        self._fd_both(i, fstat)
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, 3))
+    def fd_close(self, i):
+        kfd, lfd = self.fds.pop(i % len(self.fds))
+        os.close(kfd)
+        os.close(lfd)
 
     @rule(p=paths)
     def listdir(self, p):

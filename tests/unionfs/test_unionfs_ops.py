@@ -431,3 +431,23 @@ def test_mount_fuse3_form_and_foreground(layout):
     finally:
         unmount(mnt)
         assert p.wait(timeout=30) == 0
+
+
+def test_reader_opened_before_copy_up_sees_the_copy(layout, scratch):
+    """As in kernel overlayfs (4.19+): an fd opened read-only on a lower file reads the copy after a copy-up."""
+    results = {}
+    for kind, mount in (("kernel", kernel_mount), ("lamina", lamina_mount)):
+        base = scratch / kind
+        for d in ("u", "w", "m"):
+            (base / d).mkdir(parents=True)
+        with mount(layout["lowers"], base / "m", base / "u", base / "w") as m:
+            r = os.open(m / "d" / "x", os.O_RDONLY)
+            try:
+                first = os.pread(r, 100, 0)
+                with open(m / "d" / "x", "r+b") as w:
+                    w.write(b"COPIED")
+                results[kind] = (first, os.pread(r, 100, 0), os.fstat(r).st_size)
+            finally:
+                os.close(r)
+    assert results["lamina"] == results["kernel"]
+    assert results["lamina"][1].startswith(b"COPIED")
