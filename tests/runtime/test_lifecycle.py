@@ -255,3 +255,11 @@ def test_rm_cleans_up_after_a_killed_lamina_run(lamina, image):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_logs_follow_ends_with_the_container(lamina, image):
+    r = lamina("run", "-d", "--name", "chatty", image, "sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.2; done")
+    assert r.returncode == 0, r.stderr
+    r = lamina("logs", "-f", "chatty", timeout=60)
+    assert r.returncode == 0
+    assert r.stdout.split() == ["line1", "line2", "line3"]
