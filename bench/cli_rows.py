@@ -101,54 +101,9 @@ HOST_CORPUS = {  # image name -> host trees added to the python root filesystem 
 DEBOOTSTRAP_CORPUS = {"minbase": [], "minbase+python3": ["python3"], "minbase+curl+git": ["curl", "git"]}
 
 
-def _mirror() -> str:
-    """The Debian mirror apt is configured with (the only place the network reaches)."""
-    for f in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
-        try:
-            lines = f.read_text().splitlines()
-        except OSError:
-            continue
-        for ln in lines:
-            words = ln.split()
-            urls = words[1:] if words[:1] == ["URIs:"] else words[1:2] if words[:1] == ["deb"] else []
-            for u in urls:
-                if u.startswith("http") and u.rstrip("/").endswith("/debian"):
-                    return u
-    return "http://deb.debian.org/debian"
-
-
-def _suite() -> str:
-    for ln in Path("/etc/os-release").read_text().splitlines():
-        if ln.startswith("VERSION_CODENAME="):
-            return ln.split("=", 1)[1].strip('"')
-    return "bookworm"
-
-
 def debootstrap_corpus() -> list[Path]:
     """Three Debian root filesystems built independently by debootstrap, as single-layer tars (cached)."""
-    if peers.ensure(["debootstrap"]):
-        raise RuntimeError("debootstrap not installable")
-    tars = []
-    for name, pkgs in DEBOOTSTRAP_CORPUS.items():
-        path = data.CACHE / f"corpus-debootstrap-{name}.tar"
-        if not path.exists():
-            target = data.CACHE / f"debootstrap-{name}"
-            shutil.rmtree(target, ignore_errors=True)
-            (data.CACHE / "debs").mkdir(parents=True, exist_ok=True)
-            cmd = ["debootstrap", "--variant=minbase", f"--cache-dir={data.CACHE / 'debs'}",
-                   *([f"--include={','.join(pkgs)}"] if pkgs else []), _suite(), str(target), _mirror()]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-            if p.returncode != 0:
-                shutil.rmtree(target, ignore_errors=True)
-                raise RuntimeError(f"debootstrap {name}: {(p.stdout + p.stderr).strip().splitlines()[-1:]}")
-            for deb in (target / "var/cache/apt/archives").glob("*.deb"):
-                deb.unlink()  # what an image build removes too
-            part = path.with_suffix(".part")
-            subprocess.run(["tar", "-C", str(target), "--numeric-owner", "-cf", str(part), "."], check=True)
-            part.rename(path)
-            shutil.rmtree(target, ignore_errors=True)
-        tars.append(path)
-    return tars
+    return [data.debootstrap_tar(name, pkgs) for name, pkgs in DEBOOTSTRAP_CORPUS.items()]
 
 
 def host_corpus() -> list[Path]:

@@ -14,6 +14,8 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import peers
+
 CACHE = Path(os.environ.get("LAMINA_BENCH_CACHE", "/var/tmp/lamina-bench/data"))
 MiB = 1 << 20
 
@@ -245,3 +247,62 @@ def small_files(p: Profile) -> Path:
     def build(d: Path) -> None:
         _file_tree(d / "files", p.import_small, seed=6)
     return _cached(f"smallfiles-{p.import_small}", build)
+
+
+def _mirror() -> str:
+    """The Debian mirror apt is configured with (the only place the network reaches)."""
+    for f in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            lines = f.read_text().splitlines()
+        except OSError:
+            continue
+        for ln in lines:
+            words = ln.split()
+            urls = words[1:] if words[:1] == ["URIs:"] else words[1:2] if words[:1] == ["deb"] else []
+            for u in urls:
+                if u.startswith("http") and u.rstrip("/").endswith("/debian"):
+                    return u
+    return "http://deb.debian.org/debian"
+
+
+def _suite() -> str:
+    for ln in Path("/etc/os-release").read_text().splitlines():
+        if ln.startswith("VERSION_CODENAME="):
+            return ln.split("=", 1)[1].strip('"')
+    return "bookworm"
+
+
+def debootstrap_tar(name: str, pkgs: list[str]) -> Path:
+    """A Debian root filesystem (minbase plus `pkgs`) built by debootstrap from apt's mirror, as a layer tar."""
+    path = CACHE / f"corpus-debootstrap-{name}.tar"
+    if path.exists():
+        return path
+    if peers.ensure(["debootstrap"]):
+        raise RuntimeError("debootstrap not installable")
+    target = CACHE / f"debootstrap-{name}.build"
+    shutil.rmtree(target, ignore_errors=True)
+    (CACHE / "debs").mkdir(parents=True, exist_ok=True)
+    cmd = ["debootstrap", "--variant=minbase", f"--cache-dir={CACHE / 'debs'}",
+           *([f"--include={','.join(pkgs)}"] if pkgs else []), _suite(), str(target), _mirror()]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if p.returncode != 0:
+            raise RuntimeError(f"debootstrap {name}: {(p.stdout + p.stderr).strip().splitlines()[-1:]}")
+        for deb in (target / "var/cache/apt/archives").glob("*.deb"):
+            deb.unlink()  # what an image build removes too
+        part = path.with_suffix(".part")
+        subprocess.run(["tar", "-C", str(target), "--numeric-owner", "-cf", str(part), "."], check=True)
+        part.rename(path)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    return path
+
+
+def debootstrap_rootfs(name: str, pkgs: list[str]) -> Path:
+    """The same root filesystem as a layer directory (with the `scratch/` every layer here has)."""
+    tar = debootstrap_tar(name, pkgs)
+
+    def build(d: Path) -> None:
+        subprocess.run(["tar", "-C", str(d), "--numeric-owner", "-xpf", str(tar)], check=True)
+        (d / "scratch").mkdir(exist_ok=True)
+    return _cached(f"debootstrap-{name}", build)

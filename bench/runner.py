@@ -163,8 +163,12 @@ def _run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, st
                 c.prepare(layers, key)
                 if time.monotonic() - t0 > 1:
                     log(f"    {c.name}: prepared {key} in {time.monotonic() - t0:.1f} s")
-        except (Unavailable, RuntimeError) as e:
+        except Unavailable as e:
             row.na[c.name] = f"prepare: {e}"
+            continue
+        except RuntimeError as e:  # e.g. the import of the image failed: a failure, not an absence
+            row.errors[c.name] = f"preparing the image: {e}"
+            log(f"    {c.name}: {row.errors[c.name]}")
             continue
         active.append(c)
         row.samples[c.name] = []

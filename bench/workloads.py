@@ -382,11 +382,26 @@ APP_ENV = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 class AppImports(Workload):
+    """python3 starting and importing modules in a chroot into the mount: on a debootstrap root filesystem
+    (minbase + python3) in the full run, else on the host-made python root filesystem (data.python_rootfs)."""
     name = "app-python"
-    title = f"python3 start + import {len(APP_MODULES)} stdlib modules (chroot)"
+    rootfs = ""
+
+    @property
+    def title(self):
+        where = self.rootfs or "debootstrap minbase+python3 or host python rootfs"
+        return f"python3 start + import {len(APP_MODULES)} stdlib modules (chroot, {where})"
 
     def image(self):
-        return "rootfs", [data.python_rootfs()]
+        if not self.rootfs and self.p.name == "full":
+            try:
+                self._layer, self.rootfs = data.debootstrap_rootfs("minbase+python3", ["python3"]), \
+                    "debootstrap minbase+python3"
+            except (RuntimeError, OSError, subprocess.SubprocessError):
+                pass
+        if not self.rootfs:
+            self._layer, self.rootfs = data.python_rootfs(), "host python rootfs"
+        return self.rootfs.split()[0], [self._layer]
 
     def _cmd(self, root: Path) -> list[str]:
         code = f"import {', '.join(APP_MODULES)}"
