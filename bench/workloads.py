@@ -261,6 +261,38 @@ class StatTree(OnTree):
         return time.perf_counter() - t0
 
 
+class ParallelRead(StatTree):
+    """Concurrent callers: a single-threaded daemon serialises them (apptainer #665, REFERENCES.md §4)."""
+    name = "parallel-read"
+    procs = 4
+
+    @property
+    def title(self):
+        return f"{self.procs} processes reading a quarter each of the {self.p.tree_files:,}-file tree"
+
+    def run(self, t):
+        root = str(t.mnt)
+        t0 = time.perf_counter()
+        pids = []
+        for k in range(self.procs):
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    for rel in self.paths[k::self.procs]:
+                        with open(f"{root}/{rel}", "rb") as f:
+                            f.read()
+                except BaseException:
+                    code = 1
+                os._exit(code)
+            pids.append(pid)
+        failed = sum(os.waitpid(pid, 0)[1] != 0 for pid in pids)
+        dt = time.perf_counter() - t0
+        if failed:
+            raise RuntimeError(f"{failed} of {self.procs} readers failed")
+        return dt
+
+
 class Readdir(OnTree):
     name = "readdir"
 
@@ -448,8 +480,8 @@ class DaemonRss(OnMany):
         return float(vmrss(pid))
 
 
-FS_WORKLOADS: list[type[Workload]] = [MountSmall, MountMany, ReadCold, ReadWarm, RandomReads, StatTree, Readdir,
-                                      Storm, FsyncWrite, CopyUp, Untar, AppImports, DaemonRss]
+FS_WORKLOADS: list[type[Workload]] = [MountSmall, MountMany, ReadCold, ReadWarm, RandomReads, StatTree, ParallelRead,
+                                      Readdir, Storm, FsyncWrite, CopyUp, Untar, AppImports, DaemonRss]
 
 
 def registry() -> list[type[Workload]]:
