@@ -30,7 +30,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small sizes, 3 repetitions: under 5 minutes on 2 cores")
     ap.add_argument("--profile", choices=sorted(PROFILES), help=argparse.SUPPRESS)
     ap.add_argument("--only", nargs="+", metavar="NAME", choices=names, help="rows to run: " + ", ".join(names))
-    ap.add_argument("--contenders", nargs="+", metavar="NAME", help="contenders to run (default: all)")
+    contenders = [c.name for c in cmod.all_contenders(Path("/nonexistent"))]
+    ap.add_argument("--contenders", nargs="+", metavar="NAME", choices=contenders,
+                    help="contenders to run (default: all): " + ", ".join(contenders))
     ap.add_argument("--reps", type=int, help="repetitions per contender (default: profile's)")
     ap.add_argument("--out", type=Path, help="results directory (default: bench/results/<timestamp>)")
     ap.add_argument("--scratch", type=Path, default=Path("/var/tmp/lamina-bench"),
