@@ -451,8 +451,12 @@ def _init(L: Launch, rep_w: int, stdio: tuple[int, int, int], go_r: int) -> None
     else:
         _send(rep_w, {"started": True})
     os.close(rep_w)
-    # Nothing of the host stays open in PID 1 either.
+    # Nothing of the host stays open in PID 1 either, not even the caller's terminal.
     linux.close_fds_from(3)
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
     while True:
         try:
             pid, status = os.waitpid(-1, 0)

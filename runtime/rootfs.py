@@ -109,9 +109,19 @@ def is_mounted(target: str) -> bool:
 
 
 def umount(root: str, image_kind: str, target: str) -> None:
-    """Unmount, lazily if busy. For a FUSE mount this is what `lamina umount` does too (its daemon exits when the
-    kernel drops the mount), done here without starting another interpreter; a dead daemon's mount
-    (ENOTCONN) goes the same way."""
+    """Unmount, lazily if busy. A store image goes through `lamina umount` (run in this process), which also
+    releases the store's hold on the image; a dead daemon's mount (ENOTCONN) goes the same way."""
+    if image_kind == "store":
+        try:
+            from unionfs.cli import umount_cmd  # noqa: PLC0415
+        except ImportError:
+            umount_cmd = None
+        if umount_cmd is not None:
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    umount_cmd.main([target], prog_name="lamina umount", standalone_mode=False, obj={"root": root})
+            except (SystemExit, click.ClickException):
+                pass  # not mounted, or busy: the loop below retries and falls back to a lazy unmount
     if not is_mounted(target):
         return
     for _ in range(50):
