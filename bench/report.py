@@ -91,6 +91,8 @@ def table(rows: list[Row], targets: dict[str, list[Target]], contenders: list[st
             t += ("; " if t else "") + "; ".join(r.notes)
         cells = [cell(r, c).replace("|", "/") for c in contenders]
         lines.append("| " + " | ".join([name, *cells, t]) + " |")
+    missed = [f"- {r.name}: {v}" for r in rows for v in verdicts(r, targets.get(r.name, [])) if v.endswith("MISSED")]
+    lines += ["", f"Targets missed: {len(missed)}" + (":" if missed else "."), *missed]
     return "\n".join(lines) + "\n"
 
 
