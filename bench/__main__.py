@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = a.scratch / f"run-{os.getpid()}"
     scratch.mkdir(parents=True)
     # explicitly: a shell starts background jobs with SIGINT ignored, and Python would keep ignoring it
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     load_start = report.loadavg()
     workloads = [w(profile, scratch) for w in registry() if not a.only or w.name in a.only]
     try:
@@ -112,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         if leaked:
             log(f"bench: unmounted {len(leaked)} leftover mount(s)")
         shutil.rmtree(scratch, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
