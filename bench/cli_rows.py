@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench import data, mounts, peers
-from bench.contenders import Contender, Unavailable, tool
+from bench.contenders import Contender, tool
 from bench.workloads import Target, Trial, Workload, at_most, lamina_of
 
 CMD_TIMEOUT = 1800

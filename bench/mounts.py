@@ -5,7 +5,6 @@ never heard of): it reads /proc/self/mountinfo and unmounts, deepest first, ever
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
