@@ -71,6 +71,8 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
     # The store keeps a mounted image (gc spares its objects, rmi needs -f) until `lamina umount` releases it.
     holder = f"mount:{os.path.realpath(mountpoint)}"
     hold(st.store, holder, img.id)
+    # No SQLite connection may cross the daemon's fork (SQLite forbids it; the daemon's threads open their own).
+    st.close()
     rc = 1
     try:
         rc = run(build, mountpoint, foreground=foreground, read_only=read_only or upper is None, fsname="lamina",

@@ -595,6 +595,11 @@ class Overlay:
             n = self._node(path)
             if n.is_dir:
                 raise _err(errno.EISDIR, path)
+            if not self._in_upper(n) and (n.rec.nlink > 1 or n.layer == self._nlayers):
+                # one name of a lower hardlink group goes: join the group through the index first, so that the
+                # other names' link count drops (kernel overlayfs with index=on does the same)
+                self.copy_up(path, n)
+                n = self._node(path)
             lower = self._lower_positive(path)
             real = w.real(path)
             self._adjust_group(n, -1)
@@ -661,11 +666,14 @@ class Overlay:
             return
         with self._mu:
             try:
-                self._rename(old, new, flags)
+                lost = self._rename(old, new, flags)
             finally:
                 self._invalidate()
+        if lost is not None:
+            self.changed(lost, new)
 
-    def _rename(self, old: str, new: str, flags: int) -> None:
+    def _rename(self, old: str, new: str, flags: int) -> int | None:
+        """Returns the inode of a non-directory the rename replaced, if any."""
         w = self._need_upper()
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise _err(errno.EINVAL)
@@ -695,6 +703,10 @@ class Overlay:
             self._set_opaque_if_needed(src, new, dreal)
             self._set_opaque_if_needed(dst, old, sreal)
             return
+        if dst is not None and not dst.is_dir and not self._in_upper(dst) and \
+                (dst.rec.nlink > 1 or dst.layer == self._nlayers):
+            self.copy_up(new, dst)  # a lower hardlink loses a name: join its group first, as unlink does
+            dst = self._node(new)
         old_lower = self._lower_positive(old)
         sreal = self._prepare_move(old, src)
         self._copy_up_parent(new)
@@ -719,10 +731,13 @@ class Overlay:
         else:
             os.rename(sreal, dreal)
         w.clear_fallback_whiteout(dreal)
+        if dst is not None and not dst.is_dir:
+            self._adjust_group(dst, -1)
         if old_lower:
             w.make_whiteout_at(sreal)
         self._invalidate()
         self._set_opaque_if_needed(src, new, dreal)
+        return dst.ino if dst is not None and not dst.is_dir else None
 
     # ---- metadata changes -------------------------------------------------------------------------------------
 

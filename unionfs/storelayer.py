@@ -87,9 +87,8 @@ class StoreLayer:
                 return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             log.error("%s: %s has no content object", self.name, path)
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        obj = self.reader.object_path(e.object)
         try:
-            fd = os.open(obj, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self.reader.open_object(e.object)
         except FileNotFoundError:
             log.error("%s: %s: object %s is missing", self.name, path, e.object)
             raise OSError(errno.EIO, os.strerror(errno.EIO), path) from None
