@@ -54,8 +54,8 @@ def resolve(root: str, ref: str) -> Image:
     except ImportError:
         raise ImageNotFound(f"unable to find image {ref!r}: no image store available") from None
     try:
-        st = open_store(root)
-        img = st.image(ref)
+        with open_store(root) as st:  # closed before the detached supervisor closes inherited fds
+            img = st.image(ref)
     except Exception as e:  # the store raises its own errors with a one-line message
         raise ImageNotFound(f"unable to find image {ref!r}: {e}") from None
     cfg = dict((img.config or {}).get("config") or {})
@@ -122,6 +122,8 @@ def umount(root: str, image_kind: str, target: str) -> None:
                     umount_cmd.main([target], prog_name="lamina umount", standalone_mode=False, obj={"root": root})
             except (SystemExit, click.ClickException):
                 pass  # not mounted, or busy: the loop below retries and falls back to a lazy unmount
+            except Exception as e:  # noqa: BLE001 - e.g. the store cannot release its hold: still unmount
+                print(f"lamina: releasing the image of {target}: {e}", file=sys.stderr)
     if not is_mounted(target):
         return
     for _ in range(50):

@@ -15,6 +15,7 @@ import socket
 import sys
 import termios
 import time
+import traceback
 import tty
 from dataclasses import dataclass, field
 
@@ -296,7 +297,10 @@ def cleanup(root: str, c: state.Container) -> None:
             cg.remove()
         except OSError:
             pass
-    rootfs.umount(root, c.data.get("image_kind", "dir"), str(c.rootfs))
+    try:
+        rootfs.umount(root, c.data.get("image_kind", "dir"), str(c.rootfs))
+    except OSError as e:
+        print(f"lamina: unmounting {c.rootfs}: {e}", file=sys.stderr)
     if c.data.get("rm"):
         remove_container(root, c)
 
@@ -463,7 +467,8 @@ def run(root: str, spec: RunSpec) -> int:
             os.dup2(logfd, 2)
             linux.close_fds_from(3, keep=(w,))
             supervise(root, p, "log", False, notify_fd=w)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - the shim has no caller left to raise to: shim.log gets it
+            traceback.print_exc()
             _notify(w, {"error": str(e), "code": 125})
         os._exit(0)
     os.close(w)
