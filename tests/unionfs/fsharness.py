@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -108,18 +107,6 @@ def kernel_mount(lowers: list[Path], mnt: Path, upper: Path | None = None, work:
         yield mnt
     finally:
         unmount(mnt)
-
-
-@contextlib.contextmanager
-def scratch() -> Iterator[Path]:
-    d = tmpdir()
-    try:
-        yield d
-    finally:
-        for sub in d.iterdir() if d.exists() else ():
-            if is_mounted(sub):
-                unmount(sub)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def xattrs(path: str, internal: bool = False) -> dict[str, bytes]:

@@ -144,25 +144,15 @@ def test_rename_lower_directory_like_redirect_dir(layout, scratch):
         (m / "moved" / "x").write_text("changed\n")  # copy-up below a redirected directory
         os.mkdir(m / "other")
         os.rename(m / "moved", m / "other" / "deeper")
-        view = snapshot(m)
+        view = snapshot(m, dir_nlink=False)
     (scratch / "kw").mkdir()
     (scratch / "km").mkdir()
+    # kernel overlayfs follows lamina's redirects once mounted with redirect_dir=on (the last option wins)
     with kernel_mount(layout["lowers"], scratch / "km", up, scratch / "kw", extra="redirect_dir=on") as k:
-        pass
-    # kernel overlayfs reads lamina's redirects (it needs redirect_dir=on, which our helper turns off first)
-    opts = "lowerdir=" + ":".join(map(str, layout["lowers"])) + f",upperdir={up},workdir={scratch / 'kw'}"
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts + ",redirect_dir=on", str(scratch / "km")],
-                   check=True)
-    try:
-        assert snapshot(scratch / "km", dir_nlink=False) == {k: tuple(x for x in v if x[0] != "nlink" or
-                                                                       "0o40" not in dict(v)["mode"][:4])
-                                                             for k, v in view.items()} or True
-        assert sorted(os.listdir(scratch / "km" / "other" / "deeper")) == ["sub", "v", "w", "x", "y"]
-        assert (scratch / "km" / "other" / "deeper" / "x").read_text() == "changed\n"
-        assert not (scratch / "km" / "d").exists()
-    finally:
-        unmount(scratch / "km")
-    del k
+        assert snapshot(k, dir_nlink=False) == view
+        assert sorted(os.listdir(k / "other" / "deeper")) == ["sub", "v", "w", "x", "y"]
+        assert (k / "other" / "deeper" / "x").read_text() == "changed\n"
+        assert not (k / "d").exists()
 
 
 def test_metadata_changes_copy_up(layout):
@@ -252,7 +242,7 @@ def test_inode_numbers_stable_across_copy_up_and_remount(layout):
         before = {p: os.lstat(m / p).st_ino for p in ("a", "d", "d/x", "f", "g/i", "c")}
         with open(m / "a", "a") as f:
             f.write("x")
-        os.chmod(m / "f", 0o777) if False else os.utime(m / "f", follow_symlinks=False)
+        os.utime(m / "f", follow_symlinks=False)  # copies the symlink up
         os.setxattr(m / "d", "user.t", b"1")
         (m / "d" / "x").write_text("new")
         os.rename(m / "g" / "i", m / "g" / "i2")
@@ -317,7 +307,6 @@ def test_upper_format_read_both_ways(layout, scratch):
     """Kernel overlayfs over lamina's upper shows lamina's tree, and lamina over the kernel's upper the kernel's."""
     def mutate(m: Path) -> None:
         os.unlink(m / "a")
-        os.rmdir(m / "g" / "..") if False else None
         for n in os.listdir(m / "d" / "sub"):
             os.unlink(m / "d" / "sub" / n)
         os.rmdir(m / "d" / "sub")
@@ -349,7 +338,7 @@ def test_rotated_upper_reads_back_as_lower(layout, scratch):
     """An upper directory used as a lower layer shows the same tree; so do fuse-overlayfs's marker forms."""
     with mounted(layout) as m:
         os.unlink(m / "a")
-        os.rmdir(m / "g" / "i") if False else os.unlink(m / "g" / "i")
+        os.unlink(m / "g" / "i")
         os.rmdir(m / "g")
         os.mkdir(m / "g")
         (m / "g" / "j").write_text("j")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fsharness import BIN, docker_archive, is_mounted, lamina, lamina_mount, snapshot
+from fsharness import docker_archive, is_mounted, lamina, lamina_mount, snapshot
 
 
 @pytest.fixture
