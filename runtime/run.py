@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -165,13 +166,16 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
     hostname = spec.hostname or cid[:12]
     name = spec.name or state.random_name(root)
     user = spec.user or cfg.get("User") or "0"
-    c = state.create(root, cid, {
-        "name": name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
-        "image_id": image.id,
-        "argv": argv, "hostname": hostname, "rm": spec.rm, "status": "created",
-        "mounts": [m.to_json() for m in spec.mounts], "network": spec.network, "userns": spec.userns,
-        "user": user, "tty": spec.tty,
-    })
+    try:
+        c = state.create(root, cid, {
+            "name": name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
+            "image_id": image.id, "argv": argv, "hostname": hostname, "rm": spec.rm, "status": "created",
+            "mounts": [m.to_json() for m in spec.mounts], "network": spec.network, "userns": spec.userns,
+            "user": user, "tty": spec.tty,
+        })
+    except BaseException:
+        shutil.rmtree(state.containers_dir(root) / cid, ignore_errors=True)  # e.g. the store refused the hold
+        raise
     cg: cgroups.Cgroup | None = None
     created: list[str] = []
     made_dirs: list[tuple[str, str]] = []  # (topmost created, leaf) host directories for bind sources
