@@ -261,6 +261,29 @@ def exec_cmd(ctx: click.Context, interactive: bool, tty: bool, env: tuple[str, .
     sys.exit(code)
 
 
+@click.command("wait", cls=_Cmd)
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def wait_cmd(ctx: click.Context, containers: tuple[str, ...]) -> None:
+    """Block until containers stop, then print their exit codes."""
+    root, bad = _root(ctx), 0
+    for ref in containers:
+        try:
+            c = state.find(root, ref)
+        except state.NotFound as e:
+            click.echo(f"lamina: {e}", err=True)
+            bad = 1
+            continue
+        if c.status() in ("running", "dead"):
+            lifecycle.wait_exit(root, c, float("inf"))  # then the supervisor's record, or ours if it is gone
+        try:
+            c.reload()
+        except (OSError, ValueError):
+            pass  # removed (--rm): the last record read is the answer
+        click.echo(c.data.get("exit_code", 0) if c.data.get("status") != "created" else 0)
+    sys.exit(bad)
+
+
 @click.command("diff", cls=_Cmd)
 @click.argument("container")
 @click.pass_context
@@ -376,4 +399,5 @@ def volume_rm(ctx: click.Context, force: bool, names: tuple[str, ...]) -> None:
     sys.exit(bad)
 
 
-COMMANDS = [run_cmd, ps_cmd, logs_cmd, stop_cmd, kill_cmd, rm_cmd, exec_cmd, diff_cmd, commit_cmd, inspect_cmd, volume_grp]
+COMMANDS = [run_cmd, ps_cmd, logs_cmd, stop_cmd, kill_cmd, rm_cmd, exec_cmd, wait_cmd, diff_cmd, commit_cmd,
+            inspect_cmd, volume_grp]

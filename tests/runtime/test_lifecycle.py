@@ -263,3 +263,13 @@ def test_logs_follow_ends_with_the_container(lamina, image):
     r = lamina("logs", "-f", "chatty", timeout=60)
     assert r.returncode == 0
     assert r.stdout.split() == ["line1", "line2", "line3"]
+
+
+def test_wait_prints_the_exit_code(lamina, image):
+    r = lamina("run", "-d", "--name", "waited", image, "sh", "-c", "sleep 0.3; exit 6")
+    assert r.returncode == 0, r.stderr
+    r = lamina("wait", "waited", timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "6"
+    assert lamina("wait", "waited").stdout.strip() == "6"  # already exited: answers at once
+    r = lamina("wait", "nope")
+    assert r.returncode == 1 and "no such container" in r.stderr
