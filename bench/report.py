@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def charts(rows: list[Row], contenders: list[str], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.samples]
+    rows = [r for r in rows if r.samples or r.refs or r.errors]
     if not rows:
         return []
     colours = dict(zip(contenders, plt.get_cmap("tab10").colors))
@@ -116,7 +117,7 @@ def charts(rows: list[Row], contenders: list[str], out: Path) -> list[Path]:
         lo = [m - min(r.samples[c]) if c in r.samples else 0.0 for m, c in zip(med, names)]
         hi = [max(r.samples[c]) - m if c in r.samples else 0.0 for m, c in zip(med, names)]
         scale, unit = (1e6, "MB") if r.unit == "B" else (1, r.unit)
-        if r.unit == "s" and max(med) < 1:
+        if r.unit == "s" and max(med, default=0) < 1:
             scale, unit = 1e-3, "ms"
         vals = [m / scale for m in med]
         bars = ax.bar(range(len(names)), vals, yerr=[[x / scale for x in lo], [x / scale for x in hi]],
@@ -136,7 +137,7 @@ def charts(rows: list[Row], contenders: list[str], out: Path) -> list[Path]:
             ax.bar(i, v / scale, color="lightgrey", hatch="//", edgecolor="grey")
         names = names + list(r.refs)
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=7)
-        ax.set_title(r.title, fontsize=8)
+        ax.set_title(textwrap.fill(r.title, 60), fontsize=8)
         ax.set_ylabel(unit + (" (higher is better)" if r.higher_better else ""), fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(rows):]:
