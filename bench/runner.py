@@ -172,6 +172,9 @@ def _run_row(w: Workload, contenders: list[Contender], unavailable: dict[str, st
             continue
         active.append(c)
         row.samples[c.name] = []
+    if w.warmup:
+        for c in active:
+            trial(w, c, layers, profile, scratch / "trial")  # untimed; a failure shows in the real trials
     for rep in range(w.reps or profile.reps):
         # rotate the order so no contender always runs first (cold) or last
         order = active[rep % len(active):] + active[:rep % len(active)] if active else []

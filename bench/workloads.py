@@ -75,6 +75,9 @@ class Workload:
     premount = True
     mounts = True  # False: the row runs commands, contenders' mount availability and preparation do not apply
     reps: int | None = None  # None: the profile's
+    # one untimed trial per contender first, so every contender's lower data (lamina's store objects included,
+    # which the layer-directory warming in setup cannot reach) starts in the page cache
+    warmup = False
     targets: tuple[Target, ...] = (BEAT_FUSE,)
 
     def __init__(self, profile: Profile, scratch: Path | None = None):
@@ -217,6 +220,7 @@ class ReadWarm(ReadCold):
 
 class RandomReads(OnBig):
     name = "random-4k"
+    warmup = True
 
     @property
     def title(self):
@@ -364,6 +368,7 @@ class FsyncWrite(OnSmall):
 
 class CopyUp(OnBig):
     name = "copy-up"
+    warmup = True
     targets = (BEAT_FUSE, Target("copy-up ≤ 1.5 × kernel overlayfs", at_most("kernel-overlay", 1.5)))
 
     @property
@@ -418,6 +423,7 @@ class AppImports(Workload):
     (minbase + python3) in the full run, else on the host-made python root filesystem (data.python_rootfs)."""
     name = "app-python"
     rootfs = ""
+    warmup = True
 
     @property
     def title(self):
