@@ -41,6 +41,12 @@ def loadavg() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
+def _took(meta: dict) -> str:
+    import datetime as dt
+    s = (dt.datetime.fromisoformat(meta["finished"]) - dt.datetime.fromisoformat(meta["started"])).total_seconds()
+    return f"the run took {s / 60:.1f} min"
+
+
 def fmt(v: float, unit: str) -> str:
     if unit == "s":
         if v < 1e-3:
@@ -164,7 +170,7 @@ def write(out: Path, meta: dict, rows: list[Row], targets: dict[str, list[Target
     avail = meta["contenders"]
     intro = [f"# lamina benchmarks — {meta['started']} ({meta['profile']['name']})", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items())
-             + f"; load average {meta['load'][0]} at start, {meta['load'][1]} at end", "",
+             + f"; load average {meta['load'][0]} at start, {meta['load'][1]} at end; {_took(meta)}", "",
              "Contenders: " + "; ".join(
                  f"{c} ({avail[c]['version'] or 'available'})" if avail[c]["available"]
                  else f"{c} (not available: {avail[c]['reason']})" for c in contenders), "",
