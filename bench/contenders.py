@@ -43,7 +43,6 @@ def tool(name: str) -> str | None:
 
 class Contender:
     name = ""
-    label = ""
     has_daemon = False
     program = ""
 
@@ -100,7 +99,7 @@ class Native(Contender):
     Writes land on the same ext4 as every other contender's upper, and the shared lower can never be modified.
     There is no union, so there is no copy-up and no daemon.
     """
-    name, label = "native", "native fs"
+    name = "native"
 
     def mount(self, layers, upper, work, mnt):
         if len(layers) != 1:
@@ -118,7 +117,7 @@ class Native(Contender):
 
 
 class KernelOverlay(Contender):
-    name, label = "kernel-overlay", "kernel overlayfs"
+    name = "kernel-overlay"
 
     def check(self):
         if "overlay" not in Path("/proc/filesystems").read_text():
@@ -135,7 +134,7 @@ class KernelOverlay(Contender):
 
 
 class FuseOverlayfs(Contender):
-    name, label, has_daemon, program = "fuse-overlayfs", "fuse-overlayfs", True, "fuse-overlayfs"
+    name, has_daemon, program = "fuse-overlayfs", True, "fuse-overlayfs"
 
     def mount(self, layers, upper, work, mnt):
         opts = f"lowerdir={':'.join(map(str, layers))},upperdir={upper},workdir={work}"
@@ -143,7 +142,7 @@ class FuseOverlayfs(Contender):
 
 
 class UnionfsFuse(Contender):
-    name, label, has_daemon, program = "unionfs-fuse", "unionfs-fuse", True, "unionfs"
+    name, has_daemon, program = "unionfs-fuse", True, "unionfs"
 
     def mount(self, layers, upper, work, mnt):
         branches = ":".join([f"{upper}=RW"] + [f"{layer}=RO" for layer in layers])
@@ -152,7 +151,7 @@ class UnionfsFuse(Contender):
 
 class LaminaFs(Contender):
     """lamina's drop-in for fuse-overlayfs, over the same plain directories."""
-    name, label, has_daemon, program = "lamina-fs", "lamina-fs (dirs)", True, "lamina-fs"
+    name, has_daemon, program = "lamina-fs", True, "lamina-fs"
 
     def mount(self, layers, upper, work, mnt):
         opts = f"lowerdir={':'.join(map(str, layers))},upperdir={upper},workdir={work}"
@@ -161,7 +160,7 @@ class LaminaFs(Contender):
 
 class LaminaStore(Contender):
     """lamina proper: the image imported into a lamina store once, then `lamina mount IMAGE MNT`."""
-    name, label, has_daemon, program = "lamina", "lamina (store)", True, "lamina"
+    name, has_daemon, program = "lamina", True, "lamina"
 
     def __init__(self, root: Path):
         self.root = root
