@@ -145,7 +145,8 @@ def create(root: str | Path, cid: str, data: dict) -> Container:
     c.save()
     if data.get("image_id"):
         # The store keeps an image a container uses (gc spares it; rmi needs -f), until the container is removed.
-        hold(Store(str(root)), f"container:{cid}", data["image_id"])
+        with Store(str(root)) as st:
+            hold(st, f"container:{cid}", data["image_id"])
     return c
 
 
@@ -184,4 +185,5 @@ def remove_dir(c: Container) -> None:
         shutil.rmtree(c.dir)
     # Released after the directory is gone: a crash in between leaves a stale hold (an image kept), never a
     # container whose image gc may take.
-    release(Store(str(c.dir.parent.parent)), f"container:{c.id}")
+    with Store(str(c.dir.parent.parent)) as st:
+        release(st, f"container:{c.id}")

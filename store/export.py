@@ -33,7 +33,7 @@ def layer_bytes(store: Store, layer_id: int) -> Iterator[bytes]:
 
     def open_object(h: str) -> BinaryIO:
         try:
-            return open(store.object_path(h), "rb")
+            return store.open_object(h)
         except FileNotFoundError:
             raise Corrupt(f"object {h} is missing: run `lamina fsck`") from None
 

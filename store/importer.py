@@ -153,6 +153,7 @@ class Importer:
             try:
                 yield self
             finally:
+                self.stager.close()
                 shutil.rmtree(self.staging, ignore_errors=True)
                 with st.write() as db:
                     db.execute("DELETE FROM imports WHERE id=?", (self.id,))
@@ -173,6 +174,12 @@ class Importer:
         ids = []
         with self.store.write() as db:
             db.executemany("INSERT OR IGNORE INTO objects(hash, size) VALUES (?, ?)", new_objects)
+            for h, size, data in self.stager.inline_rows():
+                before = db.total_changes
+                db.execute("INSERT OR IGNORE INTO objects(hash, size, data) VALUES (?, ?, ?)", (h, size, data))
+                # Committed meanwhile by a concurrent import: keep it only if it is the same content.
+                if db.total_changes == before and self.store.inline_data(h) not in (data, None):
+                    raise BadInput(f"two different contents share XXH3-128 {h}: refusing a hash collision")
             for data in self.layers.values():
                 if db.execute("SELECT 1 FROM layers WHERE diff_id=?", (data.diff_id,)).fetchone() is None:
                     _insert_layer(db, data)

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import Corrupt
-from .objects import hash_file
+from .objects import hash_bytes, hash_file
 from .root import Store
 from .tarsplit import reassemble
 
@@ -138,11 +138,10 @@ def fsck(store: Store, repair: bool = False, verify_layers: bool = True) -> Fsck
         store.recover_locked()
         db = store.db
         bad_objects: set[str] = set()
-        for h, size in db.execute("SELECT hash, size FROM objects").fetchall():
+        for h, size, data in db.execute("SELECT hash, size, data FROM objects"):
             rep.objects += 1
-            p = store.object_path(h)
             try:
-                got, n = hash_file(p)
+                got, n = (hash_bytes(data), len(data)) if data is not None else hash_file(store.object_path(h))
             except FileNotFoundError:
                 rep.problems.append(f"object {h}: missing")
                 bad_objects.add(h)
@@ -174,8 +173,8 @@ def fsck(store: Store, repair: bool = False, verify_layers: bool = True) -> Fsck
             if verify_layers:
                 sha, n = hashlib.sha256(), 0
                 try:
-                    with open(store.object_path(tarsplit), "rb") as skel:
-                        for chunk in reassemble(skel, lambda h: open(store.object_path(h), "rb")):
+                    with store.open_object(tarsplit) as skel:
+                        for chunk in reassemble(skel, store.open_object):
                             sha.update(chunk)
                             n += len(chunk)
                 except (Corrupt, OSError) as e:

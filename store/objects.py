@@ -13,13 +13,14 @@ import ctypes
 import errno
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import xxhash
 
 from .errors import BadInput, Corrupt
 
 SMALL = 1 << 20  # contents up to this size are hashed and compared in memory
+INLINE_MAX = 4096  # contents up to one filesystem block are kept in the index, not as files
 CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -82,32 +83,45 @@ def hash_file(path: str) -> tuple[str, int]:
 
 
 class ObjectStager:
-    """Collects the new objects of one import in its staging directory until `publish()`."""
+    """Collects the new objects of one import until `publish()`: contents of up to INLINE_MAX bytes in a spool
+    file (they will live in the index), larger ones as files in the staging directory."""
 
     def __init__(self, store, staging: str) -> None:
         self.store = store
         self.staging = staging
-        self.new: dict[str, int] = {}  # hash -> size, staged in this import
+        self.new: dict[str, int] = {}  # hash -> size, file-backed, staged in this import
+        self.inline: dict[str, tuple[int, int]] = {}  # hash -> (offset, size) in the spool
+        self._spool = open(f"{staging}/inline.spool", "w+b")
         self._lookup = store.db.execute
         self._tmp_seq = 0
 
     def _staged(self, h: str) -> str:
         return f"{self.staging}/{h}"
 
-    def _existing_size(self, h: str) -> int | None:
-        row = self._lookup("SELECT size FROM objects WHERE hash=?", (h,)).fetchone()
-        return None if row is None else row[0]
+    def _existing(self, h: str) -> tuple[int, bytes | None] | None:
+        return self._lookup("SELECT size, data FROM objects WHERE hash=?", (h,)).fetchone()
+
+    def _spooled(self, h: str) -> bytes:
+        off, n = self.inline[h]
+        return os.pread(self._spool.fileno(), n, off)
 
     def add_bytes(self, data: bytes) -> str:
         h = hash_bytes(data)
-        if h in self.new:
-            if not same_content(self._staged(h), data):
+        if h in self.new or h in self.inline:
+            same = self._spooled(h) == data if h in self.inline else same_content(self._staged(h), data)
+            if not same:
                 raise BadInput(f"two different contents share XXH3-128 {h}: refusing a hash collision")
             return h
-        if self._existing_size(h) is not None:
-            if not same_content(self.store.object_path(h), data):
+        row = self._existing(h)
+        if row is not None:
+            same = bytes(row[1]) == data if row[1] is not None else same_content(self.store.object_path(h), data)
+            if not same:
                 raise Corrupt(f"object {h} differs from incoming content with the same hash "
                               "(damaged store or crafted collision): run `lamina fsck`")
+            return h
+        if len(data) <= INLINE_MAX:
+            self.inline[h] = (self._spool.tell(), len(data))
+            self._spool.write(data)
             return h
         fd = os.open(self._staged(h), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
@@ -132,7 +146,7 @@ class ObjectStager:
                 f.write(chunk)
                 n += len(chunk)
         h = hasher.hexdigest()
-        if h in self.new or self._existing_size(h) is not None:
+        if h in self.new or self._existing(h) is not None:
             other = self._staged(h) if h in self.new else self.store.object_path(h)
             ok = same_files(tmp, other)
             os.unlink(tmp)
@@ -144,6 +158,10 @@ class ObjectStager:
         return h
 
     def add_file(self, path: str) -> str:
+        if os.path.getsize(path) <= SMALL:
+            with open(path, "rb") as f:
+                return self.add_bytes(f.read())
+
         def chunks() -> Iterable[bytes]:
             with open(path, "rb") as f:
                 while c := f.read(CHUNK):
@@ -151,7 +169,8 @@ class ObjectStager:
         return self.add_chunks(chunks())
 
     def publish(self) -> list[tuple[str, int]]:
-        """Make staged objects durable and visible under objects/; returns the rows to insert.
+        """Make staged files durable and visible under objects/; returns their rows (see `inline_rows` for the
+        others).
 
         The list of moved names is written first, so recovery can remove them if the index commit never comes.
         """
@@ -176,3 +195,12 @@ class ObjectStager:
                     raise BadInput(f"two different contents share XXH3-128 {h}: refusing a hash collision")
         syncfs(str(self.store.objects_dir))
         return list(self.new.items())
+
+    def inline_rows(self) -> Iterator[tuple[str, int, bytes]]:
+        """(hash, size, content) of the inlined contents, read back from the spool one at a time."""
+        self._spool.flush()
+        for h in self.inline:
+            yield h, self.inline[h][1], self._spooled(h)
+
+    def close(self) -> None:
+        self._spool.close()

@@ -9,6 +9,7 @@ staged or linked-but-uncommitted objects as garbage.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import re
@@ -17,10 +18,10 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from .errors import StoreError
-from .schema import SCHEMA, SCHEMA_VERSION
+from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 
 def default_root() -> str:
@@ -72,6 +73,21 @@ class Store:
             self._local.conn = conn
         return conn
 
+    def close(self) -> None:
+        """Closes this thread's connection. A process that forks and then closes inherited fds (a daemonizing
+        supervisor) must close its stores first: SQLite shares one open file per database among a process's
+        connections, and a connection opened later would reuse a descriptor that is gone ("disk I/O error")."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _version(self) -> int | None:
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -90,6 +106,9 @@ class Store:
             import sqlite_utils  # noqa: PLC0415
             sqlite_utils.Database(self.db).enable_wal()
         with self.write():
+            for v in range((version or SCHEMA_VERSION) + 1, SCHEMA_VERSION + 1):
+                for stmt in MIGRATIONS.get(v, []):
+                    self.db.execute(stmt)
             # Statement by statement (executescript would COMMIT); all are idempotent (IF NOT EXISTS).
             code = re.sub(r"--[^\n]*", "", SCHEMA)
             for stmt in code.split(";"):
@@ -135,7 +154,22 @@ class Store:
 
     # -- objects ----------------------------------------------------------------------------------------------
     def object_path(self, h: str) -> str:
+        """Where a file-backed object lives (inlined ones have no file)."""
         return f"{self.objects_dir}/{h[:2]}/{h[2:]}"
+
+    def inline_data(self, h: str) -> bytes | None:
+        row = self.db.execute("SELECT data FROM objects WHERE hash=?", (h,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def open_object(self, h: str) -> BinaryIO:
+        """A content object for reading, file-backed or inlined alike. FileNotFoundError when it is gone."""
+        try:
+            return open(self.object_path(h), "rb")
+        except FileNotFoundError:
+            data = self.inline_data(h)
+            if data is None:
+                raise
+            return io.BytesIO(data)
 
     # -- recovery ---------------------------------------------------------------------------------------------
     def recover(self) -> None:

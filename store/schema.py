@@ -2,8 +2,8 @@
 
 Layout of a store root:
 
-    index.db            this database (WAL mode)
-    objects/ab/cdef..   one file per distinct content, named by its hex XXH3-128 (first two digits are the dir)
+    index.db            this database (WAL mode); also holds contents of up to 4 KiB (objects.data)
+    objects/ab/cdef..   one file per larger distinct content, named by its hex XXH3-128 (first two digits: the dir)
     tmp/                staging for imports in progress (import-<id>/), removed on completion or recovery
     lock                flock: importers hold it shared, gc/fsck/recovery exclusive
     containers/, volumes/   owned by the runtime
@@ -14,14 +14,22 @@ confirmed byte for byte before two contents are merged.
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+# Migrations from older schema versions, applied in order by store/root.py.
+MIGRATIONS = {
+    2: ["ALTER TABLE objects ADD COLUMN data BLOB"],
+}
+
+SCHEMA_VERSION = 2
 
 SCHEMA = """
--- One row per distinct content stored under objects/. Rows are written only after the file is durable
--- (staged, synced, linked into objects/), in the same transaction as the entries that use it.
+-- One row per distinct content. Contents of up to INLINE_MAX bytes (store/objects.py) live in `data`: below one
+-- filesystem block a file would cost a whole block and an inode. Larger ones are files under objects/, and their
+-- rows are written only after the file is durable (staged, synced, moved into objects/), in the same transaction
+-- as the entries that use it.
 CREATE TABLE IF NOT EXISTS objects (
     hash TEXT PRIMARY KEY,          -- hex XXH3-128 of the content (32 digits)
-    size INTEGER NOT NULL           -- content bytes
+    size INTEGER NOT NULL,          -- content bytes
+    data BLOB                       -- the content itself when inlined, NULL when it is a file under objects/
 ) WITHOUT ROWID;
 
 -- One row per distinct layer. A layer's bytes are rebuilt exactly from its tarsplit object (every byte of the

@@ -95,21 +95,25 @@ def test_df_figures_match_an_independent_count(lamina, busybox_dir, tmp_path):
 def test_fsck_finds_and_repairs_damage(lamina, busybox_dir, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
-    (small / "f").write_text("precious\n")
+    (small / "f").write_text("precious\n")  # inlined in the index
+    (small / "big").write_bytes(os.urandom(8192))  # a file under objects/
     lamina("import", small, "-t", "small")
     lamina("import", busybox_dir, "-t", "bb")
     st = open_store(str(lamina.root))
-    obj = st.reader().lookup(st.image("small").layer_ids[0], "/f").object
-    path = st.reader().object_path(obj)
+    lid = st.image("small").layer_ids[0]
+    inline, filed = (st.reader().lookup(lid, p).object for p in ("/f", "/big"))
+    path = st.reader().object_path(filed)
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:
         f.write(b"PRECIOUS")
+    with st.store.write() as db:
+        db.execute("UPDATE objects SET data=? WHERE hash=?", (b"PRECIOUS\n", inline))
     stray = lamina.root / "objects" / "ff" / ("0" * 30)
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"junk")
     r = lamina("fsck", check=False)
     assert r.returncode == 1
-    assert f"object {obj}" in r.stdout and "stray file" in r.stdout and "small" not in r.stderr
+    assert f"object {filed}" in r.stdout and f"object {inline}" in r.stdout and "stray file" in r.stdout
     r = lamina("fsck", "--repair")
     assert "removed damaged image" in r.stdout
     lamina.assert_clean()
