@@ -82,6 +82,14 @@ def hash_file(path: str) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
+def _write_all(fd: int, data: bytes, offset: int) -> int:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+    return len(data)
+
+
 class ObjectStager:
     """Collects the new objects of one import until `publish()`: contents of up to INLINE_MAX bytes in a spool
     file (they will live in the index), larger ones as files in the staging directory."""
@@ -91,7 +99,8 @@ class ObjectStager:
         self.staging = staging
         self.new: dict[str, int] = {}  # hash -> size, file-backed, staged in this import
         self.inline: dict[str, tuple[int, int]] = {}  # hash -> (offset, size) in the spool
-        self._spool = open(f"{staging}/inline.spool", "w+b")
+        self._spool = os.open(f"{staging}/inline.spool", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._spool_end = 0
         self._lookup = store.db.execute
         self._tmp_seq = 0
 
@@ -103,7 +112,7 @@ class ObjectStager:
 
     def _spooled(self, h: str) -> bytes:
         off, n = self.inline[h]
-        return os.pread(self._spool.fileno(), n, off)
+        return os.pread(self._spool, n, off)
 
     def add_bytes(self, data: bytes) -> str:
         h = hash_bytes(data)
@@ -120,14 +129,12 @@ class ObjectStager:
                               "(damaged store or crafted collision): run `lamina fsck`")
             return h
         if len(data) <= INLINE_MAX:
-            self.inline[h] = (self._spool.tell(), len(data))
-            self._spool.write(data)
+            self.inline[h] = (self._spool_end, len(data))
+            self._spool_end += _write_all(self._spool, data, self._spool_end)
             return h
         fd = os.open(self._staged(h), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data, 0)
         finally:
             os.close(fd)
         self.new[h] = len(data)
@@ -198,9 +205,8 @@ class ObjectStager:
 
     def inline_rows(self) -> Iterator[tuple[str, int, bytes]]:
         """(hash, size, content) of the inlined contents, read back from the spool one at a time."""
-        self._spool.flush()
         for h in self.inline:
             yield h, self.inline[h][1], self._spooled(h)
 
     def close(self) -> None:
-        self._spool.close()
+        os.close(self._spool)

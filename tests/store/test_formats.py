@@ -127,6 +127,18 @@ def test_identical_files_in_unrelated_images_are_stored_once(lamina, busybox_dir
     assert df["content_bytes"] < df["layers_bytes"]
 
 
+def test_repeated_contents_within_one_import_are_stored_once(lamina, tmp_path):
+    """The same small (inlined), mid-size and large contents several times in one layer."""
+    small, mid, big = b"same\n", os.urandom(100_000), os.urandom(3 << 20)
+    members = [(ti(f"{kind}{i}"), data) for i in range(3) for kind, data in (("s", small), ("m", mid), ("b", big))]
+    (tmp_path / "rep.tar").write_bytes(make_tar(members))
+    lamina("import", tmp_path / "rep.tar", "-t", "rep")
+    st = open_store(str(lamina.root)).store
+    sizes = sorted(n for (n,) in st.db.execute("SELECT size FROM objects"))
+    assert [n for n in sizes if n in (len(small), len(mid), len(big))] == [len(small), len(mid), len(big)]
+    lamina.assert_clean()
+
+
 def test_umoci_layout_dir_and_tar(lamina, busybox_dir, tmp_path):
     layout, bundle = tmp_path / "layout", tmp_path / "bundle"
     run("umoci", "init", "--layout", str(layout))
