@@ -261,3 +261,26 @@ def test_whiteouts_and_opaque_dirs(lamina, tmp_path):
     assert r.lookup(lid, "/usr").kind == "d"  # implied parent
     assert {n for n, _ in r.children(lid, "/var")} == {"new"}
     lamina.assert_clean()
+
+
+def test_docker_25_save_archive(lamina, busybox_dir, tmp_path):
+    """Docker >= 25 writes an OCI layout plus a legacy manifest.json whose RepoTags name the image."""
+    lamina("import", busybox_dir, "-t", "bb")
+    image_id = lamina("images", "-q", "--no-trunc").stdout.split()[0]
+    lamina("save", "bb", "-o", tmp_path / "oci.tar")
+    lay = tmp_path / "lay"
+    run("skopeo", "copy", f"oci-archive:{tmp_path}/oci.tar", f"oci:{lay}")  # no ref.name annotation
+    index = json.loads((lay / "index.json").read_text())
+    man = json.loads((lay / "blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    (lay / "manifest.json").write_text(json.dumps([{
+        "Config": "blobs/sha256/" + man["config"]["digest"].split(":")[1],
+        "RepoTags": ["example.org/team/bb:25"],
+        "Layers": ["blobs/sha256/" + d["digest"].split(":")[1] for d in man["layers"]]}]))
+    run("tar", "-C", str(lay), "-cf", str(tmp_path / "docker25.tar"), ".")
+    other = tmp_path / "other-store"
+    from tests.store.conftest import Lamina
+    fresh = Lamina(other)
+    assert fresh("import", tmp_path / "docker25.tar").stdout.strip() == image_id
+    rows = json.loads(fresh("images", "--format", "json").stdout)
+    assert [(r["repository"], r["tag"]) for r in rows] == [("example.org/team/bb", "25")]
+    fresh.assert_clean()
