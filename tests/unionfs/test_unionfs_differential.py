@@ -194,8 +194,13 @@ class OverlayVsKernel(RuleBasedStateMachine):
         rk = outcome(do, self.k, src, dst, flags)
         rl = outcome(do, self.l, src, dst, flags)
         if rk == ("err", "EXDEV") and rl[0] == "ok":
-            # the intended difference: emulate mv's fallback on the kernel side
+            # the intended difference: emulate mv's fallback on the kernel side. Open files then point at the
+            # copied-from tree on the kernel side but at the moved one on lamina's: they are not comparable.
             self.diverged = True
+            for kfd, lfd in self.fds:
+                os.close(kfd)
+                os.close(lfd)
+            self.fds = []
             if flags == RENAME_EXCHANGE:
                 tmp = self.k / ".xchg"
                 for s, d in ((self.k / src, tmp), (self.k / dst, self.k / src), (tmp, self.k / dst)):
