@@ -71,7 +71,7 @@ def test_store_mount_with_upper_copy_up(layout, store_image):
         lamina(root, "umount", mnt)
 
 
-def test_lost_object_gives_eio_for_that_file_only(layout, scratch, store_image):
+def test_lost_or_damaged_object_gives_eio_for_that_file_only(layout, scratch, store_image):
     from store.reader import open_store
     root, image = store_image
     st = open_store(str(root))
@@ -83,6 +83,10 @@ def test_lost_object_gives_eio_for_that_file_only(layout, scratch, store_image):
         os.unlink(r.object_path(entry.object))
     with st.store.write() as db:
         db.execute("UPDATE objects SET data=NULL WHERE hash=?", (entry.object,))
+    # Damage another: /b (5001 bytes, file-backed) gets a tail its entry does not account for.
+    damaged = next(e for lid in reversed(img.layer_ids) if (e := r.lookup(lid, "/b")) is not None)
+    with open(r.object_path(damaged.object), "ab") as f:
+        f.write(b"garbage")
     log = scratch / "fs.log"
     mnt = layout["mnt"]
     mount_store(root, image, mnt, "--read-only", "--log", log)
@@ -90,11 +94,16 @@ def test_lost_object_gives_eio_for_that_file_only(layout, scratch, store_image):
         with pytest.raises(OSError) as e:
             (mnt / "d" / "x").read_bytes()
         assert e.value.errno == errno.EIO
+        with pytest.raises(OSError) as e:
+            (mnt / "b").read_bytes()
+        assert e.value.errno == errno.EIO
         assert (mnt / "d" / "y").read_text() == "y from l1\n"
         assert (mnt / "c").read_text() == "top c\n"
     finally:
         lamina(root, "umount", mnt)
-    assert "/d/x" in log.read_text() and "missing" in log.read_text()
+    text = log.read_text()
+    assert "/d/x" in text and "missing" in text
+    assert "/b" in text and "corrupt" in text
 
 
 def _daemon_pid(mnt: Path) -> int:
