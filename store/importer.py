@@ -1,124 +1,37 @@
-"""Importing images: format detection, OCI layouts, `docker save` archives, tars and directories.
+"""Importing images: what a SOURCE is (directory, tar, image archive), and the all-or-nothing import.
 
-An import is all-or-nothing: every layer is read, checked against its digests and staged first; then the staged
-objects are published and every row (objects, layers, entries, images, tags) commits in one transaction. A
-failure or a kill before that commit leaves the index untouched, and the staged or linked objects are removed by
-recovery (store/root.py). Layers already in the store (by DiffID) are not read again.
+Archive formats are read by store/archives.py; this module stores what they hold. Every layer is read, checked
+against its digests and staged first; then the staged objects are published and every row (objects, layers,
+entries, images, tags) commits in one transaction. A failure or a kill before that commit leaves the index
+untouched, and the staged or moved objects are removed by recovery (store/root.py). Layers already in the store
+(by DiffID) are not read again.
 """
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import hashlib
 import io
 import json
 import os
-import platform
-import re
 import shutil
 import tarfile
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-import zstandard
-
+from .archives import LAYER_TYPES, Blobs, LayerRef, host_arch, is_archive_dir, looks_like_archive, read_images
 from .dirtar import write_dir_tar
-from .entries import FILE
-from .errors import BadInput, NotFound, StoreError
+from .errors import BadInput, NotFound
 from .ingest import (P_GID, P_IMPLICIT, P_KIND, P_LEADER, P_LINK, P_MODE, P_MTIME, P_OBJ, P_OPAQUE, P_RDEV,
                      P_SIZE, P_UID, P_XATTRS, LayerData, ingest_tar, split)
 from .objects import ObjectStager
 from .refs import normalize_ref
 from .root import Store
+from .streams import GZIP_MAGIC, ZSTD_MAGIC, HashingReader, decompressed
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-CONFIG_TYPES = {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
-LAYER_TYPES = {
-    "application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar", "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-}
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def host_arch() -> str:
-    m = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(m, m)
-
-
-class _Hashing(io.RawIOBase):
-    """Passes reads through while computing sha256 of the raw (possibly compressed) bytes."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.n = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self.f.read(len(b))
-        b[: len(data)] = data
-        self.sha.update(data)
-        self.n += len(data)
-        return len(data)
-
-    def finish(self) -> str:
-        while data := self.f.read(1 << 20):
-            self.sha.update(data)
-            self.n += len(data)
-        return "sha256:" + self.sha.hexdigest()
-
-
-class _Decompressed(io.RawIOBase):
-    """A decompressing reader that reports corrupt or truncated data as BadInput with the format named."""
-
-    def __init__(self, raw: BinaryIO, kind: str) -> None:
-        self.kind = kind
-        if kind == "gzip":
-            self.f = gzip.GzipFile(fileobj=raw, mode="rb")
-        else:
-            self.f = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            return self.f.read(n)
-        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
-            raise BadInput(f"corrupt or truncated {self.kind} data: {e}") from None
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-
-def decompressed(f: BinaryIO) -> BinaryIO:
-    """Sniffs gzip (1f8b) and zstd (28b52ffd) magic; anything else is read as an uncompressed tar."""
-    buf = f if hasattr(f, "peek") else io.BufferedReader(f, 1 << 20)  # type: ignore[arg-type]
-    head = buf.peek(4)[:4]  # type: ignore[union-attr]
-    if head.startswith(GZIP_MAGIC):
-        return _Decompressed(buf, "gzip")
-    if head == ZSTD_MAGIC:
-        return _Decompressed(buf, "zstd")
-    return buf
 
 
 @dataclass
@@ -241,76 +154,6 @@ def _new_config(layer: LayerData, created_by: str, changes: dict) -> bytes:
     return json.dumps(config, separators=(",", ":")).encode()
 
 
-class _Blobs:
-    """Read access to a layout or archive, directory or tar alike."""
-
-    def __init__(self, src: str) -> None:
-        self.src = src
-        self.tar: tarfile.TarFile | None = None
-        self.names: dict[str, tarfile.TarInfo] = {}
-        if os.path.isfile(src):
-            self.tar = tarfile.open(src, mode="r:")
-            for m in self.tar.getmembers():
-                self.names[m.name.lstrip("./") if m.name.startswith("./") else m.name] = m
-
-    def exists(self, name: str) -> bool:
-        if self.tar is not None:
-            return name in self.names
-        return os.path.isfile(os.path.join(self.src, name))
-
-    @contextmanager
-    def open(self, name: str) -> Iterator[BinaryIO]:
-        if "\x00" in name or name.startswith("/") or ".." in name.split("/"):
-            raise BadInput(f"archive refers to a path outside itself: {name!r}")
-        if self.tar is not None:
-            m = self.names.get(name)
-            f = self.tar.extractfile(m) if m is not None else None
-            if f is None:
-                raise BadInput(f"archive is missing {name}")
-            with f:
-                yield f  # type: ignore[misc]
-        else:
-            try:
-                f = open(os.path.join(self.src, name), "rb")
-            except FileNotFoundError:
-                raise BadInput(f"layout is missing {name}") from None
-            with f:
-                yield f
-
-    def read(self, name: str) -> bytes:
-        with self.open(name) as f:
-            return f.read()
-
-    def json(self, name: str, data: bytes | None = None):
-        try:
-            return json.loads(data if data is not None else self.read(name))
-        except ValueError as e:
-            raise BadInput(f"{name} is not valid JSON: {e}") from None
-
-    def blob_name(self, digest: str) -> str:
-        algo, _, hexd = digest.partition(":")
-        if algo != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", hexd):
-            raise BadInput(f"unsupported or malformed digest {digest!r}")
-        return f"blobs/sha256/{hexd}"
-
-    def blob(self, desc: dict) -> bytes:
-        digest = desc.get("digest", "")
-        data = self.read(self.blob_name(digest))
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise BadInput(f"blob {digest} does not match its digest")
-        return data
-
-
-def _check_config(cfg_bytes: bytes, where: str) -> dict:
-    try:
-        cfg = json.loads(cfg_bytes)
-        diff_ids = cfg["rootfs"]["diff_ids"]
-        assert isinstance(diff_ids, list)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise BadInput(f"{where}: not an image config (no rootfs.diff_ids)") from None
-    return cfg
-
-
 class Source:
     """Detects what SOURCE is and feeds it to an Importer."""
 
@@ -325,22 +168,16 @@ class Source:
         if p == "-":
             return self._layer_tar(io.BufferedReader(io.FileIO(0, closefd=False)), "stdin")
         if os.path.isdir(p):
-            if os.path.exists(os.path.join(p, "index.json")) or os.path.exists(os.path.join(p, "oci-layout")) \
-                    or os.path.exists(os.path.join(p, "manifest.json")):
-                return self._archive(_Blobs(p))
-            return self._directory(p)
+            return self._archive(Blobs(p)) if is_archive_dir(p) else self._directory(p)
         if not os.path.exists(p):
             raise NotFound(f"{p}: no such file or directory")
         with open(p, "rb") as f:
             head = f.read(512)
-        if head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC):
-            with open(p, "rb") as f:
-                return self._layer_tar(f, p)
-        if not _looks_like_archive(p):
+        if head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC) or not looks_like_archive(p):
             with open(p, "rb") as f:
                 return self._layer_tar(f, p)
         try:
-            blobs = _Blobs(p)
+            blobs = Blobs(p)
         except (tarfile.ReadError, EOFError) as e:
             if head[257:262] == b"ustar":
                 raise BadInput(f"{p}: corrupt or truncated tar ({e})") from None
@@ -370,50 +207,24 @@ class Source:
         os.unlink(tmp)
         self._single_image(data, f"lamina import {os.path.basename(os.path.abspath(p))}")
 
-    # -- OCI layout and docker save -------------------------------------------------------------------------------
-    def _archive(self, b: _Blobs) -> None:
-        try:
-            self._read_archive(b)
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            # index, manifest or config JSON of the wrong shape (a list where an object belongs, and so on)
-            raise BadInput(f"{self.path}: malformed image metadata ({type(e).__name__}: {e})") from None
+    def _archive(self, b: Blobs) -> None:
+        images = read_images(b, self.path)
+        if self.tags and len(images) > 1:
+            raise BadInput(f"{self.path} holds {len(images)} images: -t applies to exactly one")
+        for img in images:
+            for layer, want in zip(img.layers, img.diff_ids):
+                if not self.imp.have_layer(want):
+                    self._archive_layer(b, layer, want)
+            self.imp.images.append(ImageSpec(img.config, img.diff_ids, self.tags or img.tags))
 
-    def _read_archive(self, b: _Blobs) -> None:
-        found: list[tuple[bytes, list[tuple[dict, str | None]], list[str]]] = []
-        if b.exists("index.json"):
-            if b.exists("oci-layout"):
-                layout = b.json("oci-layout")
-                if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
-                    raise BadInput("oci-layout: no imageLayoutVersion")
-            docker_tags = self._docker_tags(b) if b.exists("manifest.json") else {}
-            index = b.json("index.json")
-            for desc in index.get("manifests", []) if isinstance(index, dict) else []:
-                found.extend(self._from_descriptor(b, desc, docker_tags))
-            if not found:
-                raise BadInput("index.json lists no image manifests")
-        elif b.exists("manifest.json"):
-            found.extend(self._from_docker_manifest(b))
-        else:
-            raise BadInput(f"{self.path}: neither index.json nor manifest.json")
-        if self.tags and len(found) > 1:
-            raise BadInput(f"{self.path} holds {len(found)} images: -t applies to exactly one")
-        for cfg_bytes, layers, tags in found:
-            diff_ids = _check_config(cfg_bytes, "config")["rootfs"]["diff_ids"]
-            if len(diff_ids) != len(layers):
-                raise BadInput(f"config lists {len(diff_ids)} layers, manifest {len(layers)}")
-            for (desc, name), want in zip(layers, diff_ids):
-                if self.imp.have_layer(want):
-                    continue
-                self._archive_layer(b, desc, name, want)
-            self.imp.images.append(ImageSpec(cfg_bytes, list(diff_ids), self.tags or tags))
-
-    def _archive_layer(self, b: _Blobs, desc: dict, name: str | None, want: str) -> None:
+    def _archive_layer(self, b: Blobs, layer: LayerRef, want: str) -> None:
+        desc = layer.desc
         mt = desc.get("mediaType")
         if mt is not None and mt not in LAYER_TYPES:
-            raise BadInput(f"layer {desc.get('digest', name)}: unknown media type {mt!r}")
-        blob_name = name if name is not None else b.blob_name(desc.get("digest", ""))
+            raise BadInput(f"layer {desc.get('digest', layer.name)}: unknown media type {mt!r}")
+        blob_name = layer.name if layer.name is not None else b.blob_name(desc.get("digest", ""))
         with b.open(blob_name) as raw:
-            h = _Hashing(raw)
+            h = HashingReader(raw)
             data = self.imp.add_layer_stream(io.BufferedReader(h, 1 << 20))  # type: ignore[arg-type]
             digest = h.finish()
         if "digest" in desc and digest != desc["digest"]:
@@ -421,86 +232,8 @@ class Source:
         if "size" in desc and h.n != desc["size"]:
             raise BadInput(f"layer blob {desc.get('digest')} has {h.n} bytes, manifest says {desc['size']}")
         if data.diff_id != want:
-            raise BadInput(f"layer {desc.get('digest', name)}: DiffID {data.diff_id} does not match config {want}")
-
-    def _from_descriptor(self, b: _Blobs, desc: dict, docker_tags: dict, depth: int = 0):
-        mt = desc.get("mediaType")
-        ref = (desc.get("annotations") or {}).get("io.containerd.image.name") or \
-            (desc.get("annotations") or {}).get("org.opencontainers.image.ref.name")
-        if mt in (OCI_INDEX, DOCKER_LIST):
-            if depth > 4:
-                raise BadInput("image index nested too deeply")
-            sub = b.json("index", b.blob(desc))
-            manifests = sub.get("manifests", [])
-            want = host_arch()
-            chosen = [m for m in manifests if (m.get("platform") or {}).get("architecture") == want] or manifests[:1]
-            out = []
-            for m in chosen[:1]:
-                if ref and "annotations" not in m:
-                    m = dict(m, annotations={"org.opencontainers.image.ref.name": ref})
-                out.extend(self._from_descriptor(b, m, docker_tags, depth + 1))
-            return out
-        if mt not in (OCI_MANIFEST, DOCKER_MANIFEST):
-            raise BadInput(f"manifest {desc.get('digest')}: unknown media type {mt!r}")
-        man = b.json("manifest", b.blob(desc))
-        cdesc = man.get("config") or {}
-        if cdesc.get("mediaType") not in CONFIG_TYPES:
-            raise BadInput(f"config {cdesc.get('digest')}: unknown media type {cdesc.get('mediaType')!r}")
-        cfg = b.blob(cdesc)
-        tags = docker_tags.get(cdesc["digest"]) or _ref_tags(ref)
-        return [(cfg, [(d, None) for d in man.get("layers", [])], tags)]
-
-    def _docker_tags(self, b: _Blobs) -> dict[str, list[str]]:
-        out = {}
-        man = b.json("manifest.json")
-        for item in man if isinstance(man, list) else []:
-            cfg = item.get("Config", "")
-            hexd = cfg.rsplit("/", 1)[-1].removesuffix(".json")
-            out["sha256:" + hexd] = [normalize_ref(t) for t in item.get("RepoTags") or []]
-        return out
-
-    def _from_docker_manifest(self, b: _Blobs):
-        man = b.json("manifest.json")
-        if not isinstance(man, list):
-            raise BadInput("manifest.json is not a list of images")
-        out = []
-        for item in man:
-            cfg_name = item.get("Config")
-            if not isinstance(cfg_name, str):
-                raise BadInput("manifest.json entry without Config")
-            cfg = b.read(cfg_name)
-            hexd = cfg_name.rsplit("/", 1)[-1].removesuffix(".json")
-            if re.fullmatch(r"[0-9a-f]{64}", hexd) and hashlib.sha256(cfg).hexdigest() != hexd:
-                raise BadInput(f"config {cfg_name} does not match its digest")
-            layers = [({}, name) for name in item.get("Layers") or []]
-            out.append((cfg, layers, [normalize_ref(t) for t in item.get("RepoTags") or []]))
-        return out
-
-
-_ARCHIVE_TOP = re.compile(r"^(?:\./)?(?:oci-layout|index\.json|manifest\.json|repositories|blobs(?:/.*)?|"
-                          r"[0-9a-f]{64}(?:\.json|\.tar|/.*)?)/?$")
-
-
-def _looks_like_archive(path: str) -> bool:
-    """Whether a tar's first member is one an image archive starts with, as opposed to a root filesystem's
-    ("./", "bin/"...). Saves reading every header of a large layer twice."""
-    try:
-        with tarfile.open(path, mode="r:") as tf:
-            first = tf.next()
-            while first is not None and first.name in (".", "./"):
-                first = tf.next()
-    except (tarfile.ReadError, EOFError):
-        return True  # let the full open report what is wrong
-    return first is not None and bool(_ARCHIVE_TOP.match(first.name))
-
-
-def _ref_tags(ref: str | None) -> list[str]:
-    # An OCI ref.name may be a bare tag ("latest") or a full reference; either is taken as the image's name
-    # (skopeo's oci:DIR:NAME writes NAME there). One that is no valid reference is not a reason to refuse.
-    try:
-        return [normalize_ref(ref)] if ref else []
-    except BadInput:
-        return []
+            raise BadInput(f"layer {desc.get('digest', layer.name)}: DiffID {data.diff_id} does not match "
+                           f"config {want}")
 
 
 def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags: list[str] | None = None,

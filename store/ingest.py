@@ -33,7 +33,8 @@ _KIND_NAMES = {FILE: "file", DIR: "directory", SYMLINK: "symlink", CHAR: "charac
                BLOCK: "block device", FIFO: "fifo", WHITEOUT: "whiteout"}
 
 # Row layout while importing (a list per path, turned into `entries` rows at commit).
-P_KIND, P_MODE, P_UID, P_GID, P_MTIME, P_SIZE, P_OBJ, P_LINK, P_RDEV, P_LEADER, P_XATTRS, P_OPAQUE, P_IMPLICIT = range(13)
+(P_KIND, P_MODE, P_UID, P_GID, P_MTIME, P_SIZE, P_OBJ, P_LINK, P_RDEV, P_LEADER, P_XATTRS, P_OPAQUE,
+ P_IMPLICIT) = range(13)
 
 
 def normalize(name: str, what: str = "path") -> str:

@@ -1,8 +1,6 @@
 """Fixtures shared by every part of the suite."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 

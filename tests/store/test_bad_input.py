@@ -5,7 +5,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 

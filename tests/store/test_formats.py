@@ -3,7 +3,6 @@ as well as by lamina itself; layers must round-trip byte for byte."""
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
