@@ -90,10 +90,19 @@ def _own_cgroups(pid: str = "self") -> dict[str, str]:
 
 
 def detect_version() -> int:
+    """1 or 2. LAMINA_CGROUP_VERSION=2 picks v2 on a hybrid host (its cgroup2 mount has no controllers, so no
+    limits apply, but placement, the cgroup namespace and freezing are v2's): how the v2 path is tested here."""
     mounts = _mountinfo()
-    if any(fs == "cgroup" for _, _, fs, _ in mounts):
+    has_v1 = any(fs == "cgroup" for _, _, fs, _ in mounts)
+    has_v2 = any(fs == "cgroup2" for _, _, fs, _ in mounts)
+    forced = os.environ.get("LAMINA_CGROUP_VERSION")
+    if forced == "2" and has_v2:
+        return 2
+    if forced == "1" and has_v1:
         return 1
-    if any(fs == "cgroup2" for _, _, fs, _ in mounts):
+    if has_v1:
+        return 1
+    if has_v2:
         return 2
     raise OSError(errno.ENOENT, "no cgroup filesystem mounted")
 

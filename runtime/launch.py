@@ -294,6 +294,10 @@ def _bind_rootfs(L: Launch) -> None:
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
     linux.mount(R, R, None, linux.MS_BIND | linux.MS_REC)
+    if L.cgroup_version == 2:
+        # No devices cgroup on v2 (it takes an eBPF program): device nodes an image carries must not open.
+        keep = os.statvfs(R).f_flag & _LOCKABLE
+        linux.mount(None, R, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_NODEV | keep)
     for src, target, ro in L.binds:
         linux.mount(src, target, None, linux.MS_BIND | linux.MS_REC)
         if ro:
