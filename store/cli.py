@@ -134,6 +134,25 @@ def import_cmd(store: Store, source: str, tag: str | None, changes: tuple[str, .
         click.echo(i)
 
 
+@click.command("load")
+@click.option("-i", "--input", "source", required=True, help="Image archive (OCI layout or docker save).")
+@click.option("-q", "--quiet", is_flag=True)
+@store_command
+def load_cmd(store: Store, source: str, quiet: bool) -> None:
+    """Load images from an archive, as `docker load -i` does (`import` takes every other kind of source too)."""
+    from .importer import import_source
+    from .reader import load_image, resolve
+    update, close = progress_bar(None, "load")
+    try:
+        ids = import_source(store, source, progress=update if update and not quiet else None)
+    finally:
+        close()
+    for i in ids:
+        tags = load_image(store, resolve(store, i)).tags
+        for t in tags or [i]:
+            click.echo(f"Loaded image: {t}" if tags else f"Loaded image ID: {i}")
+
+
 @click.command("save")
 @click.argument("images", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Archive to write.")
@@ -276,4 +295,4 @@ def fsck_cmd(store: Store, repair: bool, quick: bool) -> None:
         sys.exit(1)
 
 
-COMMANDS = [import_cmd, save_cmd, images_cmd, tag_cmd, rmi_cmd, history_cmd, df_cmd, gc_cmd, fsck_cmd]
+COMMANDS = [import_cmd, load_cmd, save_cmd, images_cmd, tag_cmd, rmi_cmd, history_cmd, df_cmd, gc_cmd, fsck_cmd]

@@ -187,6 +187,7 @@ def test_skopeo_reads_our_archives_and_we_read_skopeos(lamina, busybox_dir, tmp_
     run("skopeo", "copy", f"oci-archive:{tmp_path}/bb-oci.tar", f"docker-archive:{tmp_path}/d.tar:bb:skopeo")
     for src in ("gz", "zst", "d.tar"):
         assert lamina("import", tmp_path / src).stdout.strip() == image_id
+    assert "Loaded image: bb:skopeo" in lamina("load", "-i", tmp_path / "d.tar").stdout
     assert "bb:skopeo" in lamina("images").stdout.replace("   ", " ").replace("bb ", "bb:").replace(" ", "") or \
         any(r["repository"] == "bb" and r["tag"] == "skopeo"
             for r in json.loads(lamina("images", "--format", "json").stdout))
