@@ -261,6 +261,16 @@ class CgroupV2:
 
     def apply(self, lim: Limits) -> None:
         p = self.path
+        need = {"memory": lim.memory is not None, "cpu": lim.cpus is not None, "pids": lim.pids is not None,
+                "io": bool(lim.read_bps or lim.write_bps)}
+        try:
+            enabled = (p / "cgroup.controllers").read_text().split()
+        except OSError:
+            enabled = []
+        for ctrl, wanted in need.items():
+            if wanted and ctrl not in enabled:
+                raise OSError(errno.ENOTSUP, f"the {ctrl} controller is not available in {p.parent} (cgroup v2: run "
+                              f"lamina from a cgroup of its own with {ctrl} delegated, e.g. systemd-run --scope)")
         if lim.memory is not None:
             _write(p / "memory.max", str(lim.memory))
             total = lim.swap_total()

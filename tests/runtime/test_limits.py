@@ -99,7 +99,17 @@ def _fake_v2(tmp_path: Path) -> CgroupV2:
     for f in ("cgroup.procs", "memory.max", "memory.swap.max", "cpu.max", "pids.max", "io.max", "memory.events",
               "cgroup.freeze"):
         (cg.path / f).write_text("")
+    (cg.path / "cgroup.controllers").write_text("cpu io memory pids\n")
     return cg
+
+
+def test_v2_missing_controller_is_a_clear_error(tmp_path):
+    cg = _fake_v2(tmp_path)
+    (cg.path / "cgroup.controllers").write_text("cpu pids\n")  # memory not delegated to us
+    with pytest.raises(OSError, match="memory controller is not available"):
+        cg.apply(Limits(memory=32 << 20))
+    cg.apply(Limits(pids=5))
+    assert (cg.path / "pids.max").read_text() == "5\n"
 
 
 def test_v2_enables_controllers_in_parent(tmp_path):
