@@ -11,11 +11,19 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 def normalize_ref(ref: str) -> str:
-    """docker's rule: NAME[:TAG], with ':latest' when no tag is given. Refuses malformed references."""
+    """docker's rule: NAME[:TAG], with ':latest' when no tag is given, in familiar form (no docker.io/library/).
+    Refuses malformed references."""
     name, tag = ref, "latest"
     last = ref.rsplit("/", 1)[-1]
     if ":" in last:
         name, tag = ref.rsplit(":", 1)
     if not _NAME_RE.match(name) or not _TAG_RE.match(tag):
         raise BadInput(f"invalid reference format: {ref!r}")
+    # docker's familiar form: docker.io/library/busybox and busybox name the same image, shown as the latter
+    for prefix in ("docker.io/", "index.docker.io/"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            if name.startswith("library/") and name.count("/") == 1:
+                name = name[len("library/"):]
+            break
     return f"{name}:{tag}"
