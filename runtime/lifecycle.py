@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import time
+from typing import Callable
 
 from . import state
 from .run import cleanup, remove_container
@@ -111,14 +112,25 @@ def _is_whiteout(st: os.stat_result) -> bool:
 
 def diff(c: state.Container) -> list[tuple[str, str]]:
     """(kind, path) for the container layer as `docker diff`: A added, C changed, D deleted; sorted by path."""
-    upper = str(c.upper)
     lower = c.data.get("image_path") if c.data.get("image_kind") == "dir" else None
-    out: list[tuple[str, str]] = []
+    if lower is not None:
+        return _diff(c, lambda rel: os.path.lexists(os.path.join(lower, rel.lstrip("/"))))
+    try:
+        from store.reader import open_store  # noqa: PLC0415
+        st = open_store(str(c.dir.parent.parent))
+    except Exception:  # noqa: BLE001 - without the store every path counts as changed: nothing is hidden
+        return _diff(c, lambda rel: True)
+    with st:
+        try:
+            has = _store_lookup(c, st)
+        except Exception:  # noqa: BLE001 - the image is gone from the store: the same
+            has = lambda rel: True  # noqa: E731
+        return _diff(c, has)
 
-    def in_lower(rel: str) -> bool:
-        if lower is None:
-            return _store_has(c, rel)
-        return os.path.lexists(os.path.join(lower, rel.lstrip("/")))
+
+def _diff(c: state.Container, in_lower: Callable[[str], bool]) -> list[tuple[str, str]]:
+    upper = str(c.upper)
+    out: list[tuple[str, str]] = []
 
     hidden = set(c.data.get("etc_files", []))  # mount points of lamina's own /etc files, as Docker hides them
     for dirpath, dirnames, filenames in os.walk(upper):
@@ -145,26 +157,26 @@ def diff(c: state.Container) -> list[tuple[str, str]]:
             if not (k == "C" and p in holders and not any(v.startswith(p + "/") for v in visible))]
 
 
-def _store_has(c: state.Container, rel: str) -> bool:
-    """Whether the image holds `rel`: the topmost layer that mentions it decides (a whiteout hides it)."""
-    try:
-        from store.entries import WHITEOUT  # noqa: PLC0415 - the store is optional for directory images
-        from store.reader import open_store  # noqa: PLC0415
-        st = open_store(str(c.dir.parent.parent))
-        img, reader = st.image(c.data.get("image_id") or c.data["image"]), st.reader()
-    except Exception:  # noqa: BLE001 - without the store every path counts as changed: nothing is hidden
-        return True
-    for layer in reversed(img.layer_ids):
-        e = reader.lookup(layer, rel)
-        if e is not None:
-            return e.kind != WHITEOUT
-        parent = os.path.dirname(rel)
-        while parent not in ("/", ""):
-            p = reader.lookup(layer, parent)
-            if p is not None and p.opaque:
-                return False
-            parent = os.path.dirname(parent)
-    return False
+def _store_lookup(c: state.Container, st) -> Callable[[str], bool]:
+    """Whether the image holds a path: the topmost layer that mentions it decides (a whiteout hides it)."""
+    from store.entries import WHITEOUT  # noqa: PLC0415 - the store is optional for directory images
+
+    img, reader = st.image(c.data.get("image_id") or c.data["image"]), st.reader()
+
+    def has(rel: str) -> bool:
+        for layer in reversed(img.layer_ids):
+            e = reader.lookup(layer, rel)
+            if e is not None:
+                return e.kind != WHITEOUT
+            parent = os.path.dirname(rel)
+            while parent not in ("/", ""):
+                p = reader.lookup(layer, parent)
+                if p is not None and p.opaque:
+                    return False
+                parent = os.path.dirname(parent)
+        return False
+
+    return has
 
 
 def _ago(t: float) -> str:
