@@ -38,7 +38,8 @@ def commit(root: str, c: state.Container, name: str | None) -> str:
         cg.freeze(True)
     try:
         created_by = f"lamina commit {c.id[:12]} ({' '.join(c.data.get('argv', []))})"
-        return commit_layer(store, parent_id, str(c.upper), created_by, [name] if name else [], _excluded(c))
+        return commit_layer(store, parent_id, str(c.upper), created_by, [name] if name else [], _excluded(c),
+                            config=c.data.get("config"))
     finally:
         if cg is not None:
             cg.freeze(False)

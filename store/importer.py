@@ -237,9 +237,10 @@ class Source:
 
 
 def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags: list[str] | None = None,
-                 exclude: frozenset[str] = frozenset()) -> str:
+                 exclude: frozenset[str] = frozenset(), config: dict | None = None) -> str:
     """A new image: the parent image plus one layer made from an overlayfs upper directory (its 0/0 whiteouts and
-    opaque markers become OCI whiteouts). This is `lamina commit`. Returns the new image id."""
+    opaque markers become OCI whiteouts). `config`, when given, replaces the parent's runtime config (Env, Cmd,
+    WorkingDir...), as docker commit writes the container's. This is `lamina commit`. Returns the new image id."""
     from .reader import load_image
     parent = load_image(store, parent_id)
     imp = Importer(store)
@@ -254,6 +255,8 @@ def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags
         t = now_iso()
         diff_ids = [*parent.diff_ids, data.diff_id]
         cfg["created"] = t
+        if config is not None:
+            cfg["config"] = config
         cfg.setdefault("rootfs", {"type": "layers"})["diff_ids"] = diff_ids
         cfg.setdefault("history", []).append({"created": t, "created_by": created_by})
         imp.images.append(ImageSpec(json.dumps(cfg, separators=(",", ":")).encode(), diff_ids,

@@ -1,6 +1,8 @@
 """`lamina commit`: the container layer becomes a store layer (whiteouts included, volumes excluded)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 store_reader = pytest.importorskip("store.reader")
@@ -55,3 +57,16 @@ def test_committed_image_runs_with_the_new_layer(lamina, image):
     r = lamina("run", "--rm", "withlayer:1", "sh", "-c", "cat /srv/msg; ls /etc/group")
     assert r.stdout == "hello from /srv\n"
     assert "No such file" in r.stderr
+
+
+def test_commit_writes_the_containers_config(lamina, image):
+    """As docker commit: the new image runs what the container ran, with its env and workdir."""
+    r = lamina("run", "--name", "cfgsrc", "-e", "FROM_RUN=1", "-w", "/tmp", image, "sh", "-c", "echo hi > /f")
+    assert r.returncode == 0, r.stderr
+    assert lamina("commit", "cfgsrc", "committed:cfg").returncode == 0
+    cfg = json.loads(lamina("inspect", "committed:cfg").stdout)[0]["Config"]
+    assert cfg["Cmd"] == ["sh", "-c", "echo hi > /f"]
+    assert "FROM_RUN=1" in cfg["Env"] and cfg["WorkingDir"] == "/tmp"
+    r = lamina("run", "--rm", "committed:cfg")  # runs the committed command, in /tmp
+    assert r.returncode == 0, r.stderr
+    lamina("rm", "cfgsrc")
