@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-store_reader = pytest.importorskip("store.reader")
+from store import reader as store_reader
 
 
 def _top(lamina, ref):
