@@ -18,10 +18,6 @@ from bench.workloads import ReadWarm, Storm
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="benchmarks mount filesystems: root only")
 
-# lamina's own contenders land while the benchmark exists: unavailable is reported, not a failure
-OPTIONAL = {"lamina", "lamina-fs"}
-
-
 @pytest.fixture(autouse=True)
 def tiny_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(data, "CACHE", tmp_path_factory.getbasetemp() / "bench-data")
@@ -37,12 +33,7 @@ def scratch(tmp_path):
 @pytest.mark.parametrize("name", [c.name for c in cmod.all_contenders(Path("/nonexistent"))])
 def test_one_tiny_workload_per_contender(name, scratch):
     c = next(c for c in cmod.all_contenders(scratch / "store") if c.name == name)
-    try:
-        cmod.probe(c, scratch)
-    except cmod.Unavailable as e:
-        if name in OPTIONAL:
-            pytest.skip(f"{name} not available: {e}")
-        raise
+    cmod.probe(c, scratch)  # every contender, lamina's own included, must be available here
     w = Storm(data.TINY, scratch)
     key, layers = w.image()
     w.prepare()
