@@ -114,7 +114,7 @@ class LaminaOperations(fuse.Operations):
         ov.notify = self._invalidate
         self.on_ready = on_ready
         self._dirs: dict[int, list[Any]] = {}
-        self._next_dir = itertools.count(1)
+        self._next_dir = itertools.count(1 << 40)  # never equal to a file handle (an fd number)
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         if config is not None:

@@ -768,11 +768,19 @@ class Overlay:
             pick.append(now if v == UTIME_NOW else cur if v == UTIME_OMIT else v)
         os.utime(real, ns=(pick[0], pick[1]), follow_symlinks=False)
 
+    def _xattr_target(self, path: str, n: Node) -> str:
+        """Where an xattr change lands: a name shown through the hardlink index changes the index file itself
+        without getting a name in the upper dir (what kernel overlayfs with index=on does for xattrs)."""
+        if n.layer == self._nlayers:
+            self.changed(n.ino, path)
+            return self._index_path(n.ino)
+        return self._copy_up_for_change(path)
+
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         stored = xattr_to_layer(name)
         if stored is None:
             raise _err(errno.EPERM, path)
-        real = self._copy_up_for_change(path)
+        real = self._xattr_target(path, self._node(path))
         os.setxattr(real, stored, value, flags, follow_symlinks=False)
 
     def removexattr(self, path: str, name: str) -> None:
@@ -781,7 +789,7 @@ class Overlay:
             raise _err(errno.ENODATA, path)
         n = self._node(path)
         self._layer_of(path, n).getxattr(n.lpath, stored)  # ENODATA before any copy-up, as the kernel does
-        real = self.copy_up(path, n)
+        real = self._xattr_target(path, n)
         os.removexattr(real, stored, follow_symlinks=False)
 
     # ---- file data --------------------------------------------------------------------------------------------
