@@ -105,6 +105,7 @@ class Overlay:
         self._gen = 0
         self._cache_mu = threading.Lock()
         self.handles: dict[int, Handle] = {}
+        self._handles_mu = threading.Lock()
         # Names seen for multiply-linked files, so that a change through one name can drop the kernel's cached
         # attributes and pages of the others (the FUSE high-level API gives each name its own kernel inode).
         self._peers: dict[int, set[str]] = {}
@@ -440,14 +441,15 @@ class Overlay:
 
     def _follow_copy_up(self, ino: int, real: str) -> None:
         """Files opened read-only before the copy-up read the copy from now on (as kernel overlayfs does)."""
-        for h in list(self.handles.values()):
-            if h.ino == ino and not h.upper:
-                fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.dup2(fd, h.fd)  # the kernel keeps using the same handle number
-                finally:
-                    os.close(fd)
-                h.upper = True
+        with self._handles_mu:  # a handle still in the table owns its fd number: no release can race the dup2
+            for h in list(self.handles.values()):
+                if h.ino == ino and not h.upper:
+                    fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.dup2(fd, h.fd)  # the kernel keeps using the same handle number
+                    finally:
+                        os.close(fd)
+                    h.upper = True
 
     def _copy_up_parent(self, path: str) -> str:
         head, _ = _split(path)
@@ -849,5 +851,6 @@ class Overlay:
         (os.fdatasync if datasync else os.fsync)(fh)
 
     def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
-        os.close(fh)
+        with self._handles_mu:
+            self.handles.pop(fh, None)
+            os.close(fh)
