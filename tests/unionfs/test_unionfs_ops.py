@@ -294,13 +294,26 @@ def test_concurrent_callers(layout):
                     assert (d / f"f{j}").read_bytes() == bytes([i]) * (j + 1)
             except BaseException as e:  # noqa: BLE001
                 errors.append(e)
+        def appender(i: int) -> None:  # all race to copy the same lower files up
+            try:
+                for name in ("a", "d/x", "g/i"):
+                    fd = os.open(m / name, os.O_WRONLY | os.O_APPEND)
+                    os.write(fd, f"<{i}>".encode())
+                    os.close(fd)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        threads += [threading.Thread(target=appender, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert not errors, errors
         assert len([n for n in os.listdir(m) if n.startswith("t")]) == 8
+        for name, original in (("a", "bottom a\n"), ("d/x", "x from l2\n"), ("g/i", "i\n")):
+            text = (m / name).read_text()
+            assert text.startswith(original) and sorted(text[len(original):].split(">")[:-1]) == \
+                sorted(f"<{i}" for i in range(8)), text
 
 
 def test_upper_format_read_both_ways(layout, scratch):
