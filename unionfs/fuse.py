@@ -11,8 +11,8 @@ import ctypes
 import errno
 import itertools
 import logging
-import threading
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +62,8 @@ class _FUSE(fuse.FUSE):
 
     def opendir(self, path: bytes, fip: Any) -> int:
         fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
-        # the kernel may keep listings: every change to a directory passes through it and resets its cache
+        # the kernel may keep listings (where libfuse passes these flags on): every change to a directory passes
+        # through it and resets its cache
         fip.contents.cache_readdir = 1
         fip.contents.keep_cache = 1
         return 0
@@ -77,6 +78,8 @@ class _FUSE(fuse.FUSE):
         h = ops._dirs.get(fip.contents.fh)
         if h is None:
             return -errno.EBADF
+        if path is not None:
+            h[0] = path.decode(self.encoding, self.errors)  # the directory may have moved since opendir
         if offset == 0 or h[1] is None:
             try:
                 h[1] = ops.ov.readdir_names(h[0])
