@@ -284,3 +284,13 @@ def test_docker_25_save_archive(lamina, busybox_dir, tmp_path):
     rows = json.loads(fresh("images", "--format", "json").stdout)
     assert [(r["repository"], r["tag"]) for r in rows] == [("example.org/team/bb", "25")]
     fresh.assert_clean()
+
+
+def test_import_from_stdin(lamina, tmp_path):
+    tar = make_tar([(ti("hello"), b"from a pipe\n")])
+    (tmp_path / "p.tar").write_bytes(tar)
+    with open(tmp_path / "p.tar", "rb") as f:
+        assert lamina("import", "-", "-t", "piped", stdin=f).stdout.startswith("sha256:")
+    info = json.loads(lamina("inspect", "piped").stdout)[0]
+    assert info["RootFS"]["Layers"] == [sha256(tar)]
+    lamina.assert_clean()
