@@ -184,6 +184,20 @@ def fsck(store: Store, repair: bool = False, verify_layers: bool = True) -> Fsck
                 if "sha256:" + sha.hexdigest() != diff_id or n != size:
                     rep.problems.append(f"layer {diff_id}: rebuilds to sha256:{sha.hexdigest()} ({n} bytes)")
                     bad_layers.append((lid, diff_id))
+        for lid, diff_id, n in db.execute(
+                "SELECT e.layer_id, l.diff_id, count(*) FROM entries e JOIN layers l ON l.id = e.layer_id "
+                "WHERE e.link_ino IS NOT NULL AND NOT EXISTS (SELECT 1 FROM entries t "
+                "WHERE t.ino = e.link_ino AND t.layer_id = e.layer_id) GROUP BY e.layer_id").fetchall():
+            rep.problems.append(f"layer {diff_id}: {n} hardlinks refer to entries missing from the layer")
+            if (lid, diff_id) not in bad_layers:
+                bad_layers.append((lid, diff_id))
+        for holder, image_id in db.execute("SELECT holder, image_id FROM holds WHERE image_id NOT IN "
+                                           "(SELECT id FROM images)").fetchall():
+            rep.problems.append(f"hold {holder}: refers to missing image {image_id}")
+            if repair:
+                with store.write() as w:
+                    w.execute("DELETE FROM holds WHERE holder=?", (holder,))
+                rep.repaired.append(f"removed dangling hold {holder}")
         for image_id, pos, lid in db.execute("SELECT image_id, position, layer_id FROM image_layers "
                                              "WHERE layer_id NOT IN (SELECT id FROM layers)").fetchall():
             rep.problems.append(f"image {image_id}: layer {pos} is missing")

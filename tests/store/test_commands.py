@@ -162,3 +162,20 @@ def test_holds_keep_images_from_rmi_and_gc(lamina, busybox_dir):
     assert "Removed 1 untagged images, 1 layers" in lamina("gc").stdout
     assert lamina.objects() == set()
     lamina.assert_clean()
+
+
+def test_fsck_checks_hardlink_groups_and_holds(lamina, tmp_path):
+    from store.holds import hold
+    members = [(ti("f"), b"data"), (ti("g", tarfile.LNKTYPE, linkname="f"), None)]
+    (tmp_path / "h.tar").write_bytes(make_tar(members))
+    lamina("import", tmp_path / "h.tar", "-t", "h")
+    st = open_store(str(lamina.root)).store
+    hold(st, "container:gone", "sha256:" + "0" * 64)
+    with st.write() as db:
+        db.execute("UPDATE entries SET link_ino = 999999999 WHERE link_ino IS NOT NULL")
+    r = lamina("fsck", check=False)
+    assert r.returncode == 1
+    assert "hardlinks refer to entries missing" in r.stdout and "hold container:gone" in r.stdout
+    r = lamina("fsck", "--repair")
+    assert "removed dangling hold container:gone" in r.stdout and "removed damaged layer" in r.stdout
+    lamina.assert_clean()
