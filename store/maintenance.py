@@ -133,107 +133,139 @@ class FsckReport:
 
 def fsck(store: Store, repair: bool = False, verify_layers: bool = True) -> FsckReport:
     """Re-hashes every object, checks every reference, and (by default) rebuilds every layer to its DiffID."""
-    rep = FsckReport()
     with store.exclusive():
         store.recover_locked()
-        db = store.db
-        bad_objects: set[str] = set()
-        for h, size, data in db.execute("SELECT hash, size, data FROM objects"):
-            rep.objects += 1
+        return _Fsck(store, repair).run(verify_layers)
+
+
+class _Fsck:
+    """One fsck pass. Damage is collected first (objects, then the layers that use them), repaired last."""
+
+    def __init__(self, store: Store, repair: bool) -> None:
+        self.store, self.db, self.repair = store, store.db, repair
+        self.rep = FsckReport()
+        self.bad_objects: set[str] = set()
+        self.bad_layers: dict[int, str] = {}  # layer id -> DiffID
+
+    def run(self, verify_layers: bool) -> FsckReport:
+        self.objects()
+        self.strays()
+        self.layers(verify_layers)
+        self.references()
+        if self.repair and self.bad_layers:
+            self.drop_damaged()
+        (ok,) = self.db.execute("PRAGMA quick_check").fetchone()
+        if ok != "ok":
+            self.rep.problems.append(f"index: {ok}")
+        return self.rep
+
+    def problem(self, msg: str, layer: tuple[int, str] | None = None) -> None:
+        self.rep.problems.append(msg)
+        if layer is not None:
+            self.bad_layers[layer[0]] = layer[1]
+
+    def objects(self) -> None:
+        for h, size, data in self.db.execute("SELECT hash, size, data FROM objects"):
+            self.rep.objects += 1
             try:
-                got, n = (hash_bytes(data), len(data)) if data is not None else hash_file(store.object_path(h))
+                got, n = (hash_bytes(data), len(data)) if data is not None else hash_file(self.store.object_path(h))
             except FileNotFoundError:
-                rep.problems.append(f"object {h}: missing")
-                bad_objects.add(h)
-                continue
+                got, n = "nothing (missing)", 0
             if got != h or n != size:
-                rep.problems.append(f"object {h}: content hashes to {got} ({n} bytes, index says {size})")
-                bad_objects.add(h)
-        for p in _stray_files(store):
-            rep.problems.append(f"stray file {p}: not in the index")
-            if repair:
+                self.problem(f"object {h}: content hashes to {got} ({n} bytes, index says {size})")
+                self.bad_objects.add(h)
+
+    def strays(self) -> None:
+        for p in _stray_files(self.store):
+            self.problem(f"stray file {p}: not in the index")
+            if self.repair:
                 os.unlink(p)
-                rep.repaired.append(f"removed {p}")
-        for (h,) in db.execute("SELECT DISTINCT object FROM entries WHERE object IS NOT NULL "
-                               "AND object NOT IN (SELECT hash FROM objects)"):
-            rep.problems.append(f"entries refer to unknown object {h}")
-        bad_layers: list[tuple[int, str]] = []
-        for lid, diff_id, tarsplit, size in db.execute("SELECT id, diff_id, tarsplit, size FROM layers").fetchall():
-            rep.layers += 1
-            if db.execute("SELECT 1 FROM objects WHERE hash=?", (tarsplit,)).fetchone() is None:
-                rep.problems.append(f"layer {diff_id}: unknown tar skeleton object {tarsplit}")
-                continue
-            uses_bad = db.execute("SELECT count(*) FROM entries WHERE layer_id=? AND object IN "
-                                  f"({','.join('?' * len(bad_objects)) or 'NULL'})",
-                                  (lid, *bad_objects)).fetchone()[0] if bad_objects else 0
-            if uses_bad or tarsplit in bad_objects:
-                rep.problems.append(f"layer {diff_id}: uses {uses_bad + (tarsplit in bad_objects)} damaged objects")
-                bad_layers.append((lid, diff_id))
-                continue
-            if verify_layers:
-                sha, n = hashlib.sha256(), 0
-                try:
-                    with store.open_object(tarsplit) as skel:
-                        for chunk in reassemble(skel, store.open_object):
-                            sha.update(chunk)
-                            n += len(chunk)
-                except (Corrupt, OSError) as e:
-                    rep.problems.append(f"layer {diff_id}: cannot be rebuilt: {e}")
-                    bad_layers.append((lid, diff_id))
-                    continue
-                if "sha256:" + sha.hexdigest() != diff_id or n != size:
-                    rep.problems.append(f"layer {diff_id}: rebuilds to sha256:{sha.hexdigest()} ({n} bytes)")
-                    bad_layers.append((lid, diff_id))
+                self.rep.repaired.append(f"removed {p}")
+
+    def layers(self, verify: bool) -> None:
+        db = self.db
+        for lid, diff_id, n in db.execute(
+                "SELECT e.layer_id, l.diff_id, count(DISTINCT e.object) FROM entries e JOIN layers l "
+                "ON l.id = e.layer_id WHERE e.object IS NOT NULL AND e.object NOT IN (SELECT hash FROM objects) "
+                "GROUP BY e.layer_id").fetchall():
+            self.problem(f"layer {diff_id}: refers to {n} unknown objects", (lid, diff_id))
         for lid, diff_id, n in db.execute(
                 "SELECT e.layer_id, l.diff_id, count(*) FROM entries e JOIN layers l ON l.id = e.layer_id "
                 "WHERE e.link_ino IS NOT NULL AND NOT EXISTS (SELECT 1 FROM entries t "
                 "WHERE t.ino = e.link_ino AND t.layer_id = e.layer_id) GROUP BY e.layer_id").fetchall():
-            rep.problems.append(f"layer {diff_id}: {n} hardlinks refer to entries missing from the layer")
-            if (lid, diff_id) not in bad_layers:
-                bad_layers.append((lid, diff_id))
-        for holder, image_id in db.execute("SELECT holder, image_id FROM holds WHERE image_id NOT IN "
-                                           "(SELECT id FROM images)").fetchall():
-            rep.problems.append(f"hold {holder}: refers to missing image {image_id}")
-            if repair:
-                with store.write() as w:
-                    w.execute("DELETE FROM holds WHERE holder=?", (holder,))
-                rep.repaired.append(f"removed dangling hold {holder}")
-        for image_id, pos, lid in db.execute("SELECT image_id, position, layer_id FROM image_layers "
-                                             "WHERE layer_id NOT IN (SELECT id FROM layers)").fetchall():
-            rep.problems.append(f"image {image_id}: layer {pos} is missing")
-        for (image_id,) in db.execute("SELECT id FROM images"):
-            rep.images += 1
-        for name, image_id in db.execute("SELECT name, image_id FROM tags WHERE image_id NOT IN "
-                                         "(SELECT id FROM images)").fetchall():
-            rep.problems.append(f"tag {name}: refers to missing image {image_id}")
-            if repair:
-                with store.write() as w:
-                    w.execute("DELETE FROM tags WHERE name=?", (name,))
-                rep.repaired.append(f"removed dangling tag {name}")
-        if repair and bad_layers:
-            # Damaged content cannot be rebuilt from nothing. Drop the layers that hold it and the images built on
-            # them, so that re-importing those images stores the content afresh (a kept layer row would make the
-            # importer skip it); gc then removes what they alone referenced.
-            with store.write() as w:
-                for lid, diff_id in bad_layers:
-                    for (image_id,) in w.execute("SELECT DISTINCT image_id FROM image_layers WHERE layer_id=?",
-                                                 (lid,)).fetchall():
-                        names = [n for (n,) in w.execute("SELECT name FROM tags WHERE image_id=?", (image_id,))]
-                        w.execute("DELETE FROM tags WHERE image_id=?", (image_id,))
-                        w.execute("DELETE FROM image_layers WHERE image_id=?", (image_id,))
-                        w.execute("DELETE FROM images WHERE id=?", (image_id,))
-                        rep.repaired.append(f"removed damaged image {image_id} {' '.join(names)}: import it again")
-                    w.execute("DELETE FROM entries WHERE layer_id=?", (lid,))
-                    w.execute("DELETE FROM layers WHERE id=?", (lid,))
-                    rep.repaired.append(f"removed damaged layer {diff_id}")
-                w.executemany("DELETE FROM objects WHERE hash=?", [(h,) for h in bad_objects])
-            for h in bad_objects:
-                try:
-                    os.unlink(store.object_path(h))
-                except FileNotFoundError:
-                    pass
-            _gc_locked(store)
-        (ok,) = db.execute("PRAGMA quick_check").fetchone()
-        if ok != "ok":
-            rep.problems.append(f"index: {ok}")
-    return rep
+            self.problem(f"layer {diff_id}: {n} hardlinks refer to entries missing from the layer", (lid, diff_id))
+        bad = sorted(self.bad_objects)
+        for lid, diff_id, tarsplit, size in db.execute("SELECT id, diff_id, tarsplit, size FROM layers").fetchall():
+            self.rep.layers += 1
+            if lid in self.bad_layers:
+                continue
+            if db.execute("SELECT 1 FROM objects WHERE hash=?", (tarsplit,)).fetchone() is None:
+                self.problem(f"layer {diff_id}: unknown tar skeleton object {tarsplit}", (lid, diff_id))
+                continue
+            uses_bad = (tarsplit in self.bad_objects) + (db.execute(
+                f"SELECT count(*) FROM entries WHERE layer_id=? AND object IN ({','.join('?' * len(bad))})",
+                (lid, *bad)).fetchone()[0] if bad else 0)
+            if uses_bad:
+                self.problem(f"layer {diff_id}: uses {uses_bad} damaged objects", (lid, diff_id))
+            elif verify:
+                self.rebuild(lid, diff_id, tarsplit, size)
+
+    def rebuild(self, lid: int, diff_id: str, tarsplit: str, size: int) -> None:
+        sha, n = hashlib.sha256(), 0
+        try:
+            with self.store.open_object(tarsplit) as skel:
+                for chunk in reassemble(skel, self.store.open_object):
+                    sha.update(chunk)
+                    n += len(chunk)
+        except (Corrupt, OSError) as e:
+            self.problem(f"layer {diff_id}: cannot be rebuilt: {e}", (lid, diff_id))
+            return
+        if "sha256:" + sha.hexdigest() != diff_id or n != size:
+            self.problem(f"layer {diff_id}: rebuilds to sha256:{sha.hexdigest()} ({n} bytes)", (lid, diff_id))
+
+    def references(self) -> None:
+        db = self.db
+        (self.rep.images,) = db.execute("SELECT count(*) FROM images").fetchone()
+        for image_id, pos in db.execute("SELECT image_id, position FROM image_layers "
+                                        "WHERE layer_id NOT IN (SELECT id FROM layers)").fetchall():
+            self.problem(f"image {image_id}: layer {pos} is missing")
+            if self.repair:
+                self.drop_image(image_id)
+        # Names and holds pointing at no image: the only repair is to drop them.
+        for table, key in (("tags", "name"), ("holds", "holder")):
+            for name, image_id in db.execute(f"SELECT {key}, image_id FROM {table} "
+                                             "WHERE image_id NOT IN (SELECT id FROM images)").fetchall():
+                self.problem(f"{table[:-1]} {name}: refers to missing image {image_id}")
+                if self.repair:
+                    with self.store.write() as w:
+                        w.execute(f"DELETE FROM {table} WHERE {key}=?", (name,))
+                    self.rep.repaired.append(f"removed dangling {table[:-1]} {name}")
+
+    def drop_image(self, image_id: str) -> None:
+        with self.store.write() as w:
+            names = [n for (n,) in w.execute("SELECT name FROM tags WHERE image_id=?", (image_id,))]
+            w.execute("DELETE FROM tags WHERE image_id=?", (image_id,))
+            w.execute("DELETE FROM image_layers WHERE image_id=?", (image_id,))
+            w.execute("DELETE FROM images WHERE id=?", (image_id,))
+        self.rep.repaired.append(f"removed damaged image {image_id} {' '.join(names)}: import it again")
+
+    def drop_damaged(self) -> None:
+        """Damaged content cannot be rebuilt from nothing. Drop the layers that hold it and the images built on
+        them, so that re-importing those images stores the content afresh (a kept layer row would make the
+        importer skip it); gc then removes what they alone referenced."""
+        for lid, diff_id in self.bad_layers.items():
+            for (image_id,) in self.db.execute("SELECT DISTINCT image_id FROM image_layers WHERE layer_id=?",
+                                               (lid,)).fetchall():
+                self.drop_image(image_id)
+            with self.store.write() as w:
+                w.execute("DELETE FROM entries WHERE layer_id=?", (lid,))
+                w.execute("DELETE FROM layers WHERE id=?", (lid,))
+            self.rep.repaired.append(f"removed damaged layer {diff_id}")
+        with self.store.write() as w:
+            w.executemany("DELETE FROM objects WHERE hash=?", [(h,) for h in self.bad_objects])
+        for h in self.bad_objects:
+            try:
+                os.unlink(self.store.object_path(h))
+            except FileNotFoundError:
+                pass
+        _gc_locked(self.store)
