@@ -102,6 +102,9 @@ class Overlay:
             self.layers.append(self._index_layer)
         self._mu = threading.RLock()
         self._cache: dict[str, Node] = {}
+        # Non-directories that live in a lower layer: immutable until a copy-up, whiteout or move, each of which
+        # forgets the path (and bumps the generation, so that a resolution racing it cannot store a stale node).
+        self._files: dict[str, Node] = {}
         self._gen = 0
         self._cache_mu = threading.Lock()
         self.handles: dict[int, Handle] = {}
@@ -123,6 +126,12 @@ class Overlay:
         with self._cache_mu:
             self._gen += 1
             self._cache.clear()
+            self._files.clear()
+
+    def _forget(self, path: str) -> None:
+        with self._cache_mu:
+            self._gen += 1
+            self._files.pop(path, None)
 
     def _root(self) -> Node:
         parts: list[tuple[int, str, Record]] = []
@@ -156,13 +165,24 @@ class Overlay:
         """The union's object at `path` with fresh attributes, or None."""
         if path == "/":
             return self._root()
+        n = self._files.get(path)
+        if n is not None:
+            return n
+        gen = self._gen
         head, name = _split(path)
         if name.startswith(HIDDEN_PREFIX):
             return self._resolve_hidden(path)
         parent = self._dir(head)
         if parent is None:
             return None
-        return self._child(parent, name)
+        n = self._child(parent, name)
+        if n is not None and not n.is_dir and 0 <= n.layer < self._nlayers and not self._in_upper(n):
+            with self._cache_mu:
+                if gen == self._gen:
+                    if len(self._files) >= _CACHE_MAX:
+                        self._files.pop(next(iter(self._files)))
+                    self._files[path] = n
+        return n
 
     def _child(self, parent: Node, name: str) -> Node | None:
         todo = [(li, _join(lp, name)) for li, lp in parent.stack]
@@ -418,6 +438,7 @@ class Overlay:
                 idx = self._index_path(n.ino)
                 if os.path.lexists(idx):
                     os.link(idx, real)
+                    self._invalidate()
                     self._follow_copy_up(n.ino, real)
                     return real
                 tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
@@ -433,9 +454,11 @@ class Overlay:
             except BaseException:
                 copyup.discard(tmp)
                 raise
-            if n.is_dir:
-                self._invalidate()
+            if n.is_dir or n.rec.nlink > 1:
+                self._invalidate()  # a hardlink group's other names now show the copy too
             else:
+                self._forget(path)
+            if not n.is_dir:
                 self._follow_copy_up(n.ino, real)
             return real
 
@@ -466,6 +489,7 @@ class Overlay:
         """Parent copied up and any whiteout at `path` removed; returns (real path, whether a whiteout was there)."""
         w = self._need_upper()
         self._copy_up_parent(path)
+        self._forget(path)
         real = w.real(path)
         had = False
         try:
@@ -613,6 +637,7 @@ class Overlay:
             else:
                 self._copy_up_parent(path)
                 w.make_whiteout_at(real)
+            self._forget(path)
         peers = self._peers.get(n.ino)
         if peers:
             peers.discard(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
 import stat
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def _copy_move(src: str, dst: str) -> None:
     """What mv does after EXDEV, within one filesystem view."""
     if os.path.lexists(dst):
         os.rmdir(dst)
-    shutil.copytree(src, dst, symlinks=True, copy_function=shutil.copy2)
+    subprocess.run(["cp", "-a", src, dst], check=True)  # as mv: hardlinks, xattrs, modes and owners kept
     shutil.rmtree(src)
 
 
