@@ -709,6 +709,8 @@ class Overlay:
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise _err(errno.ENOENT, new)
+            if dst.ino == src.ino and not src.is_dir:
+                return None  # two names of one file trade places: nothing changes (the VFS's own rule)
         elif dst is not None:
             if flags & RENAME_NOREPLACE:
                 raise _err(errno.EEXIST, new)

@@ -50,6 +50,10 @@ def _write(root: Path, rel: str, payload: bytes, how: str) -> int:
         os.close(fd)
 
 
+def _drop_nlink(snap: dict) -> dict:
+    return {k: tuple(x for x in v if x[0] != "nlink") for k, v in snap.items()}
+
+
 def _drop_opaque(snap: dict) -> dict:
     out = {}
     for k, v in snap.items():
@@ -127,6 +131,9 @@ class OverlayVsKernel(RuleBasedStateMachine):
     def compare(self) -> None:
         ks = snapshot(self.k, dir_nlink=not self.diverged)
         ls = snapshot(self.l, dir_nlink=not self.diverged, check_ino=True)
+        if self.diverged and self.hardlinks:
+            # the emulated mv copied a moved hardlink instead of moving it: link counts legitimately differ
+            ks, ls = _drop_nlink(ks), _drop_nlink(ls)
         assert ls == ks
 
     def both(self, fn, *args) -> None:
