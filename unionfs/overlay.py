@@ -13,7 +13,8 @@ Design decisions (see docs/unionfs.md):
 - Hardlinked lower files stay joined after copy-up: the first copy-up also links the copy into the work dir's
   `index/` under the lower inode number, and later copy-ups of the other names link to it (kernel `index=on`).
 - Namespace changes are serialised by one lock; lookups, reads and writes run concurrently. Directory stacks are
-  cached in a bounded dict, dropped wholesale whenever a directory appears, disappears or moves.
+  cached in a bounded dict, dropped wholesale whenever a directory appears, disappears or moves; so are lower
+  non-directories, each also forgotten on its own copy-up, whiteout or move.
 """
 from __future__ import annotations
 
