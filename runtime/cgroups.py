@@ -55,12 +55,11 @@ _CGROUP_MAGICS = {0x27E0EB, 0x63677270}  # CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAG
 
 def _on_cgroupfs(path: Path) -> bool:
     import ctypes
-    import ctypes.util
-
+    
     class Statfs(ctypes.Structure):
         _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)
     buf = Statfs()
     if libc.statfs(os.fsencode(str(path)), ctypes.byref(buf)) != 0:
         return False

@@ -11,10 +11,6 @@ import time
 
 import click
 
-from store.errors import StoreError
-from store.images import inspect as image_inspect
-from store.root import Store
-
 from . import lifecycle, state, volumes
 from .spec import RunSpec, SpecError, parse_env, parse_hostname, parse_limits, parse_user, parse_volume
 
@@ -325,8 +321,11 @@ def inspect_cmd(ctx: click.Context, containers: tuple[str, ...]) -> None:
     for ref in containers:
         try:
             out.append(lifecycle.inspect(state.find(root, ref)))
-        except state.NotFound as e:
+        except state.NotFound:
             # As `docker inspect`: a name that is no container may be an image.
+            from store.errors import StoreError  # noqa: PLC0415 - only here: keeps `lamina run` from loading it
+            from store.images import inspect as image_inspect  # noqa: PLC0415
+            from store.root import Store  # noqa: PLC0415
             try:
                 out.append(image_inspect(Store(root), ref))
             except StoreError:

@@ -39,3 +39,11 @@ class Entry(NamedTuple):
     nlink: int  # hardlink count within the layer (1 for most files)
     xattrs: dict[str, bytes] | None
     opaque: bool  # a directory that hides everything below it (OCI .wh..wh..opq)
+
+
+def split(path: str) -> tuple[str, str]:
+    """A layer path as the index keys it: (parent, name); the root is ('', '')."""
+    if path == "/":
+        return "", ""
+    parent, _, name = path.rpartition("/")
+    return parent or "/", name

@@ -21,9 +21,10 @@ from typing import BinaryIO, Callable, Iterator
 
 from .archives import LAYER_TYPES, Blobs, LayerRef, host_arch, is_archive_dir, looks_like_archive, read_images
 from .dirtar import write_dir_tar
+from .entries import split
 from .errors import BadInput, NotFound
 from .ingest import (P_GID, P_IMPLICIT, P_KIND, P_LEADER, P_LINK, P_MODE, P_MTIME, P_OBJ, P_OPAQUE, P_RDEV,
-                     P_SIZE, P_UID, P_XATTRS, LayerData, ingest_tar, split)
+                     P_SIZE, P_UID, P_XATTRS, LayerData, ingest_tar)
 from .objects import ObjectStager
 from .refs import normalize_ref
 from .root import Store

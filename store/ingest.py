@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import BinaryIO, Callable
 
-from .entries import BLOCK, CHAR, DIR, FIFO, FILE, KIND_TO_IFMT, SYMLINK, WHITEOUT
+from .entries import BLOCK, CHAR, DIR, FIFO, FILE, KIND_TO_IFMT, SYMLINK, WHITEOUT, split
 from .errors import BadInput
 from .objects import SMALL, ObjectStager
 from .tarsplit import SkeletonWriter, TarStream
@@ -50,13 +50,6 @@ def normalize(name: str, what: str = "path") -> str:
     except UnicodeEncodeError:
         raise BadInput(f"non-UTF-8 {what} in layer: {name!r}") from None
     return "/" + joined
-
-
-def split(path: str) -> tuple[str, str]:
-    if path == "/":
-        return "", ""
-    parent, _, name = path.rpartition("/")
-    return parent or "/", name
 
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:

@@ -11,10 +11,9 @@ import os
 import threading
 from dataclasses import dataclass
 
-from .entries import Entry
+from .entries import Entry, split
 from .errors import NotFound
 from .refs import normalize_ref
-from .ingest import split
 from .root import Store, connect
 
 _COLS = "ino, kind, mode, uid, gid, mtime_ns, size, object, linkname, rdev, link_ino, nlink, xattrs, opaque, name"

@@ -16,7 +16,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+# libfuse 3 by its soname: naming the library spares mfusepy's find_library(), which runs ldconfig
+# in a subprocess (several milliseconds of every mount, and of every `lamina run`).
+os.environ.setdefault("FUSE_LIBRARY_PATH", "libfuse3.so.3")
 
 import mfusepy as fuse  # noqa: E402
 
