@@ -22,6 +22,18 @@ DEVICE_RULES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 
                 "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm")
 
 
+def _oom_kills(path: Path) -> bool:
+    """Whether the kernel's "oom_kill N" counter (v1 memory.oom_control, v2 memory.events) is above zero."""
+    try:
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill" and int(v) > 0:
+                return True
+    except OSError:
+        pass
+    return False
+
+
 @dataclass
 class Limits:
     memory: int | None = None         # bytes
@@ -188,16 +200,7 @@ class CgroupV1:
 
     def oom_killed(self) -> bool:
         d = self.dirs.get("memory")
-        if d is None:
-            return False
-        try:
-            for line in (d / "memory.oom_control").read_text().splitlines():
-                k, _, v = line.partition(" ")
-                if k == "oom_kill" and int(v) > 0:
-                    return True
-        except OSError:
-            pass
-        return False
+        return d is not None and _oom_kills(d / "memory.oom_control")
 
     def pids(self) -> list[int]:
         out: set[int] = set()
@@ -294,14 +297,7 @@ class CgroupV2:
         return [self.path / "cgroup.procs"]
 
     def oom_killed(self) -> bool:
-        try:
-            for line in (self.path / "memory.events").read_text().splitlines():
-                k, _, v = line.partition(" ")
-                if k == "oom_kill" and int(v) > 0:
-                    return True
-        except OSError:
-            pass
-        return False
+        return _oom_kills(self.path / "memory.events")
 
     def pids(self) -> list[int]:
         try:
