@@ -149,13 +149,9 @@ class UnionfsFuse(Contender):
         _run([tool(self.program) or self.program, "-o", "cow,allow_other", branches, str(mnt)])
 
 
-class LaminaFs(Contender):
-    """lamina's drop-in for fuse-overlayfs, over the same plain directories."""
+class LaminaFs(FuseOverlayfs):
+    """lamina's drop-in for fuse-overlayfs, over the same plain directories: the same command line, by design."""
     name, has_daemon, program = "lamina-fs", True, "lamina-fs"
-
-    def mount(self, layers, upper, work, mnt):
-        opts = f"lowerdir={':'.join(map(str, layers))},upperdir={upper},workdir={work}"
-        _run([tool(self.program) or self.program, "-o", opts, str(mnt)])
 
 
 class LaminaStore(Contender):
