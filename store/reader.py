@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .entries import Entry, split
 from .errors import NotFound
 from .refs import normalize_ref
-from .root import Store, connect
+from .root import Store, connect, inline_data
 
 _COLS = "ino, kind, mode, uid, gid, mtime_ns, size, object, linkname, rdev, link_ino, nlink, xattrs, opaque, name"
 
@@ -106,12 +106,12 @@ class StoreReader:
         try:
             return os.open(self.store.object_path(obj), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            row = self._db().execute("SELECT data FROM objects WHERE hash=?", (obj,)).fetchone()
-            if row is None or row[0] is None:
+            data = inline_data(self._db(), obj)
+            if data is None:
                 raise
         fd = os.memfd_create("lamina-object", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            view = memoryview(row[0])
+            view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
             os.lseek(fd, 0, os.SEEK_SET)

@@ -44,6 +44,12 @@ def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def inline_data(conn: sqlite3.Connection, h: str) -> bytes | None:
+    """An object's content when it is inlined in the index, else None (a file under objects/, or gone)."""
+    row = conn.execute("SELECT data FROM objects WHERE hash=?", (h,)).fetchone()
+    return None if row is None or row[0] is None else bytes(row[0])
+
+
 class Store:
     """A store root on disk. Cheap to open; one instance per process is enough (connections are per thread)."""
 
@@ -158,8 +164,7 @@ class Store:
         return f"{self.objects_dir}/{h[:2]}/{h[2:]}"
 
     def inline_data(self, h: str) -> bytes | None:
-        row = self.db.execute("SELECT data FROM objects WHERE hash=?", (h,)).fetchone()
-        return None if row is None or row[0] is None else bytes(row[0])
+        return inline_data(self.db, h)
 
     def open_object(self, h: str) -> BinaryIO:
         """A content object for reading, file-backed or inlined alike. FileNotFoundError when it is gone."""
