@@ -5,6 +5,7 @@ connection per thread, since FUSE calls arrive on many threads.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -16,6 +17,7 @@ from .errors import NotFound
 from .refs import normalize_ref
 from .root import Store, connect, inline_data
 
+_MEMFDS_MAX = 256
 _COLS = "ino, kind, mode, uid, gid, mtime_ns, size, object, linkname, rdev, link_ino, nlink, xattrs, opaque, name"
 
 
@@ -76,6 +78,10 @@ class StoreReader:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._local = threading.local()
+        # Sealed memfds of recently opened inlined contents, handed out as dups: a content opened twice is then
+        # one open file (which FUSE passthrough needs of all opens of an inode), and built only once.
+        self._memfds: dict[str, int] = {}
+        self._memfds_mu = threading.Lock()
 
     def _db(self):
         c = getattr(self._local, "c", None)
@@ -106,9 +112,26 @@ class StoreReader:
         try:
             return os.open(self.store.object_path(obj), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            data = inline_data(self._db(), obj)
-            if data is None:
-                raise
+            pass
+        with self._memfds_mu:
+            fd = self._memfds.get(obj)
+            if fd is not None:
+                return os.dup(fd)
+        data = inline_data(self._db(), obj)
+        if data is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.store.object_path(obj))
+        fd = self._memfd(data)
+        with self._memfds_mu:
+            if obj in self._memfds:  # another thread built it meanwhile
+                os.close(fd)
+                return os.dup(self._memfds[obj])
+            if len(self._memfds) >= _MEMFDS_MAX:
+                os.close(self._memfds.pop(next(iter(self._memfds))))
+            self._memfds[obj] = fd
+            return os.dup(fd)
+
+    @staticmethod
+    def _memfd(data: bytes) -> int:
         fd = os.memfd_create("lamina-object", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             view = memoryview(data)
