@@ -5,7 +5,8 @@ set -euo pipefail
 LAMINA_TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export LAMINA_TOP
 APT_PACKAGES=(python3 python3-venv python3-dev gcc fuse3 libfuse3-3 libfuse2 busybox-static zstd
-              skopeo umoci podman runc fuse-overlayfs unionfs-fuse iproute2 util-linux attr tar)
+              skopeo umoci podman runc fuse-overlayfs unionfs-fuse iproute2 util-linux attr tar
+              dpkg-dev meson ninja-build)
 need=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
@@ -27,6 +28,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/pip" install -q --disable-pip-version-check -e "$LAMINA_TOP[test,bench]"
     echo "$want" > "$stamp"
 fi
+bash "$LAMINA_TOP/scripts/build-libfuse.sh" "$VENV"
 export PATH="$VENV/bin:$PATH"
 # mount(8) runs `mount -t fuse.lamina-fs` helpers with a fixed PATH: put lamina-fs where it looks.
 if [ "$(id -u)" = 0 ] && [ -d /usr/local/bin ]; then ln -sfn "$VENV/bin/lamina-fs" /usr/local/bin/lamina-fs; fi

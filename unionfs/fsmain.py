@@ -1,6 +1,6 @@
 """`lamina-fs`: a drop-in for fuse-overlayfs over plain directories.
 
-    lamina-fs [-f] [-d] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,ro][,log=FILE] MOUNTPOINT
+    lamina-fs [-f] [-d] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,ro][,log=FILE][,nopassthrough] MOUNTPOINT
     mount -t fuse.lamina-fs lamina-fs MOUNTPOINT -o lowerdir=...      (mount.fuse3 passes: lamina-fs SRC MNT -o ...)
 
 `lowerdir=l1:l2` puts l1 on top, as overlayfs does. Without an upperdir the mount is read-only. Generic mount
@@ -97,6 +97,9 @@ def parse(argv: list[str]) -> Args:
                 a.log = os.path.abspath(val)
             elif key == "debug":
                 a.debug = True
+            elif key == "nopassthrough" and not eq:
+                # read by the FUSE front end at INIT (unionfs/passthrough.py says what this trades)
+                os.environ["LAMINA_FS_PASSTHROUGH"] = "0"
             elif key in _IGNORED or key in _IGNORED_KEYS or key.startswith("x-"):
                 pass
             else:

@@ -12,20 +12,35 @@ import errno
 import itertools
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-# libfuse 3 by its soname: naming the library spares mfusepy's find_library(), which runs ldconfig
-# in a subprocess (several milliseconds of every mount, and of every `lamina run`).
-os.environ.setdefault("FUSE_LIBRARY_PATH", "libfuse3.so.3")
+# libfuse 3.17 as scripts/build-libfuse.sh builds it beside the interpreter (it has FUSE passthrough), else the
+# system's libfuse 3 by its soname. Naming the library spares mfusepy's find_library(), which runs ldconfig in a
+# subprocess (several milliseconds of every mount, and of every `lamina run`).
+_BUILT_LIBFUSE = os.path.join(sys.prefix, "lib", "lamina", "libfuse3.so.4")
+os.environ.setdefault("FUSE_LIBRARY_PATH", _BUILT_LIBFUSE if os.path.exists(_BUILT_LIBFUSE) else "libfuse3.so.3")
 
 import mfusepy as fuse  # noqa: E402
 
 from .overlay import Overlay  # noqa: E402
+from .passthrough import Backings, Stale  # noqa: E402
 
-fuse._libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-fuse._libfuse.fuse_invalidate_path.restype = ctypes.c_int
+_lib = fuse._libfuse
+_lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_lib.fuse_invalidate_path.restype = ctypes.c_int
+_lib.fuse_get_session.argtypes = [ctypes.c_void_p]
+_lib.fuse_get_session.restype = ctypes.c_void_p
+_lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
+_lib.fuse_session_fd.restype = ctypes.c_int
+
+# Passthrough needs libfuse >= 3.16 (fuse_file_info.backing_id, FUSE_CAP_PASSTHROUGH) and the kernel's consent at INIT.
+HAS_PASSTHROUGH_API = (fuse.fuse_version_major, fuse.fuse_version_minor) >= (3, 16)
+FUSE_CAP_PASSTHROUGH = 1 << 29
+# struct fuse_file_info (3.16+): ... uint32_t poll_events; int32_t backing_id; — mfusepy's struct stops short of it
+_BACKING_ID_OFFSET = fuse.fuse_file_info.fh.offset + 20
 
 log = logging.getLogger("lamina.fs")
 
@@ -53,14 +68,76 @@ class _FUSE(fuse.FUSE):
         return super()._wrapper(func, *args, **kwargs)
 
     def open(self, path: bytes, fip: Any) -> int:
-        r = super().open(path, fip)
-        fip.contents.noflush = 1  # writes reach the upper file at once: close() has nothing left to flush
-        return r
+        fi = fip.contents
+        p = path.decode(self.encoding, self.errors)
+        ops: LaminaOperations = self.operations
+        b = ops.backings
+        if b is None:
+            fi.fh = ops.open(p, fi.flags)
+            self._opened(fi, False)
+            return 0
+        if fi.flags & (os.O_ACCMODE | os.O_TRUNC):
+            ino = ops.ov.getattr(p)["st_ino"]
+            b.begin_change(ino)  # before the open copies the file up or truncates it
+            try:
+                fi.fh = ops.open(p, fi.flags)
+                self._opened(fi, True)
+            finally:
+                b.end_change(ino)
+            return 0
+        if b.changing:
+            b.before_read(ops.ov.getattr(p)["st_ino"])
+        fi.fh = ops.open(p, fi.flags)
+        try:
+            self._opened(fi, False)
+        except Stale:  # copied up by a change that began while this open reached the lower file: the copy, then
+            fi.fh = ops.open(p, fi.flags)
+            self._opened(fi, False)
+        return 0
 
     def create(self, path: bytes, mode: int, fip: Any) -> int:
-        r = super().create(path, mode, fip)
-        fip.contents.noflush = 1
-        return r
+        fi = fip.contents
+        p = path.decode(self.encoding, self.errors)
+        ops: LaminaOperations = self.operations
+        ino = None
+        if ops.backings is not None:
+            try:
+                ino = ops.ov.getattr(p)["st_ino"]  # an existing file: created = opened for writing
+            except OSError:
+                pass
+            else:
+                ops.backings.begin_change(ino)
+        try:
+            fi.fh = ops.create(p, mode, fi.flags)
+            self._opened(fi, True)
+        finally:
+            if ino is not None:
+                ops.backings.end_change(ino)  # type: ignore[union-attr]
+        return 0
+
+    def _opened(self, fi: Any, writing: bool) -> None:
+        fi.noflush = 1  # writes reach the upper file at once: close() has nothing left to flush
+        ops: LaminaOperations = self.operations
+        if ops.backings is None:
+            fi.keep_cache = 1  # every change passes through the daemon, which invalidates what it changes
+            return
+        h = ops.ov.handles[fi.fh]
+        if h.linked:
+            # The names of a multiply-linked file are separate kernel inodes, whose caches the daemon refreshes on
+            # each write (Overlay.changed): writes that bypass the daemon could not do that. The page cache
+            # serves them, which never conflicts with another open.
+            fi.keep_cache = 1
+            return
+        try:
+            mode = ops.backings.open(fi.fh, h.ino, h.upper, writing, passthrough=True)
+        except BaseException:
+            ops.ov.release(fi.fh)
+            raise
+        if mode > 0:
+            # (the kernel refuses passthrough beside any open flag but DIRECT_IO and NOFLUSH: no keep_cache here)
+            ctypes.c_int32.from_address(ctypes.addressof(fi) + _BACKING_ID_OFFSET).value = mode
+        else:
+            fi.keep_cache = 1
 
     def opendir(self, path: bytes, fip: Any) -> int:
         fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
@@ -120,6 +197,7 @@ class LaminaOperations(fuse.Operations):
         self.on_ready = on_ready
         self._dirs: dict[int, list[Any]] = {}
         self._next_dir = itertools.count(1 << 40)  # never equal to a file handle (an fd number)
+        self.backings: Backings | None = None  # set at INIT when the kernel takes passthrough
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         if config is not None:
@@ -131,22 +209,29 @@ class LaminaOperations(fuse.Operations):
             # hard_remove would make fstat() of an open, unlinked file fail (ESTALE): let libfuse rename it to
             # .fuse_hidden*, which the core parks in the work dir, out of the upper dir and of every listing.
             config.hard_remove = 0
-            config.kernel_cache = 1
+            config.kernel_cache = 0  # keep_cache is chosen per open (_FUSE._opened): passthrough forbids it
         if conn is not None:
             conn.max_write = IO_SIZE
             conn.max_read = IO_SIZE
             conn.max_readahead = IO_SIZE
+            if HAS_PASSTHROUGH_API and conn.capable & FUSE_CAP_PASSTHROUGH and os.environ.get(
+                    "LAMINA_FS_PASSTHROUGH", "1") != "0":
+                conn.want |= FUSE_CAP_PASSTHROUGH
+                # backing files may sit on one stacked filesystem (an overlay mount, say), as with passthrough_hp
+                conn.max_backing_stack_depth = 1
+                f = _lib.fuse_get_context().contents.fuse
+                self.backings = Backings(_lib.fuse_session_fd(_lib.fuse_get_session(f)))
         if self.on_ready is not None:
             self.on_ready()
 
     @staticmethod
     def _invalidate(paths: list[str]) -> None:
         """Drop the kernel's cached attributes and pages of other names of a changed file."""
-        f = fuse._libfuse.fuse_get_context().contents.fuse
+        f = _lib.fuse_get_context().contents.fuse
         if not f:
             return
         for p in paths:
-            fuse._libfuse.fuse_invalidate_path(ctypes.c_void_p(f), os.fsencode(p))
+            _lib.fuse_invalidate_path(ctypes.c_void_p(f), os.fsencode(p))
 
     @staticmethod
     def _owner() -> tuple[int, int]:
@@ -222,6 +307,14 @@ class LaminaOperations(fuse.Operations):
         return path
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        if fh is None and path is not None and self.backings is not None:
+            ino = self.ov.getattr(path)["st_ino"]
+            self.backings.begin_change(ino)
+            try:
+                self.ov.truncate(path, length, fh)
+            finally:
+                self.backings.end_change(ino)
+            return 0
         self.ov.truncate(path, length, fh)
         return 0
 
@@ -242,6 +335,8 @@ class LaminaOperations(fuse.Operations):
         return 0
 
     def release(self, path: str | None, fh: int) -> int:
+        if self.backings is not None:
+            self.backings.release(fh)  # before the fd closes: its number is the key, and may be reused at once
         self.ov.release(fh)
         return 0
 
@@ -284,6 +379,10 @@ def serve(ov: Overlay, mountpoint: str, *, read_only: bool = False, debug: bool 
         # idle workers are kept rather than ended, so their pinned thread states stay in use
         max_idle_threads=64,
     )
+    if HAS_PASSTHROUGH_API:
+        # libfuse 3.15+ caps workers at 10 by default; changes waiting for a lower file's readers to close
+        # (passthrough.WAIT_S) must not starve the RELEASEs they wait for
+        opts["max_threads"] = 64
     if os.geteuid() == 0:
         opts.update(dev=True, suid=True)  # a container root filesystem needs device nodes and setuid binaries
     if read_only:

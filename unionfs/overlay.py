@@ -75,6 +75,7 @@ class Handle:
     ino: int
     path: str
     upper: bool
+    linked: bool = False  # a file with several names (each its own kernel inode)
 
 
 class Overlay:
@@ -458,6 +459,8 @@ class Overlay:
                 self._invalidate()  # a hardlink group's other names now show the copy too
             else:
                 self._forget(path)
+            if n.is_dir and self.notify is not None:
+                self.notify([path])  # now a merged directory: its link count reads 1, as overlayfs reports it
             if not n.is_dir:
                 self._follow_copy_up(n.ino, real)
             return real
@@ -830,7 +833,7 @@ class Overlay:
             layer, lpath, _ = self._hidden[_split(path)[1]]
             fd = os.open(self.copy_up(path, n), (flags & _OPEN_PASS) | os.O_CLOEXEC) if writing \
                 else layer.open_read(lpath)
-            self.handles[fd] = Handle(fd, n.ino, path, True)
+            self.handles[fd] = Handle(fd, n.ino, path, True, n.rec.nlink > 1)
             return fd
         if writing:
             real = self.copy_up(path, n)
@@ -842,7 +845,7 @@ class Overlay:
         else:
             fd = self.layers[n.layer].open_read(n.lpath)
             up = False
-        self.handles[fd] = Handle(fd, n.ino, path, up)
+        self.handles[fd] = Handle(fd, n.ino, path, up, n.rec.nlink > 1 or n.ino in self._peers)
         return fd
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
