@@ -334,20 +334,20 @@ def from_json(d: dict) -> Cgroup:
 
 
 def _rmdir(d: Path) -> None:
+    # rmdir first: on cgroupfs it is all it takes. A test tree laid out like cgroupfs has real files to remove.
     # A cgroup can only be removed once empty; processes may take a moment to be reaped after a kill.
     for _ in range(100):
         try:
-            if _on_cgroupfs(d):
-                os.rmdir(d)
-            elif d.exists():
-                for f in d.iterdir():
-                    if f.is_file():
-                        f.unlink()
-                os.rmdir(d)
+            os.rmdir(d)
             return
         except FileNotFoundError:
             return
         except OSError as e:
+            if e.errno == errno.ENOTEMPTY and not _on_cgroupfs(d):
+                for f in d.iterdir():
+                    if f.is_file():
+                        f.unlink()
+                continue
             if e.errno != errno.EBUSY:
                 raise
             time.sleep(0.02)

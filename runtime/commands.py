@@ -111,7 +111,11 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
     # Descriptors inherited from our caller reach neither the container nor the union filesystem's daemon.
     from .linux import close_fds_from  # noqa: PLC0415
     close_fds_from(3)
-    sys.exit(run(root, spec))
+    code = run(root, spec)
+    # Everything is released by now: skip the interpreter's teardown (~10 ms of freeing modules).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @click.command("ps", cls=_Cmd)

@@ -1,13 +1,15 @@
 """The container's process tree and everything done inside its namespaces.
 
     supervisor (lamina run, or its detached shim; subreaper; outside every container namespace and cgroup)
-     └─ P1: joins the container cgroup; in a new mount namespace, still host root, binds the rootfs on itself with
+     └─ P1 (`Prestart`, forked while the caller still prepares): joins the container cgroup, then receives its
+        Launch and stdio over a socket; in a new mount namespace, still host root, binds the rootfs on itself with
         the volumes in it; unshares the user namespace (the supervisor writes uid/gid maps), then the UTS, IPC,
         network, PID and cgroup namespaces (and a mount namespace owned by the user namespace); forks P2, reports
         its pid and exits
          └─ P2 = PID 1 (this module's init): /proc, /dev, /sys, pivot_root, masked and read-only paths, hostname,
-            lo up; forks P3 (held until the supervisor has taken the init out of the v1 memory cgroup), then reaps
-            zombies and forwards signals until P3 exits, and exits with its status (128+N for a signal)
+            lo up; forks P3 (held, with a memory limit on v1, until the supervisor has taken the init out of the
+            memory cgroup), then reaps zombies and forwards signals until P3 exits, and exits with its status
+            (128+N for a signal)
              └─ P3: the command: new session (controlling tty with -t), no_new_privs, Docker's capabilities,
                 setgroups/setgid/setuid, fds >= 3 closed, execve. Exec failures are reported as 126/127.
 
@@ -22,11 +24,13 @@ import errno
 import fcntl
 import json
 import os
+import pickle
 import signal
 import socket
 import stat
 import struct
 import termios
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import linux, seccomp
@@ -110,40 +114,62 @@ def exit_code(status: int) -> int:
 # -- P1 ------------------------------------------------------------------------------------------------------
 
 
-def spawn(L: Launch, add_to_cgroup, stdio: tuple[int, int, int],
-          release_init=None) -> tuple[int, list[dict]]:
-    """Start the container; return (init's host pid, reports). Raises StartError if it could not be set up.
+class Prestart:
+    """P1, forked before its Launch exists. It joins the container's cgroup at once: on cgroup v1 a move between
+    cgroups waits for an RCU grace period (~10 ms), which so passes while the caller is still preparing (the root
+    filesystem's daemon starting). Then it waits for `spawn` to send the Launch and the stdio descriptors.
+    `cancel` ends it (a rollback); so does the caller's death (end of file on the socket)."""
 
-    `add_to_cgroup(pid)` puts P1 in the container's cgroup before it unshares its cgroup namespace. With
-    L.hold_init, `release_init(init_pid)` runs once the command is forked and before it execs (to take the init out
-    of the memory cgroup, so that the OOM killer only ever chooses among the command's processes).
+    def __init__(self, add_to_cgroup: Callable[[int], None]) -> None:
+        self.go, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.rep_r, rep_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                self.go.close()
+                os.close(self.rep_r)
+                _p1(add_to_cgroup, child, rep_w)
+            except BaseException as e:  # noqa: BLE001 - anything must reach the supervisor as a message
+                try:
+                    _send(rep_w, {"error": f"container setup: {e}", "code": 125})
+                except OSError:
+                    pass
+            os._exit(125)
+        child.close()
+        os.close(rep_w)
+
+    def cancel(self) -> None:
+        if self.pid:
+            self.go.close()
+            os.close(self.rep_r)
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.pid = 0
+
+
+def spawn(L: Launch, stdio: tuple[int, int, int], pre: Prestart,
+          release_init: Callable[[int], None] | None = None) -> tuple[int, list[dict]]:
+    """Start the container in P1 `pre`; return (init's host pid, reports). Raises StartError if it could not be
+    set up.
+
+    With L.hold_init, `release_init(init_pid)` runs once the command is forked and before it execs (to take the
+    init out of a limited memory cgroup, so that the OOM killer only ever chooses among the command's processes).
     Reports after the pid are P2's: {"started": true} once the command is exec'd, or {"error", "code"}.
     """
-    go_r, go_w = os.pipe()
-    rep_r, rep_w = os.pipe()
-    pid1 = os.fork()
-    if pid1 == 0:
-        code = 125
-        try:
-            os.close(go_w)
-            os.close(rep_r)
-            _p1(L, go_r, rep_w, stdio)
-        except BaseException as e:  # noqa: BLE001 - anything must reach the supervisor as a message
-            try:
-                _send(rep_w, {"error": f"container setup: {e}", "code": code})
-            except OSError:
-                pass
-        os._exit(code)
-    os.close(go_r)
-    os.close(rep_w)
-    reader = os.fdopen(rep_r, "rb")
+    pid1, go = pre.pid, pre.go
+    reader = os.fdopen(pre.rep_r, "rb")
     init_pid = 0
     try:
+        data = pickle.dumps(L)
+        fds = [*stdio, *([L.tty_socket] if L.tty_socket is not None else [])]
         try:
-            add_to_cgroup(pid1)
-        except OSError as e:
-            raise StartError(f"joining the container cgroup: {e}") from None
-        _go(go_w, b"g", reader)
+            socket.send_fds(go, [struct.pack("!Q", len(data))], fds)
+            go.sendall(data)
+        except OSError:  # P1 died (it could not join the cgroup): its last words say why
+            msg = json.loads(reader.readline() or b"{}")
+            raise StartError(msg.get("error", "container setup failed"), msg.get("code", 125)) from None
         if L.userns:
             msg = json.loads(reader.readline() or b"{}")
             if not msg.get("userns"):
@@ -151,7 +177,7 @@ def spawn(L: Launch, add_to_cgroup, stdio: tuple[int, int, int],
             host, count = L.userns
             _write_file(f"/proc/{pid1}/uid_map", f"0 {host} {count}\n")
             _write_file(f"/proc/{pid1}/gid_map", f"0 {host} {count}\n")
-            _go(go_w, b"m", reader)
+            _go(go.fileno(), b"m", reader)
         msg = json.loads(reader.readline() or b"{}")
         if "pid" not in msg:
             raise StartError(msg.get("error", "container setup failed"), msg.get("code", 125))
@@ -162,7 +188,7 @@ def spawn(L: Launch, add_to_cgroup, stdio: tuple[int, int, int],
                 raise StartError(msg.get("error", "container setup failed"), msg.get("code", 125))
             if release_init is not None:
                 release_init(init_pid)
-            _go(go_w, b"r", reader)
+            _go(go.fileno(), b"r", reader)
         reports = [json.loads(line) for line in reader]  # until P2 closes its end: started, or an error
     except BaseException:
         if init_pid:
@@ -173,11 +199,12 @@ def spawn(L: Launch, add_to_cgroup, stdio: tuple[int, int, int],
         raise
     finally:
         reader.close()
-        os.close(go_w)
+        go.close()
         try:
             os.waitpid(pid1, 0)
         except ChildProcessError:
             pass
+        pre.pid = 0
     return init_pid, reports
 
 
@@ -189,16 +216,42 @@ def _go(fd: int, byte: bytes, reader) -> None:
         raise StartError(msg.get("error", "container setup failed"), msg.get("code", 125)) from None
 
 
-def _p1(L: Launch, go_r: int, rep_w: int, stdio: tuple[int, int, int]) -> None:
+def _receive_launch(go: socket.socket) -> tuple[Launch, tuple[int, int, int]]:
+    """The Launch and the descriptors `spawn` sends; end of file (the caller gave up) ends P1."""
+    head, fds, _, _ = socket.recv_fds(go, 8, 4)
+    while head and len(head) < 8:
+        head += go.recv(8 - len(head))
+    if len(head) < 8:
+        os._exit(125)
+    size = struct.unpack("!Q", head)[0]
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = go.recv(min(size - len(buf), 1 << 20))
+        if not chunk:
+            os._exit(125)
+        buf += chunk
+    L = pickle.loads(buf)
+    if L.tty_socket is not None:
+        L.tty_socket = fds[3]
+    return L, (fds[0], fds[1], fds[2])
+
+
+def _p1(add_to_cgroup: Callable[[int], None], go: socket.socket, rep_w: int) -> None:
+    try:
+        add_to_cgroup(os.getpid())  # first, the longest wait; before the cgroup namespace, which is rooted here
+    except OSError as e:
+        _send(rep_w, {"error": f"joining the container cgroup: {e}", "code": 125})
+        os._exit(125)
     os.setsid()  # the terminal's Ctrl-C goes to the supervisor only, which forwards it once
+    linux.close_fds_from(3, keep=(go.fileno(), rep_w))  # nothing the caller had open at the fork stays here
     # Best effort: the init should not be the OOM killer's choice (P3 resets this to 0 before exec). Lowering needs
-    # CAP_SYS_RESOURCE, which some hosts withhold even from root; on v1 the init leaves the memory cgroup anyway.
+    # CAP_SYS_RESOURCE, which some hosts withhold even from root; on v1 a limited init leaves the memory cgroup.
     try:
         _write_file("/proc/self/oom_score_adj", "-999")
     except PermissionError:
         pass
-    if _read_byte(go_r) != b"g":
-        os._exit(125)
+    L, stdio = _receive_launch(go)
+    go_r = go.fileno()
     _bind_rootfs(L)
     if L.userns:
         linux.unshare(linux.CLONE_NEWUSER)

@@ -16,12 +16,11 @@ import socket
 import sys
 import termios
 import time
-import traceback
 import tty
 from dataclasses import dataclass, field
 
 from . import cgroups, linux, rootfs, state, volumes
-from .launch import Launch, Process, StartError, spawn
+from .launch import Launch, Prestart, Process, StartError, spawn
 from .paths import EscapeError, make_mountpoint, resolve_in_root
 from .relay import Relay, copy_winsize, winsize
 from .spec import RunSpec, SpecError, VOLUME_NAME
@@ -37,6 +36,8 @@ class Prepared:
     cgroup: cgroups.Cgroup
     image: rootfs.Image
     created_volumes: list[str] = field(default_factory=list)
+    p1: Prestart | None = None      # the container's first process, already forked and in its cgroup
+    memory_limited: bool = False    # -m: the init must then leave a v1 memory cgroup (see supervise)
 
 
 def userns_range() -> tuple[int, int]:
@@ -150,8 +151,10 @@ def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int
     return out
 
 
-def prepare(root: str, spec: RunSpec) -> Prepared:
-    """Everything before the first process. Raises SpecError/rootfs.ImageNotFound/OSError after rolling back."""
+def prepare(root: str, spec: RunSpec, early_p1: bool = True) -> Prepared:
+    """Everything before the container's processes run. Raises SpecError/rootfs.ImageNotFound/OSError after
+    rolling back. With `early_p1` the container's first process is forked here (by the process that will
+    supervise it) and joins the cgroup while the root filesystem's daemon starts."""
     if spec.name is not None:
         if not VOLUME_NAME.match(spec.name):
             raise SpecError(f"invalid container name {spec.name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
@@ -166,25 +169,45 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
     hostname = spec.hostname or cid[:12]
     name = spec.name or state.random_name(root)
     user = spec.user or cfg.get("User") or "0"
+    version = cgroups.detect_version()
+    cg = cgroups.for_container(f"lamina-{cid}")
     try:
         c = state.create(root, cid, {
             "name": name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
             "image_id": image.id, "argv": argv, "hostname": hostname, "rm": spec.rm, "status": "created",
             "mounts": [m.to_json() for m in spec.mounts], "network": spec.network, "userns": spec.userns,
             "user": user, "tty": spec.tty,
+            # recorded first: if lamina dies from here on, `lamina rm` still finds the cgroup; the rootfs mount
+            # takes no hold of the image (the container's own hold keeps it)
+            "cgroup": cg.to_json(), "mount_hold": False,
         })
     except BaseException:
         shutil.rmtree(state.containers_dir(root) / cid, ignore_errors=True)  # e.g. the store refused the hold
         raise
-    cg: cgroups.Cgroup | None = None
     created: list[str] = []
     made_dirs: list[tuple[str, str]] = []  # (topmost created, leaf) host directories for bind sources
+    mounting: rootfs.Mounting | None = None
+    p1: Prestart | None = None
     try:
-        rootfs.mount(root, image, str(c.upper), str(c.work), str(c.rootfs))
-        # From here a SIGTERM or SIGHUP rolls back like Ctrl-C does. Not earlier: the union filesystem's daemon,
-        # forked by the mount, must keep the default dispositions for libfuse to install its own.
+        # From here a SIGTERM or SIGHUP rolls back like Ctrl-C does (the union filesystem's daemon resets both
+        # for libfuse to install its own).
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _interrupted)
+        cg.create()
+        try:
+            cg.apply(spec.limits)
+        except OSError as e:
+            raise SpecError(f"setting cgroup limits: {e.strerror or e}") from None
+        # Two waits overlap from here: P1 joining the cgroup (on v1 a move waits for an RCU grace period) and the
+        # union filesystem's daemon starting (it loads its code after its fork); this process goes on meanwhile.
+        if early_p1:
+            p1 = Prestart(cg.add)
+        mounting = rootfs.start_mount(root, image, str(c.upper), str(c.work), str(c.rootfs))
+        # v1's devices cgroup limits what may be opened; v2 would need an eBPF program, so there no node may be made.
+        caps = linux.DEFAULT_CAPS if version == 1 else linux.DEFAULT_CAPS - {linux.CAPS["MKNOD"]}
+        cgroup_mounts = _v1_mounts() if version == 1 else []
+        userns = userns_range() if spec.userns else None
+        mounting.wait()
         R = str(c.rootfs)
         uid, gid, groups, home = resolve_user(R, user)
         env = _merge_env([DEFAULT_PATH, f"HOSTNAME={hostname}", f"HOME={home}"] + (["TERM=xterm"] if spec.tty else []),
@@ -196,7 +219,6 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
         for m in spec.mounts:
             resolve_in_root(R, m.target)
         resolve_in_root(R, cwd)
-        userns = userns_range() if spec.userns else None
         binds: list[tuple[str, str, bool]] = []
         mounts_json = []
         for m in spec.mounts:
@@ -228,29 +250,26 @@ def prepare(root: str, spec: RunSpec) -> Prepared:
             make_mountpoint(R, cwd, True)
         etc_files = _etc_files(c, R, hostname, userns, {m.target for m in spec.mounts})
         binds += [(src, target, False) for src, target, _ in etc_files]
-        version = cgroups.detect_version()
-        # v1's devices cgroup limits what may be opened; v2 would need an eBPF program, so there no node may be made.
-        caps = linux.DEFAULT_CAPS if version == 1 else linux.DEFAULT_CAPS - {linux.CAPS["MKNOD"]}
-        cg = cgroups.for_container(f"lamina-{cid}")
-        c.update(cgroup=cg.to_json())  # recorded first: if lamina dies now, `lamina rm` still finds it
-        cg.create()
-        try:
-            cg.apply(spec.limits)
-        except OSError as e:
-            raise SpecError(f"setting cgroup limits: {e.strerror or e}") from None
         launch = Launch(
             rootfs=R, hostname=hostname, network=spec.network, userns=userns, binds=binds, read_only=spec.read_only,
             process=Process(argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups, tty=spec.tty, caps=caps),
-            cgroup_version=version, cgroup_mounts=_v1_mounts() if version == 1 else [],
+            cgroup_version=version, cgroup_mounts=cgroup_mounts,
         )
         # The container's config as Docker keeps it: the image's, with the run's command, env, workdir and user.
         config = {k: v for k, v in cfg.items() if k not in ("Env", "Cmd", "WorkingDir", "User")}
         config.update(Env=_merge_env(list(cfg.get("Env") or []), spec.env), Cmd=list(spec.cmd) or cfg.get("Cmd"),
                       WorkingDir=spec.workdir or cfg.get("WorkingDir") or "", User=spec.user or cfg.get("User") or "")
         c.update(config=config, caps=sorted(caps), mounts=mounts_json, etc_files=[t for _, _, t in etc_files],
-                 cgroup=cg.to_json(), env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
-        return Prepared(c, launch, cg, image, created)
+                 env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
+        return Prepared(c, launch, cg, image, created, p1, spec.limits.memory is not None)
     except BaseException:
+        if p1 is not None:
+            p1.cancel()  # before the cgroup goes: P1 stands in it
+        if mounting is not None:
+            try:
+                mounting.wait()  # a daemon still starting would mount after the rollback's unmount
+            except OSError:
+                pass
         _rollback(root, c, image.kind, cg, created)
         for top, leaf in made_dirs:  # only while still empty: nothing of the user's is ever removed
             d = leaf
@@ -302,7 +321,8 @@ def cleanup(root: str, c: state.Container) -> None:
         except OSError:
             pass
     try:
-        rootfs.umount(root, c.data.get("image_kind", "dir"), str(c.rootfs))
+        # containers of older lamina versions were mounted through `lamina mount`, which held the image too
+        rootfs.umount(root, c.data.get("image_kind", "dir"), str(c.rootfs), c.data.get("mount_hold", True))
     except OSError as e:
         print(f"lamina: unmounting {c.rootfs}: {e}", file=sys.stderr)
     if c.data.get("rm"):
@@ -361,9 +381,13 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
         stdio = (devnull, log_fd, log_fd)
     try:
         try:
-            release = getattr(p.cgroup, "release_from_memory", None)
+            # With a memory limit on v1 the init leaves the container's memory cgroup before the command runs,
+            # so that the OOM killer only ever chooses among the command's processes. Without one there is no
+            # memory cgroup OOM to fear, and no second move between cgroups to wait for.
+            release = getattr(p.cgroup, "release_from_memory", None) if p.memory_limited else None
             L.hold_init = release is not None
-            pid, reports = spawn(L, p.cgroup.add, stdio, release)
+            pre, p.p1 = p.p1 or Prestart(p.cgroup.add), None
+            pid, reports = spawn(L, stdio, pre, release)
             init_pid[0] = pid
             c.update(status="running", pid=pid, pid_start=state.proc_start_time(pid), started_at=time.time(),
                      shim_pid=os.getpid(), shim_start=state.proc_start_time(os.getpid()))
@@ -444,7 +468,8 @@ def _notify(fd: int, msg: dict) -> None:
 def run(root: str, spec: RunSpec) -> int:
     """The whole of `lamina run`; returns the exit code to exit with (125 for lamina's own errors)."""
     try:
-        p = prepare(root, spec)
+        # detached, the container's processes belong to the shim forked below: no early P1 from here
+        p = prepare(root, spec, early_p1=not spec.detach)
     except (SpecError, rootfs.ImageNotFound, EscapeError, volumes.VolumeError) as e:
         print(f"lamina: {e}", file=sys.stderr)
         return 125
@@ -472,6 +497,8 @@ def run(root: str, spec: RunSpec) -> int:
             linux.close_fds_from(3, keep=(w,))
             supervise(root, p, "log", False, notify_fd=w)
         except BaseException as e:  # noqa: BLE001 - the shim has no caller left to raise to: shim.log gets it
+            import traceback  # noqa: PLC0415
+
             traceback.print_exc()
             _notify(w, {"error": str(e), "code": 125})
         os._exit(0)

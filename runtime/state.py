@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -123,17 +122,26 @@ class Container:
         return s
 
 
+def _token(nbytes: int) -> str:
+    # os.urandom rather than the secrets module, whose import (hmac, OpenSSL) costs every `lamina run` ~3 ms
+    return os.urandom(nbytes).hex()
+
+
+def _pick(words: tuple[str, ...]) -> str:
+    return words[int.from_bytes(os.urandom(4), "little") % len(words)]
+
+
 def new_id() -> str:
-    return secrets.token_hex(32)
+    return _token(32)
 
 
 def random_name(root: str | Path) -> str:
     taken = {c.name for c in list_containers(root)}
     for _ in range(100):
-        n = f"{secrets.choice(_ADJ)}_{secrets.choice(_NOUN)}"
+        n = f"{_pick(_ADJ)}_{_pick(_NOUN)}"
         if n not in taken:
             return n
-    return f"lamina_{secrets.token_hex(4)}"
+    return f"lamina_{_token(4)}"
 
 
 def create(root: str | Path, cid: str, data: dict) -> Container:

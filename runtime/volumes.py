@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -54,6 +52,8 @@ class Volume:
             return
         if os.path.isdir(src) and not any(self.data.iterdir()):
             # cp -a keeps owners, modes, times, xattrs, hardlinks and special files: shutil.copytree does not.
+            import subprocess  # noqa: PLC0415 - only a first use of a volume copies
+
             r = subprocess.run(["cp", "-a", "--", f"{src}/.", f"{self.data}/"], capture_output=True, text=True)
             if r.returncode != 0:
                 raise VolumeError(f"pre-filling volume {self.name}: {r.stderr.strip()}")
@@ -66,7 +66,7 @@ class Volume:
 
 def create(root: str | Path, name: str | None = None, anonymous: bool = False) -> Volume:
     if name is None:
-        name = secrets.token_hex(32)
+        name = os.urandom(32).hex()
     if not VOLUME_NAME.match(name):
         raise VolumeError(f"invalid volume name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
     v = Volume(root, name)

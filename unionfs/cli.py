@@ -8,13 +8,17 @@ clears the dead mount a killed daemon leaves behind ("Transport endpoint is not 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
-from .daemon import run
+from .daemon import Starting, run, start
 from .fsmain import UsageError, _is_dir, check_upper_work
+
+if TYPE_CHECKING:
+    from .overlay import Overlay
 
 # umount(8)'s exit status for "unmount failed", kept for users who script around it
 UMOUNT_FAILED = 32
@@ -23,6 +27,36 @@ UMOUNT_FAILED = 32
 def _fail(msg: str, code: int = 1) -> None:
     click.echo(f"lamina: {msg}", err=True)
     sys.exit(code)
+
+
+def store_overlay(root: str | None, layer_ids: list[int], upper: str | None, work: str | None,
+                  read_only: bool = False) -> Callable[[], Overlay]:
+    """The daemon's `build`: the union of store layers `layer_ids` (bottom to top) with an optional upper.
+
+    The store's reader, like the whole union core, is opened in the daemon after the fork: no SQLite connection
+    may cross a fork (the daemon's threads open their own), and the calling command never loads any of it."""
+    def build() -> Overlay:
+        from store.reader import open_store  # noqa: PLC0415
+
+        from .layers import DirLayer  # noqa: PLC0415
+        from .overlay import Overlay  # noqa: PLC0415
+        from .storelayer import StoreLayer  # noqa: PLC0415
+
+        reader = open_store(root).reader()
+        lowers = [StoreLayer(reader, lid) for lid in reversed(layer_ids)]
+        if read_only and upper is not None:
+            return Overlay([DirLayer(upper), *lowers])
+        return Overlay(lowers, None if read_only else upper, None if read_only else work)
+    return build
+
+
+def start_store_mount(root: str | None, layer_ids: list[int], mountpoint: str, upper: str | None,
+                      work: str | None, *, read_only: bool = False, log_path: str | None = None) -> Starting:
+    """Fork the daemon of a store image's union mount and return at once (`Starting.wait` for the outcome).
+
+    For callers that keep the image in the store themselves (a container holds its image): no hold is taken."""
+    return start(store_overlay(root, layer_ids, upper, work, read_only), mountpoint,
+                 read_only=read_only or upper is None, fsname="lamina", log_path=log_path)
 
 
 @click.command("mount")
@@ -53,30 +87,28 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
     try:
         st = open_store(root)
         img = st.image(image)
-        reader = st.reader()
     except StoreError as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"store: {e.strerror or e}")
-
-    def build():
-        from .layers import DirLayer
-        from .overlay import Overlay
-        from .storelayer import StoreLayer
-        lowers = [StoreLayer(reader, lid) for lid in reversed(img.layer_ids)]
-        if read_only and upper is not None:
-            return Overlay([DirLayer(upper), *lowers])
-        return Overlay(lowers, None if read_only else upper, None if read_only else work)
 
     # The store keeps a mounted image (gc spares its objects, rmi needs -f) until `lamina umount` releases it.
     holder = f"mount:{os.path.realpath(mountpoint)}"
     hold(st.store, holder, img.id)
     # No SQLite connection may cross the daemon's fork (SQLite forbids it; the daemon's threads open their own).
     st.close()
+    log_path = os.path.abspath(log) if log else None
     rc = 1
     try:
-        rc = run(build, mountpoint, foreground=foreground, read_only=read_only or upper is None, fsname="lamina",
-                 log_path=os.path.abspath(log) if log else None, prog="lamina")
+        if foreground:
+            rc = run(store_overlay(root, img.layer_ids, upper, work, read_only), mountpoint, foreground=True,
+                     read_only=read_only or upper is None, fsname="lamina", log_path=log_path, prog="lamina")
+        else:
+            starting = start_store_mount(root, img.layer_ids, mountpoint, upper, work, read_only=read_only,
+                                         log_path=log_path)
+            rc = starting.wait()
+            if rc != 0:
+                click.echo(f"lamina: {starting.error}", err=True)
     finally:
         if rc != 0 or foreground:
             release(st.store, holder)
@@ -104,6 +136,8 @@ def umount_cmd(ctx: click.Context, mountpoint: str) -> None:
     _release_hold((ctx.obj or {}).get("root"), mountpoint)
     if not _mounted(mountpoint):
         _fail(f"{mountpoint}: not mounted", UMOUNT_FAILED)
+    import subprocess  # noqa: PLC0415
+
     err = ""
     for cmd in (["fusermount3", "-u", "-q", mountpoint], ["umount", mountpoint], ["umount", "-l", mountpoint]):
         try:

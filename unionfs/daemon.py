@@ -1,21 +1,25 @@
 """Running a union mount as a background daemon that reports readiness, as fuse-overlayfs and sshfs do.
 
-The parent forks before any thread exists; the child detaches (new session, stdio closed) and mounts. Until the
+The parent forks before any thread exists; the child detaches (new session, stdio closed), imports the FUSE side
+(mfusepy and the union core load only there, so the calling command never pays for them) and mounts. Until the
 kernel has sent FUSE_INIT the child's stderr is a pipe to the parent, so libfuse's own complaints (a busy mountpoint,
 a missing /dev/fuse) reach the user; the parent exits 0 on readiness, or prints what the child said and exits 1.
+`start` returns as soon as the child is forked, so a caller (`lamina run`) can do other work while the daemon
+starts, and hears the outcome from `Starting.wait` (readiness is a message on a pipe: nothing polls).
 Also: building layers, bounded logging set-up, and the inode tags that keep layers on different devices apart.
 """
 from __future__ import annotations
 
-import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .overlay import Overlay
+if TYPE_CHECKING:
+    from .overlay import Overlay
 
 READY = b"\0lamina-ready\0"
-log = logging.getLogger("lamina.fs")
 
 
 def ino_tags(upper: str | None, lower_devs: list[int]) -> list[int]:
@@ -32,6 +36,8 @@ def ino_tags(upper: str | None, lower_devs: list[int]) -> list[int]:
 
 
 def setup_logging(log_path: str | None, debug: bool) -> None:
+    import logging  # noqa: PLC0415 - only the daemon logs
+
     root = logging.getLogger("lamina")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     handler: logging.Handler
@@ -46,36 +52,75 @@ def setup_logging(log_path: str | None, debug: bool) -> None:
     root.addHandler(handler)
 
 
+class Starting:
+    """A daemon forked by `start`: `wait` blocks until it has mounted (0) or failed (1, its last words in
+    `error`)."""
+
+    def __init__(self, pid: int, ready_fd: int) -> None:
+        self.pid = pid
+        self._r = ready_fd
+        self._got = b""
+        self.status: int | None = None
+        self.error = ""
+
+    def wait(self) -> int:
+        if self.status is not None:
+            return self.status
+        while READY not in self._got:
+            chunk = os.read(self._r, 65536)  # an interruption (Ctrl-C) leaves the state for another wait
+            if not chunk:
+                break
+            self._got += chunk
+        os.close(self._r)
+        if READY in self._got:
+            self.status = 0
+            return 0
+        os.waitpid(self.pid, 0)
+        msg = self._got.decode("utf-8", "replace").strip().splitlines()
+        self.error = msg[-1] if msg else "mount failed"
+        self.status = 1
+        return 1
+
+
 def run(build: Callable[[], Overlay], mountpoint: str, *, foreground: bool, read_only: bool = False,
         debug: bool = False, fsname: str = "lamina-fs", log_path: str | None = None, prog: str = "lamina-fs") -> int:
     """Mount; in the background unless `foreground`. Returns the exit status for the calling command."""
-    from .fuse import serve  # mfusepy loads libfuse at import: keep it out of argument checking
-
     if foreground:
+        from .fuse import serve  # noqa: PLC0415 - mfusepy loads libfuse at import: keep it out of argument checking
+
         os.umask(0)
         setup_logging(log_path, debug)
         serve(build(), mountpoint, read_only=read_only, debug=debug, fsname=fsname)
         return 0
-    r, w = os.pipe()
+    starting = start(build, mountpoint, read_only=read_only, debug=debug, fsname=fsname, log_path=log_path)
+    if starting.wait() != 0:
+        print(f"{prog}: {starting.error}", file=sys.stderr)
+    return starting.status or 0
+
+
+def _close_inherited(keep: tuple[int, ...]) -> None:
+    """A daemon keeps none of its caller's descriptors (an end of a pipe or socket held here would keep the
+    caller's other children from seeing it close)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def start(build: Callable[[], Overlay], mountpoint: str, *, read_only: bool = False, debug: bool = False,
+          fsname: str = "lamina-fs", log_path: str | None = None) -> Starting:
+    """Fork the daemon that mounts `build()` at `mountpoint` and serves it; return at once."""
+    r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid:
         os.close(w)
-        got = b""
-        while True:
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            got += chunk
-            if READY in got:
-                break
-        os.close(r)
-        if READY in got:
-            return 0
-        os.waitpid(pid, 0)
-        msg = got.decode("utf-8", "replace").strip().splitlines()
-        print(f"{prog}: " + (msg[-1] if msg else "mount failed"), file=sys.stderr)
-        return 1
+        return Starting(pid, r)
     # child
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # libfuse installs its handlers only over the defaults
+        signal.signal(sig, signal.SIG_DFL)
     os.close(r)
     os.setsid()
     os.chdir("/")
@@ -84,6 +129,7 @@ def run(build: Callable[[], Overlay], mountpoint: str, *, foreground: bool, read
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.dup2(w, 2)
+    _close_inherited(keep=(w, devnull))
     ready = False
 
     def on_ready() -> None:
@@ -95,6 +141,8 @@ def run(build: Callable[[], Overlay], mountpoint: str, *, foreground: bool, read
         os.dup2(out, 2)
 
     try:
+        from .fuse import serve  # noqa: PLC0415 - imported here, in the daemon only
+
         setup_logging(log_path, debug)
         serve(build(), mountpoint, read_only=read_only, debug=debug, fsname=fsname, on_ready=on_ready)
     except BaseException as e:  # noqa: BLE001 - the parent must hear about any failure before readiness

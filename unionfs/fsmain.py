@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .daemon import ino_tags, run
-from .layers import DirLayer
-from .overlay import Overlay
+
+if TYPE_CHECKING:
+    from .overlay import Overlay
 
 PROG = "lamina-fs"
 USAGE = f"usage: {PROG} [-f] [-d] -o lowerdir=DIR[:DIR...][,upperdir=DIR,workdir=DIR] MOUNTPOINT"
@@ -146,6 +148,9 @@ def check_upper_work(upper: str | None, work: str | None, names: tuple[str, str]
 
 
 def build(a: Args) -> Overlay:
+    from .layers import DirLayer  # noqa: PLC0415 - the union core loads in the daemon, after the fork
+    from .overlay import Overlay  # noqa: PLC0415
+
     upper = None if a.read_only else a.upper
     tags = ino_tags(upper, [os.stat(p).st_dev for p in a.lowers])
     lowers = [DirLayer(p, tag) for p, tag in zip(a.lowers, tags)]
