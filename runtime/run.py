@@ -351,13 +351,16 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
     close_after: list[int] = []
     saved_tty = None
     init_pid = [0]
+    pending: list[int] = []  # signals that came while the container was starting, for its init once it exists
 
     def forward(sig: int, _f: object) -> None:
-        if init_pid[0]:
-            try:
-                os.kill(init_pid[0], sig)
-            except ProcessLookupError:
-                pass
+        if not init_pid[0]:
+            pending.append(sig)
+            return
+        try:
+            os.kill(init_pid[0], sig)
+        except ProcessLookupError:
+            pass
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, forward)
@@ -389,6 +392,8 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
             pre, p.p1 = p.p1 or Prestart(p.cgroup.add), None
             pid, reports = spawn(L, stdio, pre, release)
             init_pid[0] = pid
+            for sig in pending:
+                forward(sig, None)
             c.update(status="running", pid=pid, pid_start=state.proc_start_time(pid), started_at=time.time(),
                      shim_pid=os.getpid(), shim_start=state.proc_start_time(os.getpid()))
         except StartError as e:
