@@ -73,19 +73,31 @@ class Mounting:
             raise OSError(f"mounting {self.ref}: {self._starting.error}")
 
 
-def start_mount(root: str, image: Image, upper: str, work: str, target: str) -> Mounting:
+def start_mount(root: str, image: Image, upper: str, work: str, target: str,
+                userns: tuple[int, int] | None = None) -> Mounting:
     """Begin mounting `image` with a fresh container layer at `target`; the caller may work meanwhile.
 
     A store image is served by lamina's union filesystem, its daemon forked from this process (no second
     interpreter), before any thread exists; it loads the union core itself, while this process goes on. The
-    container holds the image in the store, so the mount takes no hold of its own."""
+    container holds the image in the store, so the mount takes no hold of its own.
+
+    With `userns` (first host id, count) the filesystem shows stored ids 0.. as those host ids (fuse-overlayfs's
+    uidmapping/gidmapping), so the container's root owns what the image's root owns, and what it creates is stored
+    as owned by 0. The leading `0:0:1` (overridden by the later range for stored ids, as in fuse-overlayfs) stores
+    what lamina itself creates there as host root (mount points for the /etc files and volumes, a missing working
+    directory) as the image's root too."""
     if image.kind == "dir":
         opts = f"lowerdir={image.path},upperdir={upper},workdir={work}"
         linux.mount("overlay", target, "overlay", 0, opts)
         return Mounting(image.ref)
     from unionfs.cli import start_store_mount  # noqa: PLC0415 - runtime -> unionfs, the allowed direction
+    from unionfs.idmap import IdMapping  # noqa: PLC0415
 
-    return Mounting(image.ref, start_store_mount(root, image.layer_ids, target, upper, work))
+    idmap = None
+    if userns is not None:
+        spec = f"0:0:1:0:{userns[0]}:{userns[1]}"
+        idmap = IdMapping.parse(spec, spec)
+    return Mounting(image.ref, start_store_mount(root, image.layer_ids, target, upper, work, idmap=idmap))
 
 
 def umount(root: str, image_kind: str, target: str, release_hold: bool = False) -> None:

@@ -202,11 +202,11 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True) -> Prepared:
         # union filesystem's daemon starting (it loads its code after its fork); this process goes on meanwhile.
         if early_p1:
             p1 = Prestart(cg.add)
-        mounting = rootfs.start_mount(root, image, str(c.upper), str(c.work), str(c.rootfs))
+        userns = userns_range() if spec.userns else None
+        mounting = rootfs.start_mount(root, image, str(c.upper), str(c.work), str(c.rootfs), userns)
         # v1's devices cgroup limits what may be opened; v2 would need an eBPF program, so there no node may be made.
         caps = linux.DEFAULT_CAPS if version == 1 else linux.DEFAULT_CAPS - {linux.CAPS["MKNOD"]}
         cgroup_mounts = _v1_mounts() if version == 1 else []
-        userns = userns_range() if spec.userns else None
         mounting.wait()
         R = str(c.rootfs)
         uid, gid, groups, home = resolve_user(R, user)

@@ -1,9 +1,10 @@
 """`lamina mount` and `lamina umount`: an image from the store as a union mount, and taking any union mount down.
 
-`lamina mount IMAGE MOUNTPOINT [--upper DIR --work DIR] [--read-only]` mounts the image's layers (bottom to top in
-the store, topmost first in the union) with an optional writable upper, and returns once the mount is ready while a
-daemon serves it (`-f` stays in the foreground). `lamina umount MOUNTPOINT` unmounts, lazily if it is busy, and also
-clears the dead mount a killed daemon leaves behind ("Transport endpoint is not connected").
+`lamina mount IMAGE MOUNTPOINT [--upper DIR --work DIR] [--read-only] [--uidmapping M] [--gidmapping M]` mounts
+the image's layers (bottom to top in the store, topmost first in the union) with an optional writable upper, owners
+translated as fuse-overlayfs's uidmapping/gidmapping do, and returns once the mount is ready while a daemon serves it
+(`-f` stays in the foreground). `lamina umount MOUNTPOINT` unmounts, lazily if it is busy, and also clears the dead
+mount a killed daemon leaves behind ("Transport endpoint is not connected").
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import click
 
 from .daemon import Starting, run, start
 from .fsmain import UsageError, _is_dir, check_upper_work
+from .idmap import IdMapping
 
 if TYPE_CHECKING:
     from .overlay import Overlay
@@ -30,7 +32,7 @@ def _fail(msg: str, code: int = 1) -> None:
 
 
 def store_overlay(root: str | None, layer_ids: list[int], upper: str | None, work: str | None,
-                  read_only: bool = False) -> Callable[[], Overlay]:
+                  read_only: bool = False, idmap: IdMapping | None = None) -> Callable[[], Overlay]:
     """The daemon's `build`: the union of store layers `layer_ids` (bottom to top) with an optional upper.
 
     The store's reader, like the whole union core, is opened in the daemon after the fork: no SQLite connection
@@ -45,17 +47,18 @@ def store_overlay(root: str | None, layer_ids: list[int], upper: str | None, wor
         reader = open_store(root).reader()
         lowers = [StoreLayer(reader, lid) for lid in reversed(layer_ids)]
         if read_only and upper is not None:
-            return Overlay([DirLayer(upper), *lowers])
-        return Overlay(lowers, None if read_only else upper, None if read_only else work)
+            return Overlay([DirLayer(upper), *lowers], idmap=idmap)
+        return Overlay(lowers, None if read_only else upper, None if read_only else work, idmap=idmap)
     return build
 
 
 def start_store_mount(root: str | None, layer_ids: list[int], mountpoint: str, upper: str | None,
-                      work: str | None, *, read_only: bool = False, log_path: str | None = None) -> Starting:
+                      work: str | None, *, read_only: bool = False, log_path: str | None = None,
+                      idmap: IdMapping | None = None) -> Starting:
     """Fork the daemon of a store image's union mount and return at once (`Starting.wait` for the outcome).
 
     For callers that keep the image in the store themselves (a container holds its image): no hold is taken."""
-    return start(store_overlay(root, layer_ids, upper, work, read_only), mountpoint,
+    return start(store_overlay(root, layer_ids, upper, work, read_only, idmap), mountpoint,
                  read_only=read_only or upper is None, fsname="lamina", log_path=log_path)
 
 
@@ -67,9 +70,13 @@ def start_store_mount(root: str | None, layer_ids: list[int], mountpoint: str, u
 @click.option("--read-only", is_flag=True, help="Mount read-only (the upper, if given, is shown but not changed).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("--log", metavar="FILE", help="Append the daemon's log to FILE (default: syslog, if any).")
+@click.option("--uidmapping", metavar="C:H:N[:C:H:N...]",
+              help="Show stored uids C.. as host uids H.. (N of them), as fuse-overlayfs's -o uidmapping.")
+@click.option("--gidmapping", metavar="C:H:N[:C:H:N...]", help="The same for gids.")
 @click.pass_context
 def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None, work: str | None,
-              read_only: bool, foreground: bool, log: str | None) -> None:
+              read_only: bool, foreground: bool, log: str | None, uidmapping: str | None,
+              gidmapping: str | None) -> None:
     """Mount IMAGE from the store at MOUNTPOINT as a copy-on-write union filesystem."""
     from store.errors import StoreError
     from store.holds import hold, release
@@ -81,7 +88,8 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
     try:
         check_upper_work(upper, work, ("--upper", "--work"))
         _is_dir("mountpoint", mountpoint)
-    except UsageError as e:
+        idmap = IdMapping.parse(uidmapping, gidmapping)
+    except (UsageError, ValueError) as e:
         _fail(str(e))
     root = (ctx.obj or {}).get("root")
     try:
@@ -101,11 +109,12 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
     rc = 1
     try:
         if foreground:
-            rc = run(store_overlay(root, img.layer_ids, upper, work, read_only), mountpoint, foreground=True,
-                     read_only=read_only or upper is None, fsname="lamina", log_path=log_path, prog="lamina")
+            rc = run(store_overlay(root, img.layer_ids, upper, work, read_only, idmap), mountpoint,
+                     foreground=True, read_only=read_only or upper is None, fsname="lamina", log_path=log_path,
+                     prog="lamina")
         else:
             starting = start_store_mount(root, img.layer_ids, mountpoint, upper, work, read_only=read_only,
-                                         log_path=log_path)
+                                         log_path=log_path, idmap=idmap)
             rc = starting.wait()
             if rc != 0:
                 click.echo(f"lamina: {starting.error}", err=True)

@@ -1,10 +1,12 @@
 """`lamina-fs`: a drop-in for fuse-overlayfs over plain directories.
 
-    lamina-fs [-f] [-d] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,ro][,log=FILE][,nopassthrough] MOUNTPOINT
+    lamina-fs [-f] [-d] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,ro][,log=FILE][,nopassthrough]
+              [,uidmapping=M,gidmapping=M] MOUNTPOINT
     mount -t fuse.lamina-fs lamina-fs MOUNTPOINT -o lowerdir=...      (mount.fuse3 passes: lamina-fs SRC MNT -o ...)
 
-`lowerdir=l1:l2` puts l1 on top, as overlayfs does. Without an upperdir the mount is read-only. Generic mount
-options (rw, dev, suid, context=..., ...) and fuse-overlayfs/overlayfs tuning options are accepted and ignored.
+`lowerdir=l1:l2` puts l1 on top, as overlayfs does. Without an upperdir the mount is read-only.
+`uidmapping=`/`gidmapping=` translate owners as fuse-overlayfs's do (unionfs.idmap). Generic mount options (rw,
+dev, suid, context=..., ...) and fuse-overlayfs/overlayfs tuning options are accepted and ignored.
 Hand-parsed rather than argparse/click because the syntax is mount(8)'s (`-o a,b=c` anywhere, repeatable).
 """
 from __future__ import annotations
@@ -14,12 +16,14 @@ import sys
 from typing import TYPE_CHECKING
 
 from .daemon import ino_tags, run
+from .idmap import IdMapping
 
 if TYPE_CHECKING:
     from .overlay import Overlay
 
 PROG = "lamina-fs"
-USAGE = f"usage: {PROG} [-f] [-d] -o lowerdir=DIR[:DIR...][,upperdir=DIR,workdir=DIR] MOUNTPOINT"
+USAGE = (f"usage: {PROG} [-f] [-d] -o lowerdir=DIR[:DIR...][,upperdir=DIR,workdir=DIR]"
+         "[,uidmapping=C:H:N[:C:H:N...],gidmapping=C:H:N[:C:H:N...]] MOUNTPOINT")
 _IGNORED = {
     "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "strictatime",
     "nodiratime", "diratime", "sync", "async", "dirsync", "allow_other", "allow_root", "default_permissions",
@@ -28,7 +32,7 @@ _IGNORED = {
 }
 _IGNORED_KEYS = {
     "context", "fscontext", "defcontext", "rootcontext", "fsync", "noxattrs", "xattr_permissions", "squash_to_uid",
-    "squash_to_gid", "uidmapping", "gidmapping", "timeout", "threaded", "redirect_dir", "index", "metacopy", "xino",
+    "squash_to_gid", "timeout", "threaded", "redirect_dir", "index", "metacopy", "xino",
     "nfs_export", "plugins", "max_idle_threads", "fsname", "subtype", "uid", "gid", "umask",
 }
 
@@ -47,6 +51,7 @@ class Args:
         self.debug = False
         self.read_only = False
         self.log: str | None = None
+        self.idmap: IdMapping | None = None
 
 
 def parse(argv: list[str]) -> Args:
@@ -82,6 +87,7 @@ def parse(argv: list[str]) -> Args:
     if len(pos) != 1:
         raise UsageError("expected exactly one mountpoint" if pos else "no mountpoint given")
     a.mountpoint = os.path.abspath(pos[0])
+    maps: dict[str, str] = {}
     for group in opts:
         for opt in group.split(","):
             if not opt:
@@ -99,6 +105,8 @@ def parse(argv: list[str]) -> Args:
                 a.log = os.path.abspath(val)
             elif key == "debug":
                 a.debug = True
+            elif key in ("uidmapping", "gidmapping"):
+                maps[key] = val
             elif key == "nopassthrough" and not eq:
                 # read by the FUSE front end at INIT (unionfs/passthrough.py says what this trades)
                 os.environ["LAMINA_FS_PASSTHROUGH"] = "0"
@@ -106,6 +114,10 @@ def parse(argv: list[str]) -> Args:
                 pass
             else:
                 print(f"{PROG}: ignoring unknown option {opt}", file=sys.stderr)
+    try:
+        a.idmap = IdMapping.parse(maps.get("uidmapping"), maps.get("gidmapping"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return a
 
 
@@ -156,7 +168,7 @@ def build(a: Args) -> Overlay:
     lowers = [DirLayer(p, tag) for p, tag in zip(a.lowers, tags)]
     if a.read_only and a.upper is not None:
         lowers.insert(0, DirLayer(a.upper, 0))  # `ro` with an upper: show it, change nothing
-    return Overlay(lowers, upper, None if upper is None else a.work)
+    return Overlay(lowers, upper, None if upper is None else a.work, idmap=a.idmap)
 
 
 def main(argv: list[str] | None = None) -> int:

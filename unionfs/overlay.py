@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import copyup
+from .idmap import IdMapping
 from .layers import ORIGIN_XATTR, DirLayer, Layer, Record, xattr_from_layer, xattr_to_layer
 from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, renameat2
 
@@ -79,7 +80,8 @@ class Handle:
 
 
 class Overlay:
-    def __init__(self, lowers: list[Layer], upper: str | None = None, work: str | None = None) -> None:
+    def __init__(self, lowers: list[Layer], upper: str | None = None, work: str | None = None,
+                 idmap: IdMapping | None = None) -> None:
         if not lowers and upper is None:
             raise ValueError("at least one layer is needed")
         self.upper: DirLayer | None = None
@@ -97,6 +99,7 @@ class Overlay:
             self.w.clear_dir(self.work)  # leftovers of an interrupted copy-up or of files parked by a dead daemon
         self.layers.extend(lowers)
         self._nlayers = len(self.layers)
+        self.idmap = idmap  # owners as stored <-> as the kernel sees them (uidmapping/gidmapping)
         if upper is not None:
             # hardlink groups joined on copy-up, addressed as "/<inode hex>"; never part of a directory stack
             self._index_layer = DirLayer(self.index, name="index")
@@ -309,8 +312,9 @@ class Overlay:
             nlink = self._group_nlink(n, nlink)
             if path is not None and (nlink > 1 or n.ino in self._peers):
                 self._note_peer(n.ino, path)
+        uid, gid = (r.uid, r.gid) if self.idmap is None else self.idmap.to_host(r.uid, r.gid)
         return {
-            "st_mode": r.mode, "st_ino": n.ino, "st_nlink": nlink, "st_uid": r.uid, "st_gid": r.gid,
+            "st_mode": r.mode, "st_ino": n.ino, "st_nlink": nlink, "st_uid": uid, "st_gid": gid,
             "st_size": r.size, "st_atime": r.atime_ns, "st_mtime": r.mtime_ns, "st_ctime": r.ctime_ns,
             "st_rdev": r.rdev, "st_blocks": r.blocks, "st_blksize": 4096,
         }
@@ -514,7 +518,8 @@ class Overlay:
         return real, had
 
     def _own(self, real: str, owner: tuple[int, int], fd: int | None = None) -> None:
-        uid, gid = owner
+        """Give a new object the caller's owner (the kernel's ids, stored as their container ids)."""
+        uid, gid = owner if self.idmap is None else self.idmap.to_container(*owner)
         parent_mode = os.lstat(os.path.dirname(real)).st_mode
         if parent_mode & stat.S_ISGID:
             gid = -1  # the filesystem already gave it the directory's group
@@ -785,6 +790,8 @@ class Overlay:
         os.chmod(real, stat.S_IMODE(mode), follow_symlinks=not os.path.islink(real))
 
     def chown(self, path: str, uid: int, gid: int) -> None:
+        if self.idmap is not None:
+            uid, gid = self.idmap.to_container(uid, gid)
         real = self._copy_up_for_change(path)
         os.chown(real, uid, gid, follow_symlinks=False)
 

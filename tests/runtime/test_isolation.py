@@ -82,7 +82,21 @@ def test_userns_maps_root_to_unprivileged_range(lamina, image):
     assert lines[3] != os.readlink("/proc/self/ns/user")
     c = lamina.containers()[0]
     st = os.stat(c.upper / "tmp" / "mine")
-    assert (st.st_uid, st.st_gid) == (100000, 100000)
+    assert (st.st_uid, st.st_gid) == (0, 0)  # the container layer stores container ids, as fuse-overlayfs's upper
+
+
+def test_userns_image_files_belong_to_container_root(lamina, image):
+    """The union filesystem shows the image's ids as the mapped host ids: root's files are the container root's,
+    not nobody's, and what the container creates is stored as owned by 0."""
+    r = lamina("run", "--userns", "--name", "owners", "-w", "/made", image, "sh", "-c",
+               "stat -c '%u:%g' /bin /bin/busybox /etc /made; echo x > /etc/new; mkdir /var/newdir; "
+               "stat -c '%u:%g' /etc/new /var/newdir; grep -c . /etc/passwd")
+    out = _ok(r).splitlines()
+    assert out[:6] == ["0:0"] * 6, out
+    c = lamina.containers()[0]
+    for p in (c.upper / "etc" / "new", c.upper / "var" / "newdir", c.upper / "made"):
+        st = os.lstat(p)
+        assert (st.st_uid, st.st_gid) == (0, 0), p
 
 
 def test_exec_joins_the_user_namespace(lamina, image):
