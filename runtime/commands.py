@@ -87,8 +87,6 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
             pids_limit: int | None, device_read_bps: tuple[str, ...], device_write_bps: tuple[str, ...],
             userns: bool, image: str, cmd: tuple[str, ...]) -> None:
     """Run a command in a new container."""
-    from .run import run  # noqa: PLC0415 - keeps `lamina --help` and store commands light
-
     root = _root(ctx)
     try:
         spec = RunSpec(
@@ -111,7 +109,16 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
     # Descriptors inherited from our caller reach neither the container nor the union filesystem's daemon.
     from .linux import close_fds_from  # noqa: PLC0415
     close_fds_from(3)
-    code = run(root, spec)
+    # The root filesystem's daemon is forked first: it loads mfusepy and the union core while this process loads
+    # the runtime (kept out of the imports above for this reason) and prepares the container.
+    from .rootfs import standby  # noqa: PLC0415
+    daemon = standby(spec.image)
+    try:
+        from .run import run  # noqa: PLC0415
+        code = run(root, spec, daemon)
+    finally:
+        if daemon is not None:
+            daemon.cancel()  # unless it was given its mount
     # Everything is released by now: skip the interpreter's teardown (~10 ms of freeing modules).
     sys.stdout.flush()
     sys.stderr.flush()

@@ -12,7 +12,6 @@ import time
 from typing import Callable
 
 from . import state
-from .run import cleanup, remove_container
 
 
 class LifecycleError(Exception):
@@ -62,6 +61,8 @@ def wait_exit(root: str, c: state.Container, timeout: float) -> bool:
 
 
 def _settle_dead(root: str, c: state.Container, code: int = 137) -> None:
+    from .run import cleanup  # noqa: PLC0415 - `lamina run` loads the runtime only after forking its FS daemon
+
     if c.dir.exists() and c.data.get("status") == "running":
         c.update(status="exited", exit_code=code, finished_at=time.time(), pid=None)
         cleanup(root, c)
@@ -100,6 +101,8 @@ def remove(root: str, c: state.Container, force: bool = False) -> None:
         wait_exit(root, c, 30)
         if not c.dir.exists():
             return
+    from .run import cleanup, remove_container  # noqa: PLC0415
+
     # Whatever the supervisor did or did not do: no mount, cgroup or directory stays.
     c.data["rm"] = False
     cleanup(root, c)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from . import linux
 
 if TYPE_CHECKING:
-    from unionfs.daemon import Starting
+    from unionfs.daemon import Standby, Starting
 
 
 class ImageNotFound(LookupError):
@@ -73,8 +73,18 @@ class Mounting:
             raise OSError(f"mounting {self.ref}: {self._starting.error}")
 
 
+def standby(ref: str) -> Standby | None:
+    """For a store image: the union filesystem's daemon, forked now to load its code while this process loads
+    and prepares the rest (`start_mount` gives it its mount; `Standby.cancel` if none is needed after all)."""
+    if is_dir_ref(ref):
+        return None
+    from unionfs.cli import standby_store_mount  # noqa: PLC0415
+
+    return standby_store_mount()
+
+
 def start_mount(root: str, image: Image, upper: str, work: str, target: str,
-                userns: tuple[int, int] | None = None) -> Mounting:
+                userns: tuple[int, int] | None = None, daemon: Standby | None = None) -> Mounting:
     """Begin mounting `image` with a fresh container layer at `target`; the caller may work meanwhile.
 
     A store image is served by lamina's union filesystem, its daemon forked from this process (no second
@@ -97,7 +107,8 @@ def start_mount(root: str, image: Image, upper: str, work: str, target: str,
     if userns is not None:
         spec = f"0:0:1:0:{userns[0]}:{userns[1]}"
         idmap = IdMapping.parse(spec, spec)
-    return Mounting(image.ref, start_store_mount(root, image.layer_ids, target, upper, work, idmap=idmap))
+    return Mounting(image.ref, start_store_mount(root, image.layer_ids, target, upper, work, idmap=idmap,
+                                                 standby=daemon))
 
 
 def umount(root: str, image_kind: str, target: str, release_hold: bool = False) -> None:

@@ -18,12 +18,16 @@ import termios
 import time
 import tty
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import cgroups, linux, rootfs, state, volumes
 from .launch import Launch, Prestart, Process, StartError, spawn
 from .paths import EscapeError, make_mountpoint, resolve_in_root
 from .relay import Relay, copy_winsize, winsize
 from .spec import RunSpec, SpecError, VOLUME_NAME
+
+if TYPE_CHECKING:
+    from unionfs.daemon import Standby
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 USERNS_DEFAULT = (100000, 65536)
@@ -151,10 +155,11 @@ def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int
     return out
 
 
-def prepare(root: str, spec: RunSpec, early_p1: bool = True) -> Prepared:
+def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | None = None) -> Prepared:
     """Everything before the container's processes run. Raises SpecError/rootfs.ImageNotFound/OSError after
     rolling back. With `early_p1` the container's first process is forked here (by the process that will
-    supervise it) and joins the cgroup while the root filesystem's daemon starts."""
+    supervise it) and joins the cgroup while the root filesystem's daemon starts (in `daemon`, if one is standing
+    by)."""
     if spec.name is not None:
         if not VOLUME_NAME.match(spec.name):
             raise SpecError(f"invalid container name {spec.name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
@@ -171,6 +176,10 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True) -> Prepared:
     user = spec.user or cfg.get("User") or "0"
     version = cgroups.detect_version()
     cg = cgroups.for_container(f"lamina-{cid}")
+    # From here a SIGTERM or SIGHUP rolls back like Ctrl-C does (the union filesystem's daemon resets both for
+    # libfuse to install its own).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     try:
         c = state.create(root, cid, {
             "name": name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
@@ -189,10 +198,6 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True) -> Prepared:
     mounting: rootfs.Mounting | None = None
     p1: Prestart | None = None
     try:
-        # From here a SIGTERM or SIGHUP rolls back like Ctrl-C does (the union filesystem's daemon resets both
-        # for libfuse to install its own).
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _interrupted)
         cg.create()
         try:
             cg.apply(spec.limits)
@@ -203,7 +208,7 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True) -> Prepared:
         if early_p1:
             p1 = Prestart(cg.add)
         userns = userns_range() if spec.userns else None
-        mounting = rootfs.start_mount(root, image, str(c.upper), str(c.work), str(c.rootfs), userns)
+        mounting = rootfs.start_mount(root, image, str(c.upper), str(c.work), str(c.rootfs), userns, daemon)
         # v1's devices cgroup limits what may be opened; v2 would need an eBPF program, so there no node may be made.
         caps = linux.DEFAULT_CAPS if version == 1 else linux.DEFAULT_CAPS - {linux.CAPS["MKNOD"]}
         cgroup_mounts = _v1_mounts() if version == 1 else []
@@ -470,11 +475,12 @@ def _notify(fd: int, msg: dict) -> None:
         pass
 
 
-def run(root: str, spec: RunSpec) -> int:
-    """The whole of `lamina run`; returns the exit code to exit with (125 for lamina's own errors)."""
+def run(root: str, spec: RunSpec, daemon: Standby | None = None) -> int:
+    """The whole of `lamina run`; returns the exit code to exit with (125 for lamina's own errors). `daemon`: the
+    root filesystem's, forked early (rootfs.standby)."""
     try:
         # detached, the container's processes belong to the shim forked below: no early P1 from here
-        p = prepare(root, spec, early_p1=not spec.detach)
+        p = prepare(root, spec, early_p1=not spec.detach, daemon=daemon)
     except (SpecError, rootfs.ImageNotFound, EscapeError, volumes.VolumeError) as e:
         print(f"lamina: {e}", file=sys.stderr)
         return 125

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .daemon import Starting, run, start
+from .daemon import Standby, Starting, run, start
 from .fsmain import UsageError, _is_dir, check_upper_work
 from .idmap import IdMapping
 
@@ -52,12 +52,22 @@ def store_overlay(root: str | None, layer_ids: list[int], upper: str | None, wor
     return build
 
 
+def standby_store_mount() -> Standby:
+    """A daemon for a store mount yet to be chosen, loading all it will need meanwhile (`start_store_mount`)."""
+    return Standby(preload=("store.reader", "unionfs.storelayer", "unionfs.overlay"))
+
+
 def start_store_mount(root: str | None, layer_ids: list[int], mountpoint: str, upper: str | None,
                       work: str | None, *, read_only: bool = False, log_path: str | None = None,
-                      idmap: IdMapping | None = None) -> Starting:
-    """Fork the daemon of a store image's union mount and return at once (`Starting.wait` for the outcome).
+                      idmap: IdMapping | None = None, standby: Standby | None = None) -> Starting:
+    """Start the daemon of a store image's union mount (in `standby` if given, else forked now) and return at once
+    (`Starting.wait` for the outcome).
 
     For callers that keep the image in the store themselves (a container holds its image): no hold is taken."""
+    if standby is not None:
+        return standby.mount(store_overlay, {"root": root, "layer_ids": layer_ids, "upper": upper, "work": work,
+                                             "read_only": read_only, "idmap": idmap},
+                             mountpoint, read_only=read_only or upper is None, fsname="lamina", log_path=log_path)
     return start(store_overlay(root, layer_ids, upper, work, read_only, idmap), mountpoint,
                  read_only=read_only or upper is None, fsname="lamina", log_path=log_path)
 

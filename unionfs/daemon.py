@@ -4,17 +4,21 @@ The parent forks before any thread exists; the child detaches (new session, stdi
 (mfusepy and the union core load only there, so the calling command never pays for them) and mounts. Until the
 kernel has sent FUSE_INIT the child's stderr is a pipe to the parent, so libfuse's own complaints (a busy mountpoint,
 a missing /dev/fuse) reach the user; the parent exits 0 on readiness, or prints what the child said and exits 1.
-`start` returns as soon as the child is forked, so a caller (`lamina run`) can do other work while the daemon
-starts, and hears the outcome from `Starting.wait` (readiness is a message on a pipe: nothing polls).
+`start` returns as soon as the child is forked, so a caller can do other work while the daemon starts, and hears
+the outcome from `Starting.wait` (readiness is a message on a pipe: nothing polls). A `Standby` daemon is forked
+even before its mount is known (`lamina run` forks one before it loads its own runtime) and takes it later.
 Also: building layers, bounded logging set-up, and the inode tags that keep layers on different devices apart.
 """
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
 import signal
+import struct
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from .overlay import Overlay
@@ -118,10 +122,78 @@ def start(build: Callable[[], Overlay], mountpoint: str, *, read_only: bool = Fa
     if pid:
         os.close(w)
         return Starting(pid, r)
-    # child
+    os.close(r)
+    opts = {"read_only": read_only, "debug": debug, "fsname": fsname, "log_path": log_path}
+    _daemon(w, lambda: (build, mountpoint, opts))
+
+
+class Standby:
+    """A daemon forked before its mount is known, so that it detaches and loads the FUSE side (and `preload`'s
+    modules) while its caller still works out what to mount; `mount` then hands it the mount. `cancel`, or the
+    caller's exit (end of file on the job pipe), ends it unmounted."""
+
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+        job_r, self._job_w = os.pipe2(os.O_CLOEXEC)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid:
+            os.close(job_r)
+            os.close(w)
+            self._ready_r = r
+            return
+        os.close(self._job_w)
+        os.close(r)
+        _daemon(w, lambda: _read_job(job_r), preload, keep=(job_r,))
+
+    def mount(self, factory: Callable[..., Callable[[], Overlay]], args: dict, mountpoint: str, *,
+              read_only: bool = False, debug: bool = False, fsname: str = "lamina-fs",
+              log_path: str | None = None) -> Starting:
+        """Mount `factory(**args)()` (a module-level factory: the job is pickled) at `mountpoint`."""
+        job = pickle.dumps((factory, args, mountpoint, {"read_only": read_only, "debug": debug, "fsname": fsname,
+                                                        "log_path": log_path}))
+        # Length first: the daemon must not wait for end of file, which other children of the caller may delay.
+        view = memoryview(struct.pack("!Q", len(job)) + job)
+        try:
+            while view:
+                view = view[os.write(self._job_w, view):]
+        except BrokenPipeError:
+            pass  # the daemon died meanwhile: it says why on the ready pipe
+        finally:
+            os.close(self._job_w)
+            self._job_w = -1
+        return Starting(self.pid, self._ready_r)
+
+    def cancel(self) -> None:
+        """End a daemon that was never given its mount (it has mounted nothing)."""
+        if self._job_w < 0:
+            return
+        os.close(self._job_w)
+        os.close(self._ready_r)
+        self._job_w = -1
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+
+def _read_job(fd: int) -> tuple[Callable[[], Overlay], str, dict]:
+    data = b""
+    size = 8
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            os._exit(0)  # end of file first: the caller needed no mount after all, or is gone
+        data += chunk
+        if size == 8 and len(data) == 8:
+            size += struct.unpack("!Q", data)[0]
+    os.close(fd)
+    factory, args, mountpoint, opts = pickle.loads(data[8:])
+    return factory(**args), mountpoint, opts
+
+
+def _daemon(w: int, job: Callable[[], tuple[Callable[[], Overlay], str, dict]], preload: tuple[str, ...] = (),
+            keep: tuple[int, ...] = ()) -> NoReturn:
+    """The daemon's side of `start` and `Standby`: detach, load the FUSE side, take the job, mount, serve."""
     for sig in (signal.SIGTERM, signal.SIGHUP):  # libfuse installs its handlers only over the defaults
         signal.signal(sig, signal.SIG_DFL)
-    os.close(r)
     os.setsid()
     os.chdir("/")
     os.umask(0)
@@ -129,8 +201,9 @@ def start(build: Callable[[], Overlay], mountpoint: str, *, read_only: bool = Fa
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.dup2(w, 2)
-    _close_inherited(keep=(w, devnull))
+    _close_inherited(keep=(w, devnull, *keep))
     ready = False
+    log_path: str | None = None
 
     def on_ready() -> None:
         nonlocal ready
@@ -143,8 +216,13 @@ def start(build: Callable[[], Overlay], mountpoint: str, *, read_only: bool = Fa
     try:
         from .fuse import serve  # noqa: PLC0415 - imported here, in the daemon only
 
-        setup_logging(log_path, debug)
-        serve(build(), mountpoint, read_only=read_only, debug=debug, fsname=fsname, on_ready=on_ready)
+        for name in preload:
+            importlib.import_module(name)
+        build, mountpoint, opts = job()
+        log_path = opts["log_path"]
+        setup_logging(log_path, opts["debug"])
+        serve(build(), mountpoint, read_only=opts["read_only"], debug=opts["debug"], fsname=opts["fsname"],
+              on_ready=on_ready)
     except BaseException as e:  # noqa: BLE001 - the parent must hear about any failure before readiness
         if not ready:
             os.write(w, f"{e}\n".encode())
