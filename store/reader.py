@@ -95,11 +95,13 @@ class StoreReader:
                                (layer_id, parent, name)).fetchone()
         return None if r is None else _entry(r)
 
-    def children(self, layer_id: int, path: str) -> list[tuple[str, Entry]]:
+    def children(self, layer_id: int, path: str, limit: int = -1) -> list[tuple[str, Entry]]:
+        """The entries of directory `path` in the layer (at most `limit` of them when it is not -1)."""
         if path == "":
             return []
-        rows = self._db().execute(f"SELECT {_COLS} FROM entries WHERE layer_id=? AND parent=? AND name != ''",
-                                  (layer_id, path)).fetchall()
+        rows = self._db().execute(
+            f"SELECT {_COLS} FROM entries WHERE layer_id=? AND parent=? AND name != '' LIMIT ?",
+            (layer_id, path, limit)).fetchall()
         return [(r[14], _entry(r)) for r in rows]
 
     def object_path(self, obj: str) -> str:

@@ -19,7 +19,9 @@ from .layers import Record, is_private_xattr
 log = logging.getLogger("lamina.fs")
 # Store inode numbers live in their own range so they never meet the upper directory's.
 STORE_INO_TAG = 1 << 60
-_LISTED_DIRS = 8
+# Directories whose entries are kept, and the largest one kept whole (bounds the memory to ~32k entries).
+_LISTED_DIRS = 32
+_LISTED_MAX = 1024
 
 
 class StoreLayer:
@@ -27,15 +29,33 @@ class StoreLayer:
         self.reader = reader
         self.layer_id = layer_id
         self.name = name or f"layer {layer_id}"
-        # The entries of the last few directories listed: a listing is followed by a lookup of each name (to
-        # answer READDIRPLUS), and layers never change, so those lookups need no query of their own.
+        # The entries of the last few directories looked into, whole: layers never change, and a name is looked up
+        # in a directory whose siblings follow (a listing answering READDIRPLUS, a walk, a PATH or sys.path
+        # search, whose misses every layer of the stack answers), so one query per directory answers them all.
         self._listed: dict[str, dict[str, Entry]] = {}
+        self._big: set[str] = set()  # directories above _LISTED_MAX: looked up name by name
+
+    def _remember(self, path: str, children: dict[str, Entry]) -> None:
+        if len(self._listed) >= _LISTED_DIRS:
+            try:
+                self._listed.pop(next(iter(self._listed)), None)
+            except (StopIteration, RuntimeError):  # another thread got there first
+                pass
+        self._listed[path] = children
 
     def _entry(self, path: str) -> Entry | None:
         if path == "/":
             return self.reader.lookup(self.layer_id, path)
         head, _, name = path.rpartition("/")
-        listed = self._listed.get(head or "/")
+        head = head or "/"
+        listed = self._listed.get(head)
+        if listed is None and head not in self._big:
+            rows = self.reader.children(self.layer_id, head, limit=_LISTED_MAX + 1)
+            if len(rows) > _LISTED_MAX:
+                self._big.add(head)
+            else:
+                listed = dict(rows)
+                self._remember(head, listed)
         if listed is not None:
             return listed.get(name)
         return self.reader.lookup(self.layer_id, path)
@@ -61,12 +81,8 @@ class StoreLayer:
     def listdir(self, path: str) -> list[tuple[str, int, int, bool]]:
         out = []
         children = self.reader.children(self.layer_id, path)
-        if len(self._listed) >= _LISTED_DIRS:
-            try:
-                self._listed.pop(next(iter(self._listed)), None)
-            except (StopIteration, RuntimeError):  # another thread got there first
-                pass
-        self._listed[path] = dict(children)
+        if len(children) <= _LISTED_MAX:
+            self._remember(path, dict(children))
         for name, e in children:
             if e.kind == WHITEOUT:
                 out.append((name, stat.S_IFCHR, 0, True))
