@@ -11,7 +11,7 @@ fails with EIO (fs/fuse/iomode.c). Opens therefore take the mode of the files al
 union inode number).
 
 The one case that would change the backing file under an open inode is a change to the data of a lower file that
-is open (or mapped) from its lower layer: its copy-up would need the kernel to move those opens to the copy, which
+is open (or mapped) from its lower layer (the front end passes through lower files of 64 KiB or more only): its copy-up would need the kernel to move those opens to the copy, which
 it cannot. So such a change (an open for writing, a truncate) waits for those opens to close, and new opens of the
 file queue behind it; after `WAIT_S` it fails with ETXTBSY, as changing a running executable does. Metadata
 changes copy up as usual meanwhile: the copy has the same data, so the lower backing serves it too.

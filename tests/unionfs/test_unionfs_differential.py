@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from fsharness import docker_archive, kernel_mount, lamina, lamina_mount, make_layers, snapshot, store_mount, tmpdir, unmount
+from unionfs.fuse import PASSTHROUGH_MIN
 from unionfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 PATHS = ["a", "b", "c", "d", "e", "f", "g", "p", "n", "m", "d/x", "d/y", "d/v", "d/w", "d/sub", "d/sub/z",
@@ -86,8 +87,8 @@ class OverlayVsKernel(RuleBasedStateMachine):
         self.stack = None
         self.diverged = False
         self.fds: list[tuple[int, int]] = []  # (kernel fd, lamina fd) open on the same path
-        # lamina fds opened read-only on a file not in the upper dir. The kernel serves them from the lower file by
-        # FUSE passthrough, and lamina refuses to change that file's data meanwhile (ETXTBSY; docs/unionfs.md,
+        # lamina fds opened read-only on a large file not in the upper dir. The kernel serves them from the lower
+        # file by FUSE passthrough, and lamina refuses to change that file's data meanwhile (ETXTBSY; docs/unionfs.md,
         # "Passthrough"), where kernel overlayfs copies it up: steps that would do that are skipped.
         self.lower_ro: set[int] = set()
 
@@ -255,7 +256,8 @@ class OverlayVsKernel(RuleBasedStateMachine):
         if rk[0] == "ok" and rl[0] == "ok":
             self.fds.append((rk[1], rl[1]))
             real = os.path.relpath(os.path.realpath(self.l / p), self.l)
-            if how == os.O_RDONLY and not os.path.lexists(self.base / "lu" / real):
+            if how == os.O_RDONLY and not os.path.lexists(self.base / "lu" / real) and \
+                    os.fstat(rl[1]).st_size >= PASSTHROUGH_MIN:
                 self.lower_ro.add(rl[1])
         else:
             for r in (rk, rl):

@@ -456,14 +456,28 @@ def test_reader_opened_before_copy_up_sees_the_copy_without_passthrough(layout, 
     assert results["lamina"][1].startswith(b"COPIED")
 
 
-def test_passthrough_lower_file_open_refuses_data_changes_until_closed(layout, scratch):
-    """With passthrough the kernel reads an open lower file itself and cannot switch it to a copy: changing the
-    file's data waits for those opens to close, then fails with ETXTBSY (as for a running executable); metadata
-    changes, which copy up the same data, and new readers work meanwhile."""
+BIG = 256 << 10  # above unionfs.fuse.PASSTHROUGH_MIN: lower files this large are opened by passthrough
+
+
+def _big_lower(scratch: Path) -> Path:
+    low = scratch / "low"
+    low.mkdir()
+    (low / "x").write_bytes(b"x" * BIG)
+    (low / "y").write_bytes(b"y" * BIG)
+    (low / "small").write_bytes(b"small\n")
     for d in ("u", "w", "m"):
         (scratch / d).mkdir()
-    with lamina_mount(layout["lowers"], scratch / "m", scratch / "u", scratch / "w") as m:
-        x = m / "d" / "x"
+    return low
+
+
+def test_passthrough_lower_file_open_refuses_data_changes_until_closed(scratch):
+    """With passthrough the kernel reads an open lower file itself and cannot switch it to a copy: changing the
+    file's data waits for those opens to close, then fails with ETXTBSY (as for a running executable); metadata
+    changes, which copy up the same data, and new readers work meanwhile. Small lower files, on the page cache,
+    behave as in kernel overlayfs."""
+    low = _big_lower(scratch)
+    with lamina_mount([low], scratch / "m", scratch / "u", scratch / "w") as m:
+        x = m / "x"
         r = os.open(x, os.O_RDONLY)
         try:
             for change in (lambda: open(x, "r+b"), lambda: open(x, "ab"), lambda: os.truncate(x, 0),
@@ -472,32 +486,40 @@ def test_passthrough_lower_file_open_refuses_data_changes_until_closed(layout, s
                     change()
                 assert e.value.errno == errno.ETXTBSY
             os.chmod(x, 0o600)  # copies up, data unchanged
-            assert (scratch / "u" / "d" / "x").read_bytes() == b"x from l2\n"
-            assert x.read_bytes() == b"x from l2\n" and os.pread(r, 100, 0) == b"x from l2\n"
+            assert (scratch / "u" / "x").read_bytes() == b"x" * BIG
+            assert x.read_bytes() == b"x" * BIG and os.pread(r, 10, 0) == b"x" * 10
             with pytest.raises(OSError) as e:
                 open(x, "ab")
             assert e.value.errno == errno.ETXTBSY
         finally:
             os.close(r)
         with open(x, "ab") as w:  # the last lower open closed: the copy takes writes, by passthrough too
-            w.write(b"more\n")
-        assert x.read_bytes() == b"x from l2\nmore\n"
+            w.write(b"more")
+        assert x.read_bytes() == b"x" * BIG + b"more"
         assert stat.S_IMODE(os.stat(x).st_mode) == 0o600
         # a reader that closes soon only delays a writer
-        y = m / "d" / "y"
+        y = m / "y"
         r = os.open(y, os.O_RDONLY)
         threading.Timer(0.3, os.close, (r,)).start()
         with open(y, "ab") as w:
             w.write(b"+")
-        assert y.read_bytes() == b"y from l1\n+"
+        assert y.read_bytes() == b"y" * BIG + b"+"
+        # a small file: written at once while open, and the open file reads the copy
+        r = os.open(m / "small", os.O_RDONLY)
+        try:
+            with open(m / "small", "r+b") as w:
+                w.write(b"SMALL")
+            assert os.pread(r, 100, 0) == b"SMALL\n"
+        finally:
+            os.close(r)
 
 
-def _opcodes_seen(layout, scratch: Path, extra: str) -> set[str]:
+def _opcodes_seen(scratch: Path, extra: str) -> set[str]:
     """FUSE opcodes the daemon received (libfuse's debug log) while a lower file was read and a new file written."""
-    for d in ("u", "w", "m"):
-        (scratch / d).mkdir(parents=True)
+    scratch.mkdir()
+    low = _big_lower(scratch)
     log = scratch / "debug.log"
-    opts = f"lowerdir={':'.join(map(str, layout['lowers']))},upperdir={scratch / 'u'},workdir={scratch / 'w'}"
+    opts = f"lowerdir={low},upperdir={scratch / 'u'},workdir={scratch / 'w'}"
     with open(log, "wb") as err:
         p = subprocess.Popen([LAMINA_FS, "-f", "-d", "-o", opts + extra, str(scratch / "m")], stderr=err,
                              stdout=subprocess.DEVNULL)
@@ -507,7 +529,7 @@ def _opcodes_seen(layout, scratch: Path, extra: str) -> set[str]:
                 break
             time.sleep(0.02)
         m = scratch / "m"
-        assert (m / "b").read_bytes() == b"\0" * 5000 + b"b"
+        assert (m / "x").read_bytes() == b"x" * BIG
         (m / "new").write_bytes(b"n" * 10000)
         assert (m / "new").read_bytes() == b"n" * 10000
     finally:
@@ -517,15 +539,15 @@ def _opcodes_seen(layout, scratch: Path, extra: str) -> set[str]:
             if "opcode: " in line}
 
 
-def test_passthrough_reads_and_writes_bypass_the_daemon(layout, scratch):
-    """With libfuse 3.16+ (scripts/build-libfuse.sh) and kernel 6.9+, open files are read and written by the kernel
-    itself: the daemon sees OPEN and RELEASE but no READ or WRITE."""
+def test_passthrough_reads_and_writes_bypass_the_daemon(scratch):
+    """With libfuse 3.16+ (scripts/build-libfuse.sh) and kernel 6.9+, open files (upper ones, and lower ones from
+    64 KiB) are read and written by the kernel itself: the daemon sees OPEN and RELEASE but no READ or WRITE."""
     from unionfs import fuse as front
     if not front.HAS_PASSTHROUGH_API:
         pytest.fail(f"lamina runs on libfuse {front.fuse.fuse_version_major}.{front.fuse.fuse_version_minor}: "
                     "scripts/setup.sh should have built libfuse 3.17")
-    seen = _opcodes_seen(layout, scratch / "on", "")
+    seen = _opcodes_seen(scratch / "on", "")
     assert {"OPEN", "CREATE", "RELEASE"} <= seen
     assert not {"READ", "WRITE"} & seen
     # the same run without passthrough does send them: the check above can tell
-    assert {"READ", "WRITE"} <= _opcodes_seen(layout, scratch / "off", ",nopassthrough")
+    assert {"READ", "WRITE"} <= _opcodes_seen(scratch / "off", ",nopassthrough")
