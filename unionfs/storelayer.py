@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 
 from store.entries import DIR, WHITEOUT, Entry
 from store.reader import StoreReader
@@ -19,9 +20,11 @@ from .layers import Record, is_private_xattr
 log = logging.getLogger("lamina.fs")
 # Store inode numbers live in their own range so they never meet the upper directory's.
 STORE_INO_TAG = 1 << 60
-# Directories whose entries are kept, and the largest one kept whole (bounds the memory to ~32k entries).
-_LISTED_DIRS = 32
-_LISTED_MAX = 1024
+# Directories whose entries are kept, and how many entries all of them may hold (bounds the memory to a few MB);
+# a directory is looked into whole when it has at most _PREFETCH_MAX entries, else name by name.
+_LISTED_DIRS = 64
+_LISTED_ENTRIES = 32768
+_PREFETCH_MAX = 1024
 
 
 class StoreLayer:
@@ -29,19 +32,25 @@ class StoreLayer:
         self.reader = reader
         self.layer_id = layer_id
         self.name = name or f"layer {layer_id}"
-        # The entries of the last few directories looked into, whole: layers never change, and a name is looked up
-        # in a directory whose siblings follow (a listing answering READDIRPLUS, a walk, a PATH or sys.path
-        # search, whose misses every layer of the stack answers), so one query per directory answers them all.
+        # The entries of the last few directories looked into or listed, whole: layers never change, and a name is
+        # looked up in a directory whose siblings follow (a listing answering READDIRPLUS, a walk, a PATH or
+        # sys.path search, whose misses every layer of the stack answers), so one query answers them all.
         self._listed: dict[str, dict[str, Entry]] = {}
-        self._big: set[str] = set()  # directories above _LISTED_MAX: looked up name by name
+        self._listed_n = 0
+        self._listed_mu = threading.Lock()
+        self._big: set[str] = set()  # directories above _PREFETCH_MAX: looked up name by name
 
     def _remember(self, path: str, children: dict[str, Entry]) -> None:
-        if len(self._listed) >= _LISTED_DIRS:
-            try:
-                self._listed.pop(next(iter(self._listed)), None)
-            except (StopIteration, RuntimeError):  # another thread got there first
-                pass
-        self._listed[path] = children
+        if len(children) > _LISTED_ENTRIES:
+            return
+        with self._listed_mu:
+            if path in self._listed:
+                return
+            while self._listed and (len(self._listed) >= _LISTED_DIRS or
+                                    self._listed_n + len(children) > _LISTED_ENTRIES):
+                self._listed_n -= len(self._listed.pop(next(iter(self._listed))))
+            self._listed[path] = children
+            self._listed_n += len(children)
 
     def _entry(self, path: str) -> Entry | None:
         if path == "/":
@@ -50,8 +59,8 @@ class StoreLayer:
         head = head or "/"
         listed = self._listed.get(head)
         if listed is None and head not in self._big:
-            rows = self.reader.children(self.layer_id, head, limit=_LISTED_MAX + 1)
-            if len(rows) > _LISTED_MAX:
+            rows = self.reader.children(self.layer_id, head, limit=_PREFETCH_MAX + 1)
+            if len(rows) > _PREFETCH_MAX:
                 self._big.add(head)
             else:
                 listed = dict(rows)
@@ -81,8 +90,7 @@ class StoreLayer:
     def listdir(self, path: str) -> list[tuple[str, int, int, bool]]:
         out = []
         children = self.reader.children(self.layer_id, path)
-        if len(children) <= _LISTED_MAX:
-            self._remember(path, dict(children))
+        self._remember(path, dict(children))
         for name, e in children:
             if e.kind == WHITEOUT:
                 out.append((name, stat.S_IFCHR, 0, True))
@@ -92,7 +100,9 @@ class StoreLayer:
 
     def dir_nlink(self, path: str) -> int:
         """A directory's link count as a filesystem would give it: 2 plus its subdirectories."""
-        return 2 + sum(1 for _, e in self.reader.children(self.layer_id, path) if e.kind == DIR)
+        listed = self._listed.get(path)
+        entries = listed.values() if listed is not None else [e for _, e in self.reader.children(self.layer_id, path)]
+        return 2 + sum(1 for e in entries if e.kind == DIR)
 
     def open_read(self, path: str) -> int:
         e = self._entry(path)
