@@ -26,7 +26,7 @@ os.environ.setdefault("FUSE_LIBRARY_PATH", _BUILT_LIBFUSE if os.path.exists(_BUI
 import mfusepy as fuse  # noqa: E402
 
 from .overlay import Overlay  # noqa: E402
-from .passthrough import Backings, Stale  # noqa: E402
+from .passthrough import Backings  # noqa: E402
 
 _lib = fuse._libfuse
 _lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
@@ -42,11 +42,6 @@ FUSE_CAP_PASSTHROUGH = 1 << 29
 # struct fuse_file_info (3.16+): ... uint32_t poll_events; int32_t backing_id; — mfusepy's struct stops short of it
 _BACKING_ID_OFFSET = fuse.fuse_file_info.fh.offset + 20
 _STAT_SIZE = ctypes.sizeof(fuse.c_stat)
-# libfuse workers (3.15+ takes a cap). Every callback holds the GIL, so more workers only hand it back and forth:
-# 4 processes opening and reading 2,000 store files took 150 ms with 1 or 2 workers, 200-350 ms with 4 and
-# 220-320 ms with 16 (2 cores). The second worker serves everyone else while one blocks: a copy-up, an fsync, a
-# data change waiting for a lower file's readers to close (passthrough.WAIT_S; their RELEASEs need a worker).
-MAX_THREADS = 2
 PASSTHROUGH_MIN = 64 << 10  # lower files smaller than this are served through the page cache (see _opened)
 
 log = logging.getLogger("lamina.fs")
@@ -105,51 +100,28 @@ class _FUSE(fuse.FUSE):
         fi = fip.contents
         p = path.decode(self.encoding, self.errors)
         ops: LaminaOperations = self.operations
-        b = ops.backings
-        if b is None:
-            fi.fh = ops.open(p, fi.flags)
-            self._opened(fi, False)
-            return 0
-        if fi.flags & (os.O_ACCMODE | os.O_TRUNC):
-            ino = ops.ov.getattr(p)["st_ino"]
-            b.begin_change(ino)  # before the open copies the file up or truncates it
-            try:
-                fi.fh = ops.open(p, fi.flags)
-                self._opened(fi, True)
-            finally:
-                b.end_change(ino)
-            return 0
-        if b.changing:
-            b.before_read(ops.ov.getattr(p)["st_ino"])
+        if fi.flags & (os.O_ACCMODE | os.O_TRUNC) and ops.backings is not None:
+            ops.backings.check_writable(ops.ov.getattr(p)["st_ino"])  # before the open copies up or truncates
         fi.fh = ops.open(p, fi.flags)
-        try:
-            self._opened(fi, False)
-        except Stale:  # copied up by a change that began while this open reached the lower file: the copy, then
-            fi.fh = ops.open(p, fi.flags)
-            self._opened(fi, False)
+        self._opened(fi)
         return 0
 
     def create(self, path: bytes, mode: int, fip: Any) -> int:
         fi = fip.contents
         p = path.decode(self.encoding, self.errors)
         ops: LaminaOperations = self.operations
-        ino = None
         if ops.backings is not None:
             try:
                 ino = ops.ov.getattr(p)["st_ino"]  # an existing file: created = opened for writing
             except OSError:
                 pass
             else:
-                ops.backings.begin_change(ino)
-        try:
-            fi.fh = ops.create(p, mode, fi.flags)
-            self._opened(fi, True)
-        finally:
-            if ino is not None:
-                ops.backings.end_change(ino)  # type: ignore[union-attr]
+                ops.backings.check_writable(ino)
+        fi.fh = ops.create(p, mode, fi.flags)
+        self._opened(fi)
         return 0
 
-    def _opened(self, fi: Any, writing: bool) -> None:
+    def _opened(self, fi: Any) -> None:
         fi.noflush = 1  # writes reach the upper file at once: close() has nothing left to flush
         ops: LaminaOperations = self.operations
         if ops.backings is None:
@@ -164,9 +136,9 @@ class _FUSE(fuse.FUSE):
             return
         try:
             # Lower files below PASSTHROUGH_MIN stay on the page cache: read once, they cost the daemon a READ
-            # instead of two ioctls, and nothing ever has to wait for their readers to change them.
+            # instead of two ioctls, and their readers never keep a writer out (check_writable).
             passthrough = h.upper or os.fstat(fi.fh).st_size >= PASSTHROUGH_MIN
-            mode = ops.backings.open(fi.fh, h.ino, h.upper, writing, passthrough)
+            mode = ops.backings.open(fi.fh, h.ino, h.upper, passthrough)
         except BaseException:
             ops.ov.release(fi.fh)
             raise
@@ -345,13 +317,7 @@ class LaminaOperations(fuse.Operations):
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         if fh is None and path is not None and self.backings is not None:
-            ino = self.ov.getattr(path)["st_ino"]
-            self.backings.begin_change(ino)
-            try:
-                self.ov.truncate(path, length, fh)
-            finally:
-                self.backings.end_change(ino)
-            return 0
+            self.backings.check_writable(self.ov.getattr(path)["st_ino"])
         self.ov.truncate(path, length, fh)
         return 0
 
@@ -410,14 +376,14 @@ class LaminaOperations(fuse.Operations):
 def serve(ov: Overlay, mountpoint: str, *, read_only: bool = False, debug: bool = False,
           fsname: str = "lamina-fs", on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted (blocks). `on_ready` runs once the kernel has the mount."""
+    # One libfuse worker, as fuse-overlayfs runs by default. Every callback holds the GIL, so more workers only
+    # hand it back and forth (futex wake-ups and context switches dominated the daemon's profile): 4 processes
+    # opening and reading 5,000 store files took 550 ms with one worker against 660-1,010 ms with two, and 2,000
+    # files 150 ms against 200-350 ms with 4-16. The price: a copy-up or an fsync holds up every other caller.
     opts: dict[str, Any] = dict(
-        foreground=True, nothreads=False, debug=debug, fsname=fsname, subtype="lamina-fs",
+        foreground=True, nothreads=True, debug=debug, fsname=fsname, subtype="lamina-fs",
         allow_other=True, default_permissions=True, use_ino=True, max_read=IO_SIZE,
-        # idle workers are kept rather than ended, so their pinned thread states stay in use
-        max_idle_threads=64,
     )
-    if HAS_PASSTHROUGH_API:
-        opts["max_threads"] = MAX_THREADS
     if os.geteuid() == 0:
         opts.update(dev=True, suid=True)  # a container root filesystem needs device nodes and setuid binaries
     if read_only:

@@ -23,7 +23,7 @@ STORE_INO_TAG = 1 << 60
 # Directories whose entries are kept, and how many entries all of them may hold (bounds the memory to a few MB);
 # a directory is looked into whole when it has at most _PREFETCH_MAX entries, else name by name.
 _LISTED_DIRS = 64
-_LISTED_ENTRIES = 32768
+_LISTED_ENTRIES = 8192
 _PREFETCH_MAX = 1024
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import subprocess
@@ -472,9 +473,9 @@ def _big_lower(scratch: Path) -> Path:
 
 def test_passthrough_lower_file_open_refuses_data_changes_until_closed(scratch):
     """With passthrough the kernel reads an open lower file itself and cannot switch it to a copy: changing the
-    file's data waits for those opens to close, then fails with ETXTBSY (as for a running executable); metadata
-    changes, which copy up the same data, and new readers work meanwhile. Small lower files, on the page cache,
-    behave as in kernel overlayfs."""
+    file's data fails with ETXTBSY until those opens close (as for a running executable); metadata changes, which
+    copy up the same data, and new readers work meanwhile. Small lower files, on the page cache, behave as in
+    kernel overlayfs."""
     low = _big_lower(scratch)
     with lamina_mount([low], scratch / "m", scratch / "u", scratch / "w") as m:
         x = m / "x"
@@ -497,10 +498,16 @@ def test_passthrough_lower_file_open_refuses_data_changes_until_closed(scratch):
             w.write(b"more")
         assert x.read_bytes() == b"x" * BIG + b"more"
         assert stat.S_IMODE(os.stat(x).st_mode) == 0o600
-        # a reader that closes soon only delays a writer
+        # a file mapped from the lower layer holds its data as an open file does
         y = m / "y"
-        r = os.open(y, os.O_RDONLY)
-        threading.Timer(0.3, os.close, (r,)).start()
+        with open(y, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            with pytest.raises(OSError) as e:
+                open(y, "ab")
+            assert e.value.errno == errno.ETXTBSY and mapped[:3] == b"yyy"
+        finally:
+            mapped.close()
         with open(y, "ab") as w:
             w.write(b"+")
         assert y.read_bytes() == b"y" * BIG + b"+"
