@@ -20,10 +20,11 @@ from .layers import Record, is_private_xattr
 log = logging.getLogger("lamina.fs")
 # Store inode numbers live in their own range so they never meet the upper directory's.
 STORE_INO_TAG = 1 << 60
-# Directories whose entries are kept, and how many entries all of them may hold (bounds the memory to a few MB);
+# Directories whose entries are kept, and how many entries all of them may hold (~10 MB at most; 8k entries saved
+# 2.5 MB of the daemon's 56 MB after a 100,000-file walk but left a 10,000-entry listing to 10,000 queries);
 # a directory is looked into whole when it has at most _PREFETCH_MAX entries, else name by name.
 _LISTED_DIRS = 64
-_LISTED_ENTRIES = 8192
+_LISTED_ENTRIES = 32768
 _PREFETCH_MAX = 1024
 
 
