@@ -42,6 +42,7 @@ FUSE_CAP_PASSTHROUGH = 1 << 29
 # struct fuse_file_info (3.16+): ... uint32_t poll_events; int32_t backing_id; — mfusepy's struct stops short of it
 _BACKING_ID_OFFSET = fuse.fuse_file_info.fh.offset + 20
 _STAT_SIZE = ctypes.sizeof(fuse.c_stat)
+MAX_THREADS = 2  # libfuse workers (serve() says why)
 PASSTHROUGH_MIN = 64 << 10  # lower files smaller than this are served through the page cache (see _opened)
 
 log = logging.getLogger("lamina.fs")
@@ -376,14 +377,20 @@ class LaminaOperations(fuse.Operations):
 def serve(ov: Overlay, mountpoint: str, *, read_only: bool = False, debug: bool = False,
           fsname: str = "lamina-fs", on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted (blocks). `on_ready` runs once the kernel has the mount."""
-    # One libfuse worker, as fuse-overlayfs runs by default. Every callback holds the GIL, so more workers only
-    # hand it back and forth (futex wake-ups and context switches dominated the daemon's profile): 4 processes
-    # opening and reading 5,000 store files took 550 ms with one worker against 660-1,010 ms with two, and 2,000
-    # files 150 ms against 200-350 ms with 4-16. The price: a copy-up or an fsync holds up every other caller.
+    # Two libfuse workers. Every callback holds the GIL, so more only hand it back and forth (futex wake-ups and
+    # context switches dominated the daemon's profile: 4 processes opening 2,000 store files took 150 ms with 1 or 2
+    # workers, 200-350 ms with 4 or 16). One worker did better still there (5,000 files: 550 against 660-1,010 ms)
+    # but worse wherever a single caller waits on each reply, its RELEASEs and FORGETs queued behind its requests
+    # (full benchmark: stat of 20,000 files 0.89 -> 1.19 s, untar 1.22 -> 1.36 s). The second worker also serves
+    # everyone else while one blocks in a copy-up or an fsync.
     opts: dict[str, Any] = dict(
-        foreground=True, nothreads=True, debug=debug, fsname=fsname, subtype="lamina-fs",
+        foreground=True, nothreads=False, debug=debug, fsname=fsname, subtype="lamina-fs",
         allow_other=True, default_permissions=True, use_ino=True, max_read=IO_SIZE,
+        # idle workers are kept rather than ended, so their pinned thread states stay in use
+        max_idle_threads=64,
     )
+    if HAS_PASSTHROUGH_API:
+        opts["max_threads"] = MAX_THREADS  # (libfuse 3.14, without passthrough, takes no cap: as many as it likes)
     if os.geteuid() == 0:
         opts.update(dev=True, suid=True)  # a container root filesystem needs device nodes and setuid binaries
     if read_only:

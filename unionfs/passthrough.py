@@ -13,9 +13,10 @@ union inode number).
 The one case that would change the backing file under an open inode is a change to the data of a lower file that
 is open (or mapped) from its lower layer (the front end passes through lower files of 64 KiB or more only): its
 copy-up would need the kernel to move those opens to the copy, which it cannot. Such a change (an open for writing,
-a truncate) therefore fails with ETXTBSY until they close, as changing a running executable does. (The daemon has
-one worker, so it could not wait for them: their RELEASE would queue behind the waiting change.) Metadata changes
-copy up as usual meanwhile: the copy has the same data, so the lower backing serves it too.
+a truncate) therefore fails with ETXTBSY until they close, as changing a running executable does. (Waiting for
+them would hold one of the daemon's two workers, and two waiting changes would leave none to take the RELEASEs they
+wait for.) Metadata changes copy up as usual meanwhile: the copy has the same data, so the lower backing serves it
+too.
 `-o nopassthrough` trades the speed for kernel overlayfs's exact behaviour there (docs/unionfs.md).
 
 Knows nothing of mfusepy: it is handed the /dev/fuse descriptor and answers with a backing id per open.
