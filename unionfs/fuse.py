@@ -101,8 +101,8 @@ class _FUSE(fuse.FUSE):
         fi = fip.contents
         p = path.decode(self.encoding, self.errors)
         ops: LaminaOperations = self.operations
-        if fi.flags & (os.O_ACCMODE | os.O_TRUNC) and ops.backings is not None:
-            ops.backings.check_writable(ops.ov.getattr(p)["st_ino"])  # before the open copies up or truncates
+        if fi.flags & (os.O_ACCMODE | os.O_TRUNC):
+            ops.check_writable(p)  # before the open copies up or truncates
         fi.fh = ops.open(p, fi.flags)
         self._opened(fi)
         return 0
@@ -111,13 +111,7 @@ class _FUSE(fuse.FUSE):
         fi = fip.contents
         p = path.decode(self.encoding, self.errors)
         ops: LaminaOperations = self.operations
-        if ops.backings is not None:
-            try:
-                ino = ops.ov.getattr(p)["st_ino"]  # an existing file: created = opened for writing
-            except OSError:
-                pass
-            else:
-                ops.backings.check_writable(ino)
+        ops.check_writable(p)  # an existing file: created = opened for writing
         fi.fh = ops.create(p, mode, fi.flags)
         self._opened(fi)
         return 0
@@ -234,6 +228,14 @@ class LaminaOperations(fuse.Operations):
         if self.on_ready is not None:
             self.on_ready()
 
+    def check_writable(self, path: str) -> None:
+        """ETXTBSY if the data of the file at `path` may not change now (passthrough.Backings.check_writable)."""
+        if self.backings is None or not self.backings.lower_open:
+            return  # nothing open from a lower layer by passthrough: no lookup on every write-open and create
+        n = self.ov.resolve(path)
+        if n is not None:
+            self.backings.check_writable(n.ino)
+
     @staticmethod
     def _invalidate(paths: list[str]) -> None:
         """Drop the kernel's cached attributes and pages of other names of a changed file."""
@@ -317,8 +319,8 @@ class LaminaOperations(fuse.Operations):
         return path
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        if fh is None and path is not None and self.backings is not None:
-            self.backings.check_writable(self.ov.getattr(path)["st_ino"])
+        if fh is None and path is not None:
+            self.check_writable(path)
         self.ov.truncate(path, length, fh)
         return 0
 

@@ -158,12 +158,16 @@ class Overlay:
         n = self.resolve(path)
         if n is None or not n.is_dir:
             return None
+        self._keep(self._cache, path, n, gen)
+        return n
+
+    def _keep(self, cache: dict[str, Node], path: str, n: Node, gen: int) -> None:
+        """Remember `n` in a bounded cache, unless the namespace changed since `gen` (n may be stale)."""
         with self._cache_mu:
             if gen == self._gen:
-                if len(self._cache) >= _CACHE_MAX:
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[path] = n
-        return n
+                if len(cache) >= _CACHE_MAX:
+                    cache.pop(next(iter(cache)))
+                cache[path] = n
 
     def resolve(self, path: str) -> Node | None:
         """The union's object at `path` with fresh attributes, or None."""
@@ -181,11 +185,7 @@ class Overlay:
             return None
         n = self._child(parent, name)
         if n is not None and not n.is_dir and 0 <= n.layer < self._nlayers and not self._in_upper(n):
-            with self._cache_mu:
-                if gen == self._gen:
-                    if len(self._files) >= _CACHE_MAX:
-                        self._files.pop(next(iter(self._files)))
-                    self._files[path] = n
+            self._keep(self._files, path, n, gen)
         return n
 
     def _child(self, parent: Node, name: str) -> Node | None:

@@ -60,6 +60,12 @@ class Backings:
         self._mu = threading.Lock()
         self._inodes: dict[int, _Inode] = {}
         self._of_fh: dict[int, int] = {}  # file handle -> union inode
+        self._lower = 0  # inodes open from a lower layer by passthrough
+
+    @property
+    def lower_open(self) -> bool:
+        """Whether any inode is open from a lower layer by passthrough (else check_writable has nothing to do)."""
+        return self._lower > 0
 
     def check_writable(self, ino: int) -> None:
         """Before changing the data of union inode `ino` (opening it for writing, truncating it): ETXTBSY while it
@@ -78,6 +84,8 @@ class Backings:
                 backing = self._register(fh) if passthrough else CACHED
                 self._inodes[ino] = _Inode(backing, upper, 1)
                 self._of_fh[fh] = ino
+                if backing != CACHED and not upper:
+                    self._lower += 1
                 return backing
             if node.upper and not upper:
                 raise _busy()  # cannot happen: an upper copy never gives way to a lower file
@@ -108,6 +116,8 @@ class Backings:
             del self._inodes[ino]
             if node.backing == CACHED:
                 return
+            if not node.upper:
+                self._lower -= 1
         try:
             fcntl.ioctl(self.devfd, FUSE_DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("I", node.backing)))
         except OSError as e:
