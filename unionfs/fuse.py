@@ -152,10 +152,12 @@ class _FUSE(fuse.FUSE):
         return 0
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
-        """Entries with offsets and full attributes: with READDIRPLUS the kernel then needs no LOOKUP per entry.
+        """Entries with offsets: libfuse passes readdirplus attributes on only when the filesystem gives offsets, so
+        the merged listing is kept with the open directory handle and each call continues where the last stopped.
 
-        libfuse passes readdirplus attributes on only when the filesystem gives offsets, so the merged name list
-        is kept with the open directory handle and each call continues where the last one stopped.
+        READDIRPLUS gets every entry's full attributes (the kernel then needs no LOOKUP per entry). A plain READDIR
+        (the kernel asks for plus only at a listing's start or when lookups follow it) needs just the d_ino and
+        type the layers' listings already hold, and costs no lookup per entry (Overlay.readdir_entries).
         """
         ops: LaminaOperations = self.operations
         h = ops._dirs.get(fip.contents.fh)
@@ -165,25 +167,31 @@ class _FUSE(fuse.FUSE):
             h[0] = path.decode(self.encoding, self.errors)  # the directory may have moved since opendir
         if offset == 0 or h[1] is None:
             try:
-                h[1] = ops.ov.readdir_names(h[0])
+                h[1] = ops.ov.readdir_entries(h[0])
             except OSError as e:
                 return -(e.errno or errno.EIO)
-        names: list[str] = h[1]
+        entries: list[tuple[str, int, int]] = h[1]
         plus = bool(flags & FUSE_READDIR_PLUS)
         st = fuse.c_stat()
         size = ctypes.sizeof(st)
-        for i in range(offset, len(names)):
-            name = names[i]
-            try:
-                attrs = ops.ov.child_attrs(h[0], name)
-            except OSError:
-                attrs = None
-            if attrs is None:
-                continue
-            ctypes.memset(ctypes.byref(st), 0, size)
-            _fill_stat(st, attrs)
+        child_attrs = ops.ov.child_attrs
+        enc, errs = self.encoding, self.errors
+        for i in range(offset, len(entries)):
+            name, fmt, ino = entries[i]
+            if plus or not ino:
+                try:
+                    attrs = child_attrs(h[0], name)
+                except OSError:
+                    attrs = None
+                if attrs is None:
+                    continue
+                ctypes.memset(ctypes.byref(st), 0, size)
+                _fill_stat(st, attrs)
+            else:  # libfuse takes only st_ino and the type from a plain entry
+                st.st_ino = ino
+                st.st_mode = fmt
             fill = FUSE_FILL_DIR_PLUS if plus and i >= 2 else 0
-            if filler(buf, name.encode(self.encoding, self.errors), st, i + 1, fill) != 0:
+            if filler(buf, name.encode(enc, errs), st, i + 1, fill) != 0:
                 break
         return 0
 

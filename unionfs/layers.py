@@ -22,6 +22,7 @@ WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 # xattrs that belong to the union's bookkeeping and are never shown through the mount or copied up.
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "trusted.lamina.")
 ORIGIN_XATTR = "trusted.lamina.origin"
+_XWH_MAX = 4096
 
 
 # Like kernel overlayfs (6.7+), a user's own "trusted.overlay.X" is stored escaped as "trusted.overlay.overlay.X".
@@ -110,6 +111,7 @@ class DirLayer:
         self.root = os.path.realpath(root)  # podman passes lowerdirs as symlinks (overlay/l/<short id>)
         self.ino_tag = ino_tag
         self.name = name or self.root
+        self._xwh: dict[str, bool] = {}
 
     def real(self, path: str) -> str:
         return self.root if path == "/" else self.root + path
@@ -143,9 +145,8 @@ class DirLayer:
                 redirect = r.decode("utf-8", "surrogateescape") if r else None
             if not opaque:
                 opaque = os.path.lexists(real + "/" + WH_OPQ)
-        elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and path != "/":
-            real = self.real(path)
-            names = self._xattr_names(real)
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and path != "/" and self._xwhiteouts(path):
+            names = self._xattr_names(self.real(path))
             if names and any(n in names for n in WHITEOUT_XATTRS):
                 whiteout = True
         return Record(
@@ -153,6 +154,20 @@ class DirLayer:
             size=st.st_size, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
             rdev=st.st_rdev, blocks=st.st_blocks, whiteout=whiteout, opaque=opaque, redirect=redirect,
         )
+
+    def _xwhiteouts(self, path: str) -> bool:
+        """Whether the directory holding `path` is marked opaque=x, the only place overlayfs honours xattr
+        whiteouts. Remembered per directory (a bounded map): every empty file of a layer would otherwise cost a
+        listxattr. The union never marks a directory so, and a stale True only costs that listxattr."""
+        head = path.rpartition("/")[0] or "/"
+        v = self._xwh.get(head)
+        if v is None:
+            real = self.real(head)
+            v = self._xattr(real, self._xattr_names(real), OPAQUE_XATTRS) == b"x"
+            if len(self._xwh) >= _XWH_MAX:
+                self._xwh.clear()
+            self._xwh[head] = v
+        return v
 
     def lookup(self, path: str) -> Record | None:
         real = self.real(path)

@@ -353,20 +353,31 @@ class Overlay:
             raise _err(errno.EBADF)
         return self.attrs(self._node(path), path)
 
-    def readdir_names(self, path: str) -> list[str]:
-        """Names of every visible entry, '.' and '..' first (attributes come from `child_attrs`)."""
+    def readdir_entries(self, path: str) -> list[tuple[str, int, int]]:
+        """Every visible entry as (name, type bits, d_ino), '.' and '..' first.
+
+        d_ino comes from the listing itself where it is already the entry's st_ino: a file or link of a lower layer
+        (a hardlink joined through the index keeps its lower number too). It is 0 where the number takes a
+        resolution: '.', '..', directories (numbered after their lowest layer) and upper entries (which may carry
+        their origin's number); `child_attrs` gives those, and every entry's full attributes. A listing that only
+        wants names and types (getdents without READDIRPLUS) thus costs no lookup per entry."""
         n = self._dir(path)
         if n is None:
             raise _err(errno.ENOTDIR if self.resolve(path) else errno.ENOENT, path)
-        out = [".", ".."]
+        out = [(".", stat.S_IFDIR, 0), ("..", stat.S_IFDIR, 0)]
         seen: set[str] = set()
         for li, lp in n.stack:
-            for name, _fmt, _ino, wh in self.layers[li].listdir(lp):
+            cheap = li != 0 or self.upper is None
+            for name, fmt, ino, wh in self.layers[li].listdir(lp):
                 if name not in seen:
                     seen.add(name)
                     if not wh:
-                        out.append(name)
+                        out.append((name, fmt, ino if cheap and fmt != stat.S_IFDIR else 0))
         return out
+
+    def readdir_names(self, path: str) -> list[str]:
+        """Names of every visible entry, '.' and '..' first."""
+        return [e[0] for e in self.readdir_entries(path)]
 
     def child_attrs(self, path: str, name: str) -> dict | None:
         """Full attributes of `name` in directory `path`, None if it vanished meanwhile."""

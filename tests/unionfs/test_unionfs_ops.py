@@ -1,6 +1,7 @@
 """Behaviour tests of each operation on real lamina-fs mounts, with the upper directory checked on disk."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -521,29 +522,40 @@ def test_passthrough_lower_file_open_refuses_data_changes_until_closed(scratch):
             os.close(r)
 
 
+@contextlib.contextmanager
+def _debug_mount(opts: str, mnt: Path, log: Path):
+    """lamina-fs in the foreground with libfuse's debug log (every request's opcode) written to `log`."""
+    with open(log, "wb") as err:
+        p = subprocess.Popen([LAMINA_FS, "-f", "-d", "-o", opts, str(mnt)], stderr=err, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            if is_mounted(mnt):
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"lamina-fs did not mount: {log.read_text(errors='replace')[-500:]}")
+        yield mnt
+    finally:
+        unmount(mnt)
+        p.wait(timeout=30)
+
+
+def _opcodes(log: Path) -> set[str]:
+    return {line.split("opcode: ")[1].split()[0] for line in log.read_text(errors="replace").splitlines()
+            if "opcode: " in line}
+
+
 def _opcodes_seen(scratch: Path, extra: str) -> set[str]:
     """FUSE opcodes the daemon received (libfuse's debug log) while a lower file was read and a new file written."""
     scratch.mkdir()
     low = _big_lower(scratch)
     log = scratch / "debug.log"
     opts = f"lowerdir={low},upperdir={scratch / 'u'},workdir={scratch / 'w'}"
-    with open(log, "wb") as err:
-        p = subprocess.Popen([LAMINA_FS, "-f", "-d", "-o", opts + extra, str(scratch / "m")], stderr=err,
-                             stdout=subprocess.DEVNULL)
-    try:
-        for _ in range(500):
-            if is_mounted(scratch / "m"):
-                break
-            time.sleep(0.02)
-        m = scratch / "m"
+    with _debug_mount(opts + extra, scratch / "m", log) as m:
         assert (m / "x").read_bytes() == b"x" * BIG
         (m / "new").write_bytes(b"n" * 10000)
         assert (m / "new").read_bytes() == b"n" * 10000
-    finally:
-        unmount(scratch / "m")
-        p.wait(timeout=30)
-    return {line.split("opcode: ")[1].split()[0] for line in log.read_text(errors="replace").splitlines()
-            if "opcode: " in line}
+    return _opcodes(log)
 
 
 def test_passthrough_reads_and_writes_bypass_the_daemon(scratch):
@@ -558,3 +570,63 @@ def test_passthrough_reads_and_writes_bypass_the_daemon(scratch):
     assert not {"READ", "WRITE"} & seen
     # the same run without passthrough does send them: the check above can tell
     assert {"READ", "WRITE"} <= _opcodes_seen(scratch / "off", ",nopassthrough")
+
+
+def _kinds(d: Path, check_ino: bool = True) -> dict[str, str]:
+    """name -> d_type of a listing, checking each entry's d_type (and d_ino) against its lstat."""
+    out = {}
+    with os.scandir(d) as it:
+        # listed whole before any lstat: an lstat of an entry READDIRPLUS brought in makes the kernel ask for
+        # READDIRPLUS again, while a bare listing continues with plain READDIRs
+        entries = list(it)
+    for de in entries:
+        st = os.lstat(de.path)
+        assert not check_ino or de.inode() == st.st_ino, f"{de.name}: d_ino {de.inode()} != st_ino {st.st_ino}"
+        kind = "dir" if de.is_dir(follow_symlinks=False) else "link" if de.is_symlink() else \
+            "file" if de.is_file(follow_symlinks=False) else "other"
+        want = {stat.S_IFDIR: "dir", stat.S_IFLNK: "link", stat.S_IFREG: "file"}.get(stat.S_IFMT(st.st_mode),
+                                                                                   "other")
+        assert kind == want, f"{de.name}: d_type says {kind}, lstat {want}"
+        out[de.name] = kind
+    return out
+
+
+def test_long_listing_gives_every_entry_its_number_and_type(scratch):
+    """A listing longer than one READDIRPLUS reply goes on with plain READDIRs, which lamina answers from the
+    layers' own listings without a lookup per entry (Overlay.readdir_entries). Each entry's d_ino and d_type must
+    still be its lstat's, whatever it is: a lower file, a whiteout's neighbour, a copied-up file (which keeps its
+    origin's number), a new upper file, a merged or lower directory, a symlink, a fifo, a hardlink. The names and
+    types are kernel overlayfs's over the same layers and upper."""
+    l0, l1, upper, work = (scratch / n for n in ("l0", "l1", "u", "w"))
+    for d in (l0 / "big", l1 / "big", upper, work, scratch / "m", scratch / "k"):
+        d.mkdir(parents=True)
+    for i in range(1500):
+        (l1 / "big" / f"f{i:04d}").write_text(str(i))
+    for i in range(0, 1500, 7):
+        os.mknod(l0 / "big" / f"f{i:04d}", stat.S_IFCHR, 0)
+    for i in range(300):
+        (l0 / "big" / f"g{i:04d}").write_text("g")
+    for i in range(60):
+        (l1 / "big" / f"d{i:03d}").mkdir()
+        if i % 2:
+            (l0 / "big" / f"d{i:03d}").mkdir()
+    os.symlink("f0001", l1 / "big" / "sym")
+    os.mkfifo(l0 / "big" / "fifo")
+    os.link(l1 / "big" / "f0002", l1 / "big" / "hard")
+    log = scratch / "debug.log"
+    with _debug_mount(f"lowerdir={l0}:{l1},upperdir={upper},workdir={work}", scratch / "m", log) as m:
+        for i in range(1, 1500, 11):
+            if i % 7:
+                os.chmod(m / "big" / f"f{i:04d}", 0o600)  # copied up, keeping the lower number
+        for i in range(200):
+            (m / "big" / f"n{i:03d}").write_text("new")
+        os.unlink(m / "big" / "g0000")
+        os.rmdir(m / "big" / "d001")
+        os.chmod(m / "big" / "d003", 0o700)
+        os.truncate(m / "big" / "hard", 1)  # one name of a lower hardlink pair, copied up into the index
+        ours = _kinds(m / "big")
+    assert "READDIR" in _opcodes(log)  # the plain path ran: the check above covers it
+    assert len(ours) == 1500 - 215 + 300 - 1 + 60 - 1 + 3 + 200
+    with kernel_mount([l0, l1], scratch / "k", upper, work) as k:
+        # (kernel overlayfs itself reports a merged directory's upper number as d_ino without index=on)
+        assert _kinds(k / "big", check_ino=False) == ours
