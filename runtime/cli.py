@@ -2,26 +2,38 @@
 
 Each package keeps its commands in its own `cli.py` as a `COMMANDS` list; this module only assembles them, so
 the dependency direction (runtime -> unionfs -> store) holds for the CLI too.
+
+`lamina [--root DIR] mount ...` in the background is told apart before click loads: the union filesystem's daemon is
+forked first, from this still small process, and loads its code (mfusepy, the union core, the store reader) while
+this process loads click and only the commands of `unionfs.cli`, checks the arguments and finds the image exactly as
+for any other command (same errors, same exit codes), then hands it the mount. The daemon carries none of click,
+nor of the other commands' modules.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-import click
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms) before a daemon is forked
+if TYPE_CHECKING:
+    import click
+
+PACKAGES = ("store.cli", "unionfs.cli", "runtime.commands")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", envvar="LAMINA_ROOT", default=None, metavar="DIR",
-              help="Store root (default /var/lib/lamina for root, $XDG_DATA_HOME/lamina otherwise).")
-@click.pass_context
-def cli(ctx: click.Context, root: str | None) -> None:
-    """lamina: a deduplicating layer store, a union filesystem and a container runtime."""
-    ctx.obj = {"root": root}
+def group(packages: tuple[str, ...] = PACKAGES) -> click.Group:
+    """The `lamina` group with the commands of `packages`."""
+    import click  # noqa: PLC0415 - after the fork of a mount's daemon (module docstring)
 
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--root", envvar="LAMINA_ROOT", default=None, metavar="DIR",
+                  help="Store root (default /var/lib/lamina for root, $XDG_DATA_HOME/lamina otherwise).")
+    @click.pass_context
+    def cli(ctx: click.Context, root: str | None) -> None:
+        """lamina: a deduplicating layer store, a union filesystem and a container runtime."""
+        ctx.ensure_object(dict)["root"] = root
 
-def _register() -> None:
-    for mod in ("store.cli", "unionfs.cli", "runtime.commands"):
+    for mod in packages:
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -30,13 +42,37 @@ def _register() -> None:
             raise
         for cmd in getattr(m, "COMMANDS", []):
             cli.add_command(cmd)
+    return cli
 
 
-_register()
+def background_mount(argv: list[str]) -> bool:
+    """Whether `argv` is `[--root DIR] mount ...` without -f/--foreground or help. Only a hint: a wrong guess
+    forks a daemon that is then cancelled, never a different outcome."""
+    i = 0
+    while i < len(argv) and argv[i] != "mount":
+        if argv[i] == "--root":
+            i += 2
+        elif argv[i].startswith("--root="):
+            i += 1
+        else:
+            return False
+    return i < len(argv) and not any(a in ("-f", "--foreground", "-h", "--help") for a in argv[i + 1:])
 
 
 def main() -> None:
-    cli(prog_name="lamina")
+    standby = None
+    if background_mount(sys.argv[1:]):
+        from unionfs.storemount import standby_store_mount  # noqa: PLC0415
+
+        standby = standby_store_mount()
+    try:
+        if standby is None:
+            group()(prog_name="lamina")
+        else:
+            group(("unionfs.cli",))(prog_name="lamina", obj={"standby": standby})
+    finally:
+        if standby is not None:
+            standby.cancel()  # unless `lamina mount` gave it its mount
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def standby(ref: str) -> Standby | None:
     and prepares the rest (`start_mount` gives it its mount; `Standby.cancel` if none is needed after all)."""
     if is_dir_ref(ref):
         return None
-    from unionfs.cli import standby_store_mount  # noqa: PLC0415
+    from unionfs.storemount import standby_store_mount  # noqa: PLC0415
 
     return standby_store_mount()
 
@@ -100,7 +100,7 @@ def start_mount(root: str, image: Image, upper: str, work: str, target: str,
         opts = f"lowerdir={image.path},upperdir={upper},workdir={work}"
         linux.mount("overlay", target, "overlay", 0, opts)
         return Mounting(image.ref)
-    from unionfs.cli import start_store_mount  # noqa: PLC0415 - runtime -> unionfs, the allowed direction
+    from unionfs.storemount import start_store_mount  # noqa: PLC0415 - runtime -> unionfs, the allowed direction
     from unionfs.idmap import IdMapping  # noqa: PLC0415
 
     idmap = None

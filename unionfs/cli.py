@@ -3,24 +3,23 @@
 `lamina mount IMAGE MOUNTPOINT [--upper DIR --work DIR] [--read-only] [--uidmapping M] [--gidmapping M]` mounts
 the image's layers (bottom to top in the store, topmost first in the union) with an optional writable upper, owners
 translated as fuse-overlayfs's uidmapping/gidmapping do, and returns once the mount is ready while a daemon serves it
-(`-f` stays in the foreground). `lamina umount MOUNTPOINT` unmounts, lazily if it is busy, and also clears the dead
-mount a killed daemon leaves behind ("Transport endpoint is not connected").
+(`-f` stays in the foreground); `lamina` forks the daemon of such a mount before it loads click (`runtime.cli`) and
+passes it here as `ctx.obj["standby"]`. `lamina umount MOUNTPOINT` unmounts, lazily if it is busy, and also clears
+the dead mount a killed daemon leaves behind ("Transport endpoint is not connected").
 """
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import click
 
-from .daemon import Standby, Starting, run, start
+from .daemon import Standby, exit_now, run
 from .fsmain import UsageError, _is_dir, check_upper_work
 from .idmap import IdMapping
+from .storemount import standby_store_mount, start_store_mount, store_overlay
 
-if TYPE_CHECKING:
-    from .overlay import Overlay
+__all__ = ["COMMANDS", "standby_store_mount", "start_store_mount", "store_overlay"]
 
 # umount(8)'s exit status for "unmount failed", kept for users who script around it
 UMOUNT_FAILED = 32
@@ -29,47 +28,6 @@ UMOUNT_FAILED = 32
 def _fail(msg: str, code: int = 1) -> None:
     click.echo(f"lamina: {msg}", err=True)
     sys.exit(code)
-
-
-def store_overlay(root: str | None, layer_ids: list[int], upper: str | None, work: str | None,
-                  read_only: bool = False, idmap: IdMapping | None = None) -> Callable[[], Overlay]:
-    """The daemon's `build`: the union of store layers `layer_ids` (bottom to top) with an optional upper.
-
-    The store's reader, like the whole union core, is opened in the daemon after the fork: no SQLite connection
-    may cross a fork (the daemon's threads open their own), and the calling command never loads any of it."""
-    def build() -> Overlay:
-        from store.reader import open_store  # noqa: PLC0415
-
-        from .layers import DirLayer  # noqa: PLC0415
-        from .overlay import Overlay  # noqa: PLC0415
-        from .storelayer import StoreLayer  # noqa: PLC0415
-
-        reader = open_store(root).reader()
-        lowers = [StoreLayer(reader, lid) for lid in reversed(layer_ids)]
-        if read_only and upper is not None:
-            return Overlay([DirLayer(upper), *lowers], idmap=idmap)
-        return Overlay(lowers, None if read_only else upper, None if read_only else work, idmap=idmap)
-    return build
-
-
-def standby_store_mount() -> Standby:
-    """A daemon for a store mount yet to be chosen, loading all it will need meanwhile (`start_store_mount`)."""
-    return Standby(preload=("store.reader", "unionfs.storelayer", "unionfs.overlay"))
-
-
-def start_store_mount(root: str | None, layer_ids: list[int], mountpoint: str, upper: str | None,
-                      work: str | None, *, read_only: bool = False, log_path: str | None = None,
-                      idmap: IdMapping | None = None, standby: Standby | None = None) -> Starting:
-    """Start the daemon of a store image's union mount (in `standby` if given, else forked now) and return at once
-    (`Starting.wait` for the outcome).
-
-    For callers that keep the image in the store themselves (a container holds its image): no hold is taken."""
-    if standby is not None:
-        return standby.mount(store_overlay, {"root": root, "layer_ids": layer_ids, "upper": upper, "work": work,
-                                             "read_only": read_only, "idmap": idmap},
-                             mountpoint, read_only=read_only or upper is None, fsname="lamina", log_path=log_path)
-    return start(store_overlay(root, layer_ids, upper, work, read_only, idmap), mountpoint,
-                 read_only=read_only or upper is None, fsname="lamina", log_path=log_path)
 
 
 @click.command("mount")
@@ -101,9 +59,10 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
         idmap = IdMapping.parse(uidmapping, gidmapping)
     except (UsageError, ValueError) as e:
         _fail(str(e))
-    root = (ctx.obj or {}).get("root")
+    obj = ctx.obj or {}
+    standby: Standby | None = obj.get("standby")
     try:
-        st = open_store(root)
+        st = open_store(obj.get("root"))
         img = st.image(image)
     except StoreError as e:
         _fail(str(e))
@@ -115,23 +74,27 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
     hold(st.store, holder, img.id)
     # No SQLite connection may cross the daemon's fork (SQLite forbids it; the daemon's threads open their own).
     st.close()
+    root = st.root  # absolute: the daemon works from "/"
     log_path = os.path.abspath(log) if log else None
     rc = 1
     try:
         if foreground:
+            if standby is not None:
+                standby.cancel()
             rc = run(store_overlay(root, img.layer_ids, upper, work, read_only, idmap), mountpoint,
                      foreground=True, read_only=read_only or upper is None, fsname="lamina", log_path=log_path,
                      prog="lamina")
         else:
             starting = start_store_mount(root, img.layer_ids, mountpoint, upper, work, read_only=read_only,
-                                         log_path=log_path, idmap=idmap)
+                                         log_path=log_path, idmap=idmap, standby=standby)
             rc = starting.wait()
             if rc != 0:
                 click.echo(f"lamina: {starting.error}", err=True)
     finally:
         if rc != 0 or foreground:
             release(st.store, holder)
-    sys.exit(rc)
+    # Whoever ran `lamina mount` waits for this exit to use the mount: no interpreter teardown (~5-10 ms here).
+    exit_now(rc)
 
 
 def _mounted(path: str) -> bool:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import importlib
 import os
-import pickle
-import signal
 import struct
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
 
+# `lamina` forks a mount's daemon from here before it has loaded typing, signal (their enums: ~5 ms each) or pickle:
+# none of them at import time.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
+
     from .overlay import Overlay
 
 READY = b"\0lamina-ready\0"
@@ -157,6 +159,8 @@ class Standby:
               read_only: bool = False, debug: bool = False, fsname: str = "lamina-fs",
               log_path: str | None = None) -> Starting:
         """Mount `factory(**args)()` (a module-level factory: the job is pickled) at `mountpoint`."""
+        import pickle  # noqa: PLC0415
+
         job = pickle.dumps((factory, args, mountpoint, {"read_only": read_only, "debug": debug, "fsname": fsname,
                                                         "log_path": log_path}))
         # Length first: the daemon must not wait for end of file, which other children of the caller may delay.
@@ -178,7 +182,7 @@ class Standby:
         os.close(self._job_w)
         os.close(self._ready_r)
         self._job_w = -1
-        os.kill(self.pid, signal.SIGKILL)
+        os.kill(self.pid, 9)  # SIGKILL (signal's import costs more than this whole call)
         os.waitpid(self.pid, 0)
 
 
@@ -193,6 +197,8 @@ def _read_job(fd: int) -> tuple[Callable[[], Overlay], str, dict]:
         if size == 8 and len(data) == 8:
             size += struct.unpack("!Q", data)[0]
     os.close(fd)
+    import pickle  # noqa: PLC0415
+
     factory, args, mountpoint, opts = pickle.loads(data[8:])
     return factory(**args), mountpoint, opts
 
@@ -200,6 +206,8 @@ def _read_job(fd: int) -> tuple[Callable[[], Overlay], str, dict]:
 def _daemon(w: int, job: Callable[[], tuple[Callable[[], Overlay], str, dict]], preload: tuple[str, ...] = (),
             keep: tuple[int, ...] = ()) -> NoReturn:
     """The daemon's side of `start` and `Standby`: detach, load the FUSE side, take the job, mount, serve."""
+    import signal  # noqa: PLC0415 - see the imports
+
     for sig in (signal.SIGTERM, signal.SIGHUP):  # libfuse installs its handlers only over the defaults
         signal.signal(sig, signal.SIG_DFL)
     os.setsid()

@@ -6,12 +6,13 @@ import errno
 import os
 import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from fsharness import docker_archive, is_mounted, lamina, lamina_mount, snapshot
+from fsharness import BIN, docker_archive, is_mounted, lamina, lamina_mount, snapshot
 
 
 @pytest.fixture
@@ -106,7 +107,8 @@ def test_lost_or_damaged_object_gives_eio_for_that_file_only(layout, scratch, st
     assert "/b" in text and "corrupt" in text
 
 
-def _daemon_pid(mnt: Path) -> int:
+def _daemon_pids(mnt: Path) -> list[int]:
+    pids = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
@@ -114,8 +116,14 @@ def _daemon_pid(mnt: Path) -> int:
             except OSError:
                 continue
             if b"mount" in argv and os.fsencode(str(mnt)) in argv:
-                return int(pid)
-    raise AssertionError("no daemon")
+                pids.append(int(pid))
+    return pids
+
+
+def _daemon_pid(mnt: Path) -> int:
+    pids = _daemon_pids(mnt)
+    assert len(pids) == 1, pids
+    return pids[0]
 
 
 def test_killed_daemon_then_umount_then_remount(layout, store_image):
@@ -155,8 +163,27 @@ def test_bad_mount_arguments(layout, scratch, store_image):
         assert p.returncode == 1 and p.stderr.startswith("lamina: ") and word in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
         assert not is_mounted(mnt)
+        # `lamina mount` forks its daemon before it reads its arguments: a failed mount leaves no process behind
+        assert _daemon_pids(mnt) == [], args
     p = lamina(root, "umount", mnt, check=False)
     assert p.returncode == 32 and "not mounted" in p.stderr
+
+
+def test_relative_store_root_and_paths(layout, scratch, store_image):
+    """The daemon works from "/": a relative --root, mount point, upper and work must still name the caller's."""
+    root, image = store_image
+    rel = {k: os.path.relpath(layout[k], scratch) for k in ("mnt", "upper", "work")}
+    p = subprocess.run([str(BIN / "lamina"), "--root", os.path.relpath(root, scratch), "mount", image, rel["mnt"],
+                        "--upper", rel["upper"], "--work", rel["work"]], cwd=scratch, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    mnt = layout["mnt"]
+    try:
+        assert (mnt / "c").read_text() == "top c\n"
+        (mnt / "new").write_text("n\n")
+        assert (layout["upper"] / "new").read_text() == "n\n"
+    finally:
+        lamina(root, "umount", mnt)
 
 
 def test_mounted_image_is_held_until_umount(layout, store_image):
