@@ -66,6 +66,50 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def kernel_mount(mountpoint: str, *, read_only: bool, fsname: str) -> tuple[int, int] | None:
+    """mount(2) the FUSE filesystem the way libfuse would for `fuse.serve`'s options and return two descriptors of
+    its /dev/fuse connection: one for `serve`, to be given as "/dev/fd/N" (libfuse then serves it without mounting,
+    and closes it when it stops), one for `kernel_unmount`. None where libfuse must mount (not root, or an
+    /etc/mtab file to update).
+
+    libfuse follows its own mount(2) with a fork and exec of `mount -f` to record the mount in /etc/mtab: ~2.5 ms
+    of every mount, for nothing where /etc/mtab is the kernel's list (a symlink to /proc/self/mounts). The options
+    are those libfuse derives from `serve`'s (allow_other, default_permissions, max_read; dev and suid as root;
+    ro): tests/unionfs compare them with a mount libfuse made (`-f`)."""
+    if os.geteuid() != 0 or not os.path.islink("/etc/mtab"):
+        return None
+    import ctypes  # noqa: PLC0415 - loaded by mfusepy already
+
+    from .fuse import IO_SIZE  # noqa: PLC0415
+
+    rootmode = os.stat(mountpoint).st_mode & 0o170000
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    data = (f"allow_other,default_permissions,max_read={IO_SIZE},fd={fd},rootmode={rootmode:o},"
+            f"user_id={os.getuid()},group_id={os.getgid()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    if libc.mount(fsname.encode(), os.fsencode(mountpoint), b"fuse.lamina-fs", 1 if read_only else 0,  # MS_RDONLY
+                  data.encode()) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"fuse: mount failed: {os.strerror(err)}")
+    return fd, os.dup(fd)
+
+
+def kernel_unmount(mountpoint: str, fd: int) -> None:
+    """After `serve` returns: unmount what `kernel_mount` mounted unless it is gone already (a umount ended the
+    serving), as libfuse does for its own mounts. A connection the kernel still has is not in error."""
+    import ctypes  # noqa: PLC0415
+    import select  # noqa: PLC0415
+
+    p = select.poll()
+    p.register(fd, 0)
+    gone = any(ev & select.POLLERR for _, ev in p.poll(0))
+    os.close(fd)  # the connection ends here: no request may wait on a daemon that has stopped
+    if not gone:
+        ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(mountpoint), 2)  # MNT_DETACH
+
+
 class Starting:
     """A daemon forked by `start`: `wait` blocks until it has mounted (0) or failed (1, its last words in
     `error`)."""
@@ -237,8 +281,14 @@ def _daemon(w: int, job: Callable[[], tuple[Callable[[], Overlay], str, dict]], 
         build, mountpoint, opts = job()
         log_path = opts["log_path"]
         setup_logging(log_path, opts["debug"])
-        serve(build(), mountpoint, read_only=opts["read_only"], debug=opts["debug"], fsname=opts["fsname"],
-              on_ready=on_ready)
+        ov = build()
+        mounted = kernel_mount(mountpoint, read_only=opts["read_only"], fsname=opts["fsname"])
+        try:
+            serve(ov, mountpoint if mounted is None else f"/dev/fd/{mounted[0]}", read_only=opts["read_only"],
+                  debug=opts["debug"], fsname=opts["fsname"], on_ready=on_ready)
+        finally:
+            if mounted is not None:
+                kernel_unmount(mountpoint, mounted[1])
     except BaseException as e:  # noqa: BLE001 - the parent must hear about any failure before readiness
         if not ready:
             os.write(w, f"{e}\n".encode())
