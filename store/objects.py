@@ -18,9 +18,9 @@ from typing import Iterable, Iterator
 import xxhash
 
 from .errors import BadInput, Corrupt
+from .schema import INLINE_MAX
 
 SMALL = 1 << 20  # contents up to this size are hashed and compared in memory
-INLINE_MAX = 4096  # contents up to one filesystem block are kept in the index, not as files
 CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -108,6 +108,10 @@ class StoreReader:
         """The file of a file-backed object (contents of up to 4 KiB are inlined and have none: `open_object`)."""
         return self.store.object_path(obj)
 
+    def inline(self, obj: str) -> bytes | None:
+        """An inlined content (see `object_path`), or None when `obj` is a file-backed object or unknown."""
+        return inline_data(self._db(), obj)
+
     def open_object(self, obj: str) -> int:
         """A read-only fd on a content object. An inlined content comes as a sealed memfd, so callers can treat
         both alike (read, pread, copy_file_range). FileNotFoundError when the object is gone."""

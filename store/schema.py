@@ -20,9 +20,11 @@ MIGRATIONS = {
 }
 
 SCHEMA_VERSION = 2
+# Contents of up to one filesystem block are kept in the index (objects.data), not as files.
+INLINE_MAX = 4096
 
 SCHEMA = """
--- One row per distinct content. Contents of up to INLINE_MAX bytes (store/objects.py) live in `data`: below one
+-- One row per distinct content. Contents of up to INLINE_MAX bytes (above) live in `data`: below one
 -- filesystem block a file would cost a whole block and an inode. Larger ones are files under objects/, and their
 -- rows are written only after the file is durable (staged, synced, moved into objects/), in the same transaction
 -- as the entries that use it.

@@ -84,7 +84,7 @@ class _FUSE(fuse.FUSE):
         # ctypes gives a foreign thread a fresh Python thread state for every callback and drops it afterwards,
         # which costs more than the operation itself and empties threading.local (the store's per-thread SQLite
         # connections). One extra PyGILState_Ensure per libfuse worker keeps its thread state for good.
-        tid = threading.get_native_id()
+        tid = threading.get_ident()  # pthread_self(): get_native_id() is a gettid system call per request
         if tid not in _pinned_threads:
             _pinned_threads.add(tid)
             ctypes.pythonapi.PyGILState_Ensure()
@@ -123,16 +123,13 @@ class _FUSE(fuse.FUSE):
             fi.keep_cache = 1  # every change passes through the daemon, which invalidates what it changes
             return
         h = ops.ov.handles[fi.fh]
-        if h.linked:
-            # The names of a multiply-linked file are separate kernel inodes, whose caches the daemon refreshes on
-            # each write (Overlay.changed): writes that bypass the daemon could not do that. The page cache
-            # serves them, which never conflicts with another open.
-            fi.keep_cache = 1
-            return
         try:
             # Lower files below PASSTHROUGH_MIN stay on the page cache: read once, they cost the daemon a READ
             # instead of two ioctls, and their readers never keep a writer out (check_writable).
-            passthrough = h.upper or os.fstat(fi.fh).st_size >= PASSTHROUGH_MIN
+            # So do the names of a multiply-linked file: each is its own kernel inode, whose caches the daemon
+            # refreshes on each write (Overlay.changed), which writes bypassing it could not do. Unless the file is
+            # open by passthrough already (linked since): the kernel refuses a second mode on one inode.
+            passthrough = not h.linked and (h.upper or (h.rec is not None and h.rec.size >= PASSTHROUGH_MIN))
             mode = ops.backings.open(fi.fh, h.ino, h.upper, passthrough)
         except BaseException:
             ops.ov.release(fi.fh)
@@ -202,6 +199,9 @@ class _FUSE(fuse.FUSE):
 
 class LaminaOperations(fuse.Operations):
     use_ns = True
+    # No ioctl callback: libfuse answers ENOSYS itself, which the kernel turns into ENOTTY, what mfusepy's default
+    # answered from Python. Every buffered open() of Python asks isatty() (TCGETS), one IOCTL per file opened.
+    ioctl = None
 
     def __init__(self, ov: Overlay, on_ready: Callable[[], None] | None = None) -> None:
         self.ov = ov

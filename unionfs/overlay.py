@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import stat
 import threading
@@ -33,6 +34,8 @@ from .layers import ORIGIN_XATTR, DirLayer, Layer, Record, xattr_from_layer, xat
 from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, renameat2
 
 _CACHE_MAX = 8192
+# Handles of files served from memory are numbered from here: never an fd, nor a directory handle (fuse.py)
+MEMORY_FH = 1 << 41
 HIDDEN_PREFIX = ".fuse_hidden"
 NLINK_XATTR = "trusted.lamina.nlink"
 UTIME_NOW = (1 << 30) - 1
@@ -77,6 +80,8 @@ class Handle:
     path: str
     upper: bool
     linked: bool = False  # a file with several names (each its own kernel inode)
+    rec: Record | None = None  # a lower file's record (lower files never change)
+    data: bytes | None = None  # a small lower file's whole content, served from memory (fd is then -1)
 
 
 class Overlay:
@@ -112,6 +117,7 @@ class Overlay:
         self._gen = 0
         self._cache_mu = threading.Lock()
         self.handles: dict[int, Handle] = {}
+        self._memory_fhs = itertools.count(MEMORY_FH)
         self._handles_mu = threading.Lock()
         # Names seen for multiply-linked files, so that a change through one name can drop the kernel's cached
         # attributes and pages of the others (the FUSE high-level API gives each name its own kernel inode).
@@ -345,6 +351,8 @@ class Overlay:
                 n = self.resolve(h.path)
                 if n is not None and n.ino == h.ino:
                     return self.attrs(n)
+                if h.rec is not None:  # gone from the union (unlinked, renamed) but still open
+                    return self.attrs(Node(h.rec, 1, h.path, (), h.ino))
             st = os.fstat(h.fd)
             rec = Record(st.st_mode, h.ino, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_atime_ns,
                          st.st_mtime_ns, st.st_ctime_ns, st.st_rdev, st.st_blocks)
@@ -486,10 +494,13 @@ class Overlay:
             for h in list(self.handles.values()):
                 if h.ino == ino and not h.upper:
                     fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        os.dup2(fd, h.fd)  # the kernel keeps using the same handle number
-                    finally:
-                        os.close(fd)
+                    if h.fd < 0:  # served from memory until now
+                        h.fd, h.data = fd, None
+                    else:
+                        try:
+                            os.dup2(fd, h.fd)  # the kernel keeps using the same handle number
+                        finally:
+                            os.close(fd)
                     h.upper = True
 
     def _copy_up_parent(self, path: str) -> str:
@@ -861,13 +872,29 @@ class Overlay:
             fd = os.open(self.upper.real(n.lpath), (flags & _OPEN_PASS) | os.O_CLOEXEC)  # type: ignore[union-attr]
             up = True
         else:
-            fd = self.layers[n.layer].open_read(n.lpath)
+            layer = self.layers[n.layer]
+            small = getattr(layer, "read_small", None)
+            data = small(n.lpath) if small is not None else None
+            linked = n.rec.nlink > 1 or n.ino in self._peers
+            if data is not None:
+                # no file to open: an inlined store content is read once and served from memory while open
+                fh = next(self._memory_fhs)
+                self.handles[fh] = Handle(-1, n.ino, path, False, linked, n.rec, data)
+                return fh
+            fd = layer.open_read(n.lpath)
             up = False
+            self.handles[fd] = Handle(fd, n.ino, path, up, linked, n.rec)
+            return fd
         self.handles[fd] = Handle(fd, n.ino, path, up, n.rec.nlink > 1 or n.ino in self._peers)
         return fd
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
-        return os.pread(fh, size, offset)
+        if fh < MEMORY_FH:
+            return os.pread(fh, size, offset)
+        h = self.handles[fh]
+        if h.data is None:  # copied up meanwhile: it reads the copy now
+            return os.pread(h.fd, size, offset)
+        return h.data[offset:offset + size]
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         n = os.pwrite(fh, data, offset)
@@ -892,13 +919,23 @@ class Overlay:
             e = ctypes.get_errno()
             raise _err(e)
 
+    def _fd(self, fh: int) -> int:
+        """The open file behind handle `fh` (-1 for one served from memory)."""
+        return fh if fh < MEMORY_FH else self.handles[fh].fd
+
     def flush(self, fh: int) -> None:
-        os.close(os.dup(fh))
+        fd = self._fd(fh)
+        if fd >= 0:
+            os.close(os.dup(fd))
 
     def fsync(self, fh: int, datasync: bool) -> None:
-        (os.fdatasync if datasync else os.fsync)(fh)
+        fd = self._fd(fh)
+        if fd >= 0:
+            (os.fdatasync if datasync else os.fsync)(fd)
 
     def release(self, fh: int) -> None:
         with self._handles_mu:
-            self.handles.pop(fh, None)
-            os.close(fh)
+            h = self.handles.pop(fh, None)
+            fd = fh if fh < MEMORY_FH else -1 if h is None else h.fd
+            if fd >= 0:
+                os.close(fd)

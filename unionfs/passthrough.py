@@ -87,10 +87,9 @@ class Backings:
                 if backing != CACHED and not upper:
                     self._lower += 1
                 return backing
-            if node.upper and not upper:
-                raise _busy()  # cannot happen: an upper copy never gives way to a lower file
-            # Upper and lower opens meet only after a metadata copy-up (data changes wait for the lower opens to
-            # close: check_writable): the copy's data are the lower file's, so the lower backing serves it too.
+            # Upper and lower opens meet only when both hold the same data: after a metadata copy-up (data changes
+            # wait for the lower opens to close: check_writable), or for another name of a hardlink whose copy is
+            # open (it reads the copy through the index), so either backing serves both.
             node.opens += 1
             self._of_fh[fh] = ino
             return node.backing

@@ -281,6 +281,24 @@ def test_hardlinks_stay_joined_across_copy_up(layout):
         assert os.stat(m / "b").st_nlink == 2
 
 
+def test_file_open_for_writing_then_linked_opens_again(layout):
+    """A file open by passthrough that gains a second name meanwhile: later opens of either name must share the
+    open's mode (the kernel gives EIO to an open disagreeing with the others on an inode). Found by the
+    differential test."""
+    with mounted(layout) as m:
+        w = os.open(m / "d" / "x", os.O_RDWR)  # copied up, opened by passthrough
+        try:
+            os.pwrite(w, b"LINKED", 0)
+            os.link(m / "d" / "x", m / "d" / "x2")
+            assert (m / "d" / "x").read_bytes().startswith(b"LINKED")
+            assert (m / "d" / "x2").read_bytes().startswith(b"LINKED")
+            os.pwrite(w, b"linked", 0)
+            assert (m / "d" / "x").read_bytes().startswith(b"linked")
+        finally:
+            os.close(w)
+        assert os.stat(m / "d" / "x").st_nlink == 2
+
+
 def test_concurrent_callers(layout):
     errors: list[BaseException] = []
     with mounted(layout) as m:

@@ -50,8 +50,15 @@ def test_store_mount_with_upper_copy_up(layout, store_image):
     mount_store(root, image, mnt, "--upper", up, "--work", layout["work"])
     try:
         ino = os.stat(mnt / "d" / "x").st_ino
-        with open(mnt / "d" / "x", "a") as f:
-            f.write("appended\n")
+        # a reader opened before the copy-up (a small file, served from the index's bytes) reads the copy after it
+        r = os.open(mnt / "d" / "x", os.O_RDONLY)
+        try:
+            assert os.pread(r, 100, 0) == b"x from l2\n"
+            with open(mnt / "d" / "x", "a") as f:
+                f.write("appended\n")
+            assert os.pread(r, 100, 0) == b"x from l2\nappended\n"
+        finally:
+            os.close(r)
         assert (up / "d" / "x").read_text() == "x from l2\nappended\n"
         assert os.stat(mnt / "d" / "x").st_ino == ino
         os.chmod(mnt / "p", 0o644)
@@ -84,10 +91,14 @@ def test_lost_or_damaged_object_gives_eio_for_that_file_only(layout, scratch, st
         os.unlink(r.object_path(entry.object))
     with st.store.write() as db:
         db.execute("UPDATE objects SET data=NULL WHERE hash=?", (entry.object,))
-    # Damage another: /b (5001 bytes, file-backed) gets a tail its entry does not account for.
+    # Damage another: /b (5001 bytes, file-backed) gets a tail its entry does not account for; so does the
+    # inlined content of /d/sub/z.
     damaged = next(e for lid in reversed(img.layer_ids) if (e := r.lookup(lid, "/b")) is not None)
     with open(r.object_path(damaged.object), "ab") as f:
         f.write(b"garbage")
+    small = next(e for lid in reversed(img.layer_ids) if (e := r.lookup(lid, "/d/sub/z")) is not None)
+    with st.store.write() as db:
+        db.execute("UPDATE objects SET data=? WHERE hash=?", (b"z\n\0", small.object))
     log = scratch / "fs.log"
     mnt = layout["mnt"]
     mount_store(root, image, mnt, "--read-only", "--log", log)
@@ -98,6 +109,9 @@ def test_lost_or_damaged_object_gives_eio_for_that_file_only(layout, scratch, st
         with pytest.raises(OSError) as e:
             (mnt / "b").read_bytes()
         assert e.value.errno == errno.EIO
+        with pytest.raises(OSError) as e:
+            (mnt / "d" / "sub" / "z").read_bytes()
+        assert e.value.errno == errno.EIO
         assert (mnt / "d" / "y").read_text() == "y from l1\n"
         assert (mnt / "c").read_text() == "top c\n"
     finally:
@@ -105,6 +119,7 @@ def test_lost_or_damaged_object_gives_eio_for_that_file_only(layout, scratch, st
     text = log.read_text()
     assert "/d/x" in text and "missing" in text
     assert "/b" in text and "corrupt" in text
+    assert "/d/sub/z" in text
 
 
 def _daemon_pids(mnt: Path) -> list[int]:
