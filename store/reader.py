@@ -18,6 +18,10 @@ from .refs import normalize_ref
 from .root import Store, connect, inline_data
 
 _MEMFDS_MAX = 256
+# Page cache of each reader connection, in KiB (SQLite's default is 2 MiB): a daemon has one connection per worker
+# thread, and a 100,000-file walk left ~4 MB of pages on them. Lookups reuse the few interior pages of the entries
+# index, which a small cache keeps; a listing reads its leaf pages once.
+_CACHE_KIB = 256
 _COLS = "ino, kind, mode, uid, gid, mtime_ns, size, object, linkname, rdev, link_ino, nlink, xattrs, opaque, name"
 
 
@@ -87,6 +91,7 @@ class StoreReader:
         c = getattr(self._local, "c", None)
         if c is None:
             c = self._local.c = connect(self.store.db_path, readonly=True)
+            c.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         return c
 
     def lookup(self, layer_id: int, path: str) -> Entry | None:
