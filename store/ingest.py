@@ -214,6 +214,11 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
                 row[P_OBJ] = obj
                 content_size += ti.size
             elif kind == SYMLINK:
+                try:
+                    ti.linkname.encode("utf-8")
+                except UnicodeEncodeError:
+                    # refused as non-UTF-8 paths are (normalize): the index keeps text
+                    raise BadInput(f"non-UTF-8 symlink target in layer: {member} -> {ti.linkname!r}") from None
                 row[P_LINK] = ti.linkname
             elif kind in (CHAR, BLOCK):
                 row[P_RDEV] = os.makedev(ti.devmajor, ti.devminor)

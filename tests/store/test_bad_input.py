@@ -36,6 +36,7 @@ BAD_TARS = {
     "hardlink-to-dir": ([(ti("d", tarfile.DIRTYPE), None), (_hardlink("a", "d"), None)], "target is a directory"),
     "duplicate": ([(ti("a"), b"1"), (ti("a"), b"2")], "duplicate entry"),
     "whiteout-dotdot": ([(ti("d/.wh.."), b"")], "whiteout escapes"),
+    "symlink-target-not-utf8": ([(_symlink("link", "t\udcffarget"), None)], "non-UTF-8 symlink target"),
 }
 
 
