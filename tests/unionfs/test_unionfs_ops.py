@@ -299,6 +299,25 @@ def test_file_open_for_writing_then_linked_opens_again(layout):
         assert os.stat(m / "d" / "x").st_nlink == 2
 
 
+def test_large_copy_up_keeps_every_byte(layout, scratch):
+    """Copy-up of a file large enough for the preallocated copy (unionfs.copyup): kernel overlayfs's result."""
+    data = os.urandom(3 << 20) + b"tail"
+    (layout["lowers"][2] / "large").write_bytes(data)
+    results = {}
+    for kind, mount in (("kernel", kernel_mount), ("lamina", lamina_mount)):
+        base = scratch / kind
+        for d in ("u", "w", "m"):
+            (base / d).mkdir(parents=True)
+        with mount(layout["lowers"], base / "m", base / "u", base / "w") as m:
+            with open(m / "large", "r+b") as f:
+                f.seek(1 << 20)
+                f.write(b"X")
+            results[kind] = ((m / "large").read_bytes(), os.stat(m / "large").st_size)
+        assert (base / "u" / "large").read_bytes() == results[kind][0]
+    assert results["lamina"] == results["kernel"]
+    assert results["lamina"][0] == data[:1 << 20] + b"X" + data[(1 << 20) + 1:]
+
+
 def test_concurrent_callers(layout):
     errors: list[BaseException] = []
     with mounted(layout) as m:
