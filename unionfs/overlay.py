@@ -867,28 +867,24 @@ class Overlay:
                 else layer.open_read(lpath)
             self.handles[fd] = Handle(fd, n.ino, path, True, n.rec.nlink > 1)
             return fd
-        if writing:
-            real = self.copy_up(path, n)
+        linked = n.rec.nlink > 1 or n.ino in self._peers
+        if writing or self._in_upper(n):
+            real = self.copy_up(path, n) if writing else self.upper.real(n.lpath)  # type: ignore[union-attr]
             fd = os.open(real, (flags & _OPEN_PASS) | os.O_CLOEXEC)
-            up = True
-        elif self._in_upper(n):
-            fd = os.open(self.upper.real(n.lpath), (flags & _OPEN_PASS) | os.O_CLOEXEC)  # type: ignore[union-attr]
-            up = True
-        else:
-            layer = self.layers[n.layer]
-            small = getattr(layer, "read_small", None)
-            data = small(n.lpath) if small is not None else None
-            linked = n.rec.nlink > 1 or n.ino in self._peers
-            if data is not None:
-                # no file to open: an inlined store content is read once and served from memory while open
-                fh = next(self._memory_fhs)
-                self.handles[fh] = Handle(-1, n.ino, path, False, linked, n.rec, data)
-                return fh
-            fd = layer.open_read(n.lpath)
-            up = False
-            self.handles[fd] = Handle(fd, n.ino, path, up, linked, n.rec)
+            self.handles[fd] = Handle(fd, n.ino, path, True, linked)
+            if flags & os.O_TRUNC and n.ino in self._peers:
+                self.changed(n.ino, path)  # truncated: the other names' cached sizes and pages are stale
             return fd
-        self.handles[fd] = Handle(fd, n.ino, path, up, n.rec.nlink > 1 or n.ino in self._peers)
+        layer = self.layers[n.layer]
+        small = getattr(layer, "read_small", None)
+        data = small(n.lpath) if small is not None else None
+        if data is not None:
+            # no file to open: an inlined store content is read once and served from memory while open
+            fh = next(self._memory_fhs)
+            self.handles[fh] = Handle(-1, n.ino, path, False, linked, n.rec, data)
+            return fh
+        fd = layer.open_read(n.lpath)
+        self.handles[fd] = Handle(fd, n.ino, path, False, linked, n.rec)
         return fd
 
     def read(self, fh: int, size: int, offset: int) -> bytes:

@@ -281,6 +281,22 @@ def test_hardlinks_stay_joined_across_copy_up(layout):
         assert os.stat(m / "b").st_nlink == 2
 
 
+def test_truncating_open_of_one_hardlink_name_shows_in_the_other(layout):
+    """O_TRUNC through one name of a lower hardlink pair empties the other name too, even when the kernel has
+    that name's size and pages cached (found by the differential test)."""
+    l2 = layout["lowers"][2]
+    os.link(l2 / "a", l2 / "d" / "ha")
+    with mounted(layout) as m:
+        before = (m / "a").read_bytes()
+        assert before and (m / "d" / "ha").read_bytes() == before
+        assert os.stat(m / "a").st_size == os.stat(m / "d" / "ha").st_size == len(before)
+        fd = os.open(m / "d" / "ha", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
+        os.write(fd, b"")
+        os.close(fd)
+        assert os.stat(m / "a").st_size == 0 and (m / "a").read_bytes() == b""
+        assert os.stat(m / "a").st_ino == os.stat(m / "d" / "ha").st_ino
+
+
 def test_file_open_for_writing_then_linked_opens_again(layout):
     """A file open by passthrough that gains a second name meanwhile: later opens of either name must share the
     open's mode (the kernel gives EIO to an open disagreeing with the others on an inode). Found by the
