@@ -17,7 +17,6 @@ from .errors import NotFound
 from .refs import normalize_ref
 from .root import Store, connect, inline_data
 
-_MEMFDS_MAX = 256
 # Page cache of each reader connection, in KiB (SQLite's default is 2 MiB): a daemon has one connection per worker
 # thread, and a 100,000-file walk left ~4 MB of pages on them. Lookups reuse the few interior pages of the entries
 # index, which a small cache keeps; a listing reads its leaf pages once.
@@ -82,10 +81,6 @@ class StoreReader:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._local = threading.local()
-        # Sealed memfds of recently opened inlined contents, handed out as dups: a content opened twice is then
-        # one open file (which FUSE passthrough needs of all opens of an inode), and built only once.
-        self._memfds: dict[str, int] = {}
-        self._memfds_mu = threading.Lock()
 
     def _db(self):
         c = getattr(self._local, "c", None)
@@ -124,22 +119,10 @@ class StoreReader:
             return os.open(self.store.object_path(obj), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             pass
-        with self._memfds_mu:
-            fd = self._memfds.get(obj)
-            if fd is not None:
-                return os.dup(fd)
         data = inline_data(self._db(), obj)
         if data is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.store.object_path(obj))
-        fd = self._memfd(data)
-        with self._memfds_mu:
-            if obj in self._memfds:  # another thread built it meanwhile
-                os.close(fd)
-                return os.dup(self._memfds[obj])
-            if len(self._memfds) >= _MEMFDS_MAX:
-                os.close(self._memfds.pop(next(iter(self._memfds))))
-            self._memfds[obj] = fd
-            return os.dup(fd)
+        return self._memfd(data)
 
     @staticmethod
     def _memfd(data: bytes) -> int:

@@ -13,8 +13,8 @@ import stat
 import threading
 
 from store.entries import DIR, WHITEOUT, Entry
-from store.schema import INLINE_MAX
 from store.reader import StoreReader
+from store.schema import INLINE_MAX
 
 from .layers import Record, is_private_xattr
 
@@ -123,9 +123,12 @@ class StoreLayer:
         size = os.fstat(fd).st_size
         if size != e.size:
             os.close(fd)
-            log.error("%s: %s: object %s is corrupt (%d bytes, expected %d)", self.name, path, e.object, size, e.size)
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+            raise self._corrupt(path, e, size)
         return fd
+
+    def _corrupt(self, path: str, e: Entry, size: int) -> OSError:
+        log.error("%s: %s: object %s is corrupt (%d bytes, expected %d)", self.name, path, e.object, size, e.size)
+        return OSError(errno.EIO, os.strerror(errno.EIO), path)
 
     def read_small(self, path: str) -> bytes | None:
         """The whole content of a file inlined in the index (INLINE_MAX bytes at most), else None (open_read it).
@@ -138,9 +141,7 @@ class StoreLayer:
             return b"" if e.size == 0 else None  # (open_read says why the content is missing)
         data = self.reader.inline(e.object)
         if data is not None and len(data) != e.size:
-            log.error("%s: %s: object %s is corrupt (%d bytes, expected %d)", self.name, path, e.object, len(data),
-                      e.size)
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+            raise self._corrupt(path, e, len(data))
         return data
 
     def readlink(self, path: str) -> str:
