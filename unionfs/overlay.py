@@ -357,7 +357,9 @@ class Overlay:
                 if h.rec is not None:  # gone from the union (unlinked, renamed) but still open
                     return self.attrs(Node(h.rec, 1, h.path, (), h.ino))
             st = os.fstat(h.fd)
-            rec = Record(st.st_mode, h.ino, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_atime_ns,
+            # the record keeps the file's own number, so that a copied-up lower hardlink (numbered after its origin)
+            # counts its links from the index, as by path, not the index's own link
+            rec = Record(st.st_mode, st.st_ino, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_atime_ns,
                          st.st_mtime_ns, st.st_ctime_ns, st.st_rdev, st.st_blocks)
             return self.attrs(Node(rec, 0 if h.upper else 1, h.path, (), h.ino))
         if path is None:

@@ -281,6 +281,23 @@ def test_hardlinks_stay_joined_across_copy_up(layout):
         assert os.stat(m / "b").st_nlink == 2
 
 
+def test_ftruncate_of_a_copied_up_hardlink_keeps_its_link_count(layout):
+    """ftruncate(2) answers with the attributes of the open file: a copied-up lower hardlink pair still counts 2
+    links there, not the 3 of its upper file (the index holds the third). Found by the hardlink differential test."""
+    l2 = layout["lowers"][2]
+    os.link(l2 / "a", l2 / "d" / "ha")
+    with mounted(layout) as m:
+        os.truncate(m / "a", 100)  # copies the pair up, joined through the index
+        fd = os.open(m / "d" / "ha", os.O_WRONLY | os.O_APPEND)
+        try:
+            os.ftruncate(fd, 50)
+            assert os.fstat(fd).st_nlink == 2
+        finally:
+            os.close(fd)
+        assert os.stat(m / "d" / "ha").st_nlink == os.stat(m / "a").st_nlink == 2
+        assert os.stat(m / "a").st_size == 50
+
+
 def test_truncating_open_of_one_hardlink_name_shows_in_the_other(layout):
     """O_TRUNC through one name of a lower hardlink pair empties the other name too, even when the kernel has
     that name's size and pages cached (found by the differential test)."""
