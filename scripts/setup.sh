@@ -6,7 +6,7 @@ LAMINA_TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export LAMINA_TOP
 APT_PACKAGES=(python3 python3-venv python3-dev gcc fuse3 libfuse3-3 libfuse2 busybox-static zstd
               skopeo umoci podman runc fuse-overlayfs unionfs-fuse iproute2 util-linux attr tar
-              dpkg-dev meson ninja-build)
+              dpkg-dev meson ninja-build liburing-dev libnuma-dev)
 need=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
@@ -35,6 +35,11 @@ fi
 "$VENV/bin/python" -m compileall -q -j 0 "$LAMINA_TOP/store" "$LAMINA_TOP/unionfs" "$LAMINA_TOP/runtime" \
     "$LAMINA_TOP/bench" >/dev/null
 bash "$LAMINA_TOP/scripts/build-libfuse.sh" "$VENV"
+# FUSE-over-io-uring is off by default in the kernel (a module parameter, reset at boot). It changes nothing for
+# FUSE servers that do not ask for it (fuse-overlayfs on the system's libfuse 3.14 cannot); lamina's daemon asks,
+# and falls back to /dev/fuse where it stays off (build-libfuse.sh says what it gains).
+uring=/sys/module/fuse/parameters/enable_uring
+if [ -w "$uring" ] && [ "$(cat "$uring")" != Y ]; then echo Y > "$uring" 2>/dev/null || true; fi
 export PATH="$VENV/bin:$PATH"
 # mount(8) runs `mount -t fuse.lamina-fs` helpers with a fixed PATH: put lamina-fs where it looks.
 if [ "$(id -u)" = 0 ] && [ -d /usr/local/bin ]; then ln -sfn "$VENV/bin/lamina-fs" /usr/local/bin/lamina-fs; fi

@@ -1,6 +1,6 @@
 """`lamina-fs`: a drop-in for fuse-overlayfs over plain directories.
 
-    lamina-fs [-f] [-d] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,ro][,log=FILE][,nopassthrough]
+    lamina-fs [-f] [-d] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,ro][,log=FILE][,nopassthrough][,noio_uring]
               [,uidmapping=M,gidmapping=M] MOUNTPOINT
     mount -t fuse.lamina-fs lamina-fs MOUNTPOINT -o lowerdir=...      (mount.fuse3 passes: lamina-fs SRC MNT -o ...)
 
@@ -110,6 +110,8 @@ def parse(argv: list[str]) -> Args:
             elif key == "nopassthrough" and not eq:
                 # read by the FUSE front end at INIT (unionfs/passthrough.py says what this trades)
                 os.environ["LAMINA_FS_PASSTHROUGH"] = "0"
+            elif key == "noio_uring" and not eq:
+                os.environ["LAMINA_FS_IO_URING"] = "0"  # read by fuse.serve: /dev/fuse, even where io_uring is on
             elif key in _IGNORED or key in _IGNORED_KEYS or key.startswith("x-"):
                 pass
             else:

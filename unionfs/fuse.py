@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-# libfuse 3.17 as scripts/build-libfuse.sh builds it beside the interpreter (it has FUSE passthrough), else the
+# libfuse 3.18 as scripts/build-libfuse.sh builds it beside the interpreter (FUSE passthrough, io_uring), else the
 # system's libfuse 3 by its soname. Naming the library spares mfusepy's find_library(), which runs ldconfig in a
 # subprocess (several milliseconds of every mount, and of every `lamina run`).
 _BUILT_LIBFUSE = os.path.join(sys.prefix, "lib", "lamina", "libfuse3.so.4")
@@ -38,6 +38,7 @@ _lib.fuse_session_fd.restype = ctypes.c_int
 
 # Passthrough needs libfuse >= 3.16 (fuse_file_info.backing_id, FUSE_CAP_PASSTHROUGH) and the kernel's consent at INIT.
 HAS_PASSTHROUGH_API = (fuse.fuse_version_major, fuse.fuse_version_minor) >= (3, 16)
+HAS_IO_URING_OPTION = (fuse.fuse_version_major, fuse.fuse_version_minor) >= (3, 18)
 FUSE_CAP_PASSTHROUGH = 1 << 29
 # struct fuse_file_info (3.16+): ... uint32_t poll_events; int32_t backing_id; — mfusepy's struct stops short of it
 _BACKING_ID_OFFSET = fuse.fuse_file_info.fh.offset + 20
@@ -405,5 +406,12 @@ def serve(ov: Overlay, mountpoint: str, *, read_only: bool = False, debug: bool 
         opts.update(dev=True, suid=True)  # a container root filesystem needs device nodes and setuid binaries
     if read_only:
         opts["ro"] = True
+    if HAS_IO_URING_OPTION and os.environ.get("LAMINA_FS_IO_URING", "1") != "0":
+        # FUSE-over-io-uring where the kernel offers it (fuse.enable_uring), else /dev/fuse as before: one ring per
+        # CPU, each served by a libfuse thread pinned there, so a request and its reply stay on the caller's CPU
+        # (stat of 5,000 files on a fresh mount 210 -> 115 ms on 2 CPUs; fuse-overlayfs 195 ms). These threads serve
+        # their ring's requests one at a time: a caller on a CPU whose thread is in a long copy-up or fsync waits
+        # for it (callers on the other CPUs do not), and libfuse does not pass interrupts on from a ring.
+        opts["io_uring"] = True
     logging.getLogger("mfusepy").setLevel(logging.WARNING)
     _FUSE(LaminaOperations(ov, on_ready), mountpoint, **opts)

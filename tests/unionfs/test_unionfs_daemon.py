@@ -1,5 +1,5 @@
 """The background daemon's own mount(2) (`unionfs.daemon.kernel_mount`): the same mount libfuse makes, and taken
-down as libfuse takes its own down, but never someone else's."""
+down as libfuse takes its own down, but never someone else's. And the transport it serves requests by."""
 from __future__ import annotations
 
 import ctypes
@@ -93,3 +93,43 @@ def test_ended_daemon_leaves_the_next_mount_alone(layout):
             assert _mountinfo(mnt)[1] == "tmpfs"
         finally:
             unmount(mnt)
+
+
+URING_PARAM = Path("/sys/module/fuse/parameters/enable_uring")
+
+
+def _ring_threads(pid: int) -> list[str]:
+    names = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            names.append(Path(f"/proc/{pid}/task/{t}/comm").read_text().strip())
+        except FileNotFoundError:
+            pass
+    return sorted(n for n in names if n.startswith("fuse-ring-"))
+
+
+def test_requests_come_over_io_uring_where_the_kernel_offers_it(layout):
+    """FUSE-over-io-uring (libfuse 3.18, `fuse.enable_uring`, which scripts/setup.sh turns on): one ring thread per
+    CPU serves the mount. `-o noio_uring`, or the kernel's parameter off, leave /dev/fuse to libfuse's workers.
+    The parameter is the kernel's, read at each mount's INIT: set for each case and put back after."""
+    from unionfs import fuse as front
+    if not front.HAS_IO_URING_OPTION:
+        pytest.fail(f"lamina runs on libfuse {front.fuse.fuse_version_major}.{front.fuse.fuse_version_minor}: "
+                    "scripts/setup.sh should have built libfuse 3.18")
+    if not URING_PARAM.exists():
+        pytest.skip("this kernel has no FUSE-over-io-uring (Linux 6.14+)")
+    before = URING_PARAM.read_text().strip()
+    mnt = layout["mnt"]
+    try:
+        for param, extra, rings in (("Y", "", os.cpu_count()), ("Y", "noio_uring", 0), ("N", "", 0)):
+            URING_PARAM.write_text(param)
+            with lamina_mount(layout["lowers"], mnt, layout["upper"], layout["work"], extra=extra):
+                assert (mnt / "c").read_text() == "top c\n"
+                (mnt / "new").write_text("over the ring\n")
+                assert (mnt / "new").read_text() == "over the ring\n"
+                pid = lamina_pid(mnt)
+                _wait(lambda: len(_ring_threads(pid)) == rings,
+                      f"enable_uring={param} {extra}: ring threads {_ring_threads(pid)}, want {rings}")
+            os.unlink(layout["upper"] / "new")
+    finally:
+        URING_PARAM.write_text(before)
