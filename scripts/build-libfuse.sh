@@ -33,13 +33,13 @@ build() {  # $1: suite
     ninja -C build >>build.log 2>&1
 }
 echo "setup: building libfuse from Debian's source (FUSE passthrough, io_uring) into $dest" >&2
+# (its status is not checked: one suite's index may fail, expired say, and the other still serve)
+apt-get "${apt_opts[@]}" -qq update >/dev/null 2>&1
 built=
-if apt-get "${apt_opts[@]}" -qq update >/dev/null 2>&1; then
-    for suite in forky trixie; do
-        if build "$suite"; then built=$suite; break; fi
-        echo "setup: libfuse from $suite did not build: $(tail -n 2 "$work/src/build.log" 2>/dev/null | tr '\n' ' ')" >&2
-    done
-fi
+for suite in forky trixie; do
+    if build "$suite"; then built=$suite; break; fi
+    echo "setup: libfuse from $suite: not fetched or not built $(tail -n 2 "$work/src/build.log" 2>/dev/null | tr '\n' ' ')" >&2
+done
 if [ -z "$built" ]; then
     echo "setup: WARNING: could not build libfuse; lamina uses the system's libfuse 3.14 (no FUSE passthrough)" >&2
     exit 0
