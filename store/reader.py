@@ -112,6 +112,15 @@ class StoreReader:
         """An inlined content (see `object_path`), or None when `obj` is a file-backed object or unknown."""
         return inline_data(self._db(), obj)
 
+    def inline_many(self, objs: list[str]) -> dict[str, bytes]:
+        """The inlined contents among `objs`, by hash, in one query (file-backed and unknown objects are left out)."""
+        if not objs:
+            return {}
+        marks = ",".join("?" * len(objs))
+        rows = self._db().execute(f"SELECT hash, data FROM objects WHERE hash IN ({marks}) AND data IS NOT NULL",
+                                  objs).fetchall()
+        return {h: bytes(d) for h, d in rows}
+
     def open_object(self, obj: str) -> int:
         """A read-only fd on a content object. An inlined content comes as a sealed memfd, so callers can treat
         both alike (read, pread, copy_file_range). FileNotFoundError when the object is gone."""

@@ -27,6 +27,18 @@ STORE_INO_TAG = 1 << 60
 _LISTED_DIRS = 64
 _LISTED_ENTRIES = 32768
 _PREFETCH_MAX = 1024
+# Inlined contents read ahead, per directory: the _READ_AHEAD_AT-th open of an inlined file in a directory reads
+# those of all its inlined files in one query when they total _CONTENTS_DIR_MAX bytes at most, and the last
+# directories' are kept up to _CONTENTS_MAX bytes in all. One query per open ties a worker up (SQLite's read
+# transaction and page reads, releasing and retaking the GIL): 4 readers of 5,000 files of 1.5 KiB took 370-390 ms
+# so, 320-375 ms with read-ahead (interleaved runs), 270 ms with contents from memory; the rest is SQLite reading
+# the objects' overflow pages, ~8 us per content either way. A single query is ~12 us (more under load), so a
+# directory only a few of whose files are opened reads them singly rather than all.
+_READ_AHEAD_AT = 8
+_CONTENTS_DIR_MAX = 512 << 10
+_CONTENTS_MAX = 2 << 20
+_CONTENTS_DIRS = 64
+_OPENED_DIRS = 64
 
 
 class StoreLayer:
@@ -41,6 +53,9 @@ class StoreLayer:
         self._listed_n = 0
         self._listed_mu = threading.Lock()
         self._big: set[str] = set()  # directories above _PREFETCH_MAX: looked up name by name
+        self._contents: dict[str, dict[str, bytes] | None] = {}  # directory -> object hash -> inlined content
+        self._contents_n = 0
+        self._opened: dict[str, int] = {}  # directory -> opens of its inlined files so far (the last _OPENED_DIRS)
 
     def _remember(self, path: str, children: dict[str, Entry]) -> None:
         if len(children) > _LISTED_ENTRIES:
@@ -139,10 +154,45 @@ class StoreLayer:
             return None
         if e.object is None:
             return b"" if e.size == 0 else None  # (open_read says why the content is missing)
-        data = self.reader.inline(e.object)
+        head = path.rpartition("/")[0] or "/"
+        got = self._contents.get(head)
+        if got is None and head not in self._contents:
+            got = self._read_ahead(head)
+        data = None if got is None else got.get(e.object)
+        if data is None:
+            data = self.reader.inline(e.object)
         if data is not None and len(data) != e.size:
             raise self._corrupt(path, e, len(data))
         return data
+
+    def _read_ahead(self, head: str) -> dict[str, bytes] | None:
+        """The inlined contents of directory `head`'s files by object hash, read in one query and kept, at the
+        _READ_AHEAD_AT-th call for `head` (see _CONTENTS_DIR_MAX); None where each open reads its own."""
+        with self._listed_mu:
+            n = self._opened.pop(head, 0) + 1
+            if n < _READ_AHEAD_AT:
+                self._opened[head] = n
+                while len(self._opened) > _OPENED_DIRS:
+                    del self._opened[next(iter(self._opened))]
+                return None
+            # (this call reads ahead; opens meanwhile read their own rather than the same)
+        listed = self._listed.get(head)
+        if listed is None:
+            return None  # a directory looked up name by name (or just forgotten): nothing to count on
+        want = {e.object: e.size for e in listed.values()
+                if e.object is not None and 0 < e.size <= INLINE_MAX and stat.S_ISREG(e.mode)}
+        total = sum(want.values())
+        got = self.reader.inline_many(list(want)) if total <= _CONTENTS_DIR_MAX else None
+        size = 0 if got is None else sum(map(len, got.values()))
+        with self._listed_mu:
+            if head not in self._contents:
+                while self._contents and (len(self._contents) >= _CONTENTS_DIRS or
+                                          self._contents_n + size > _CONTENTS_MAX):
+                    old = self._contents.pop(next(iter(self._contents)))
+                    self._contents_n -= 0 if old is None else sum(map(len, old.values()))
+                self._contents[head] = got  # None: too much to read ahead, each open reads its own
+                self._contents_n += size
+        return got
 
     def readlink(self, path: str) -> str:
         e = self._entry(path)

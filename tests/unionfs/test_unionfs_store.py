@@ -122,6 +122,61 @@ def test_lost_or_damaged_object_gives_eio_for_that_file_only(layout, scratch, st
     assert "/d/sub/z" in text
 
 
+def test_small_files_of_a_directory_are_read_ahead_in_one_query(scratch):
+    """Some opens of inlined files in a directory on, the next reads the inlined contents of the whole directory at
+    once (StoreLayer._read_ahead). Every file still reads back its own bytes, in the core and through the mount under
+    concurrent readers; a directory above the read-ahead budget is read file by file; a damaged content among the
+    read-ahead ones still gives EIO for that file alone."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from store.reader import open_store
+    from unionfs import storelayer
+    rng = random.Random(7)
+    src = scratch / "src"
+    want: dict[str, bytes] = {}
+    for d, n, size in (("many", 200, None), ("bigdir", 200, 4096)):
+        (src / d).mkdir(parents=True)
+        for i in range(n):
+            data = rng.randbytes(size or rng.randrange(1, 4097))
+            (src / d / f"f{i:03d}").write_bytes(data)
+            want[f"/{d}/f{i:03d}"] = data
+    (src / "many" / "same").write_bytes(want["/many/f000"])  # one object, two names
+    want["/many/same"] = want["/many/f000"]
+    assert sum(len(v) for k, v in want.items() if k.startswith("/bigdir")) > storelayer._CONTENTS_DIR_MAX
+    root = scratch / "store"
+    lamina(root, "import", docker_archive([src], scratch / "img.tar", "ra:test"))
+
+    st = open_store(str(root))
+    layer = storelayer.StoreLayer(st.reader(), st.image("ra:test").layer_ids[0])
+    for i in range(storelayer._READ_AHEAD_AT - 1):
+        assert layer.read_small(f"/many/f{i:03d}") == want[f"/many/f{i:03d}"]
+        assert "/many" not in layer._contents  # a few opens: each its own query
+    assert layer.read_small("/many/f100") == want["/many/f100"]
+    assert len(layer._contents["/many"]) == 200  # then all of them (200 objects, 201 names)
+    for path, data in want.items():
+        assert layer.read_small(path) == data, path
+    assert layer._contents["/bigdir"] is None
+
+    victim = layer._entry("/many/f005")
+    with st.store.write() as db:
+        db.execute("UPDATE objects SET data=? WHERE hash=?", (b"short", victim.object))
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    mount_store(root, "ra:test", mnt, "--read-only")
+    try:
+        paths = [p for p in want if p != "/many/f005"]
+        rng.shuffle(paths)
+        with ThreadPoolExecutor(4) as pool:
+            got = dict(zip(paths, pool.map(lambda p: (mnt / p.lstrip("/")).read_bytes(), paths)))
+        assert got == {p: want[p] for p in paths}
+        with pytest.raises(OSError) as e:
+            (mnt / "many" / "f005").read_bytes()
+        assert e.value.errno == errno.EIO
+    finally:
+        lamina(root, "umount", mnt)
+
+
 def _daemon_pids(mnt: Path) -> list[int]:
     pids = []
     for pid in os.listdir("/proc"):
