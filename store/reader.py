@@ -104,6 +104,12 @@ class StoreReader:
             (layer_id, path, limit)).fetchall()
         return [(r[14], _entry(r)) for r in rows]
 
+    def subdirs(self, layer_id: int, path: str) -> int:
+        """How many directories directory `path` of the layer holds (counted in SQLite: no row reaches Python)."""
+        return self._db().execute(
+            "SELECT count(*) FROM entries WHERE layer_id=? AND parent=? AND name != '' AND kind='d'",
+            (layer_id, path)).fetchone()[0]
+
     def object_path(self, obj: str) -> str:
         """The file of a file-backed object (contents of up to 4 KiB are inlined and have none: `open_object`)."""
         return self.store.object_path(obj)

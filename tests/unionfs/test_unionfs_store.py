@@ -122,6 +122,29 @@ def test_lost_or_damaged_object_gives_eio_for_that_file_only(layout, scratch, st
     assert "/d/sub/z" in text
 
 
+def test_store_directory_link_counts_as_the_source_directories(layout, store_image):
+    """A store directory's st_nlink is 2 plus its subdirectories, counted in SQLite before it is listed and from
+    its entries after: both agree with the directory imported (where no whiteout or opaque marker hides one)."""
+    from store.reader import open_store
+    from unionfs.storelayer import StoreLayer
+    root, image = store_image
+    st = open_store(str(root))
+    ids = st.image(image).layer_ids
+    checked = 0
+    for lower, lid in zip(reversed(layout["lowers"]), ids):  # bottom layer first, as the image lists them
+        dirs = [d for d in lower.rglob("*") if d.is_dir() and not d.is_symlink()]
+        assert dirs
+        fresh, listed = StoreLayer(st.reader(), lid), StoreLayer(st.reader(), lid)
+        for d in [lower, *dirs]:
+            path = "/" + str(d.relative_to(lower)) if d != lower else "/"
+            want = 2 + sum(1 for c in d.iterdir() if c.is_dir() and not c.is_symlink())
+            assert fresh.dir_nlink(path) == want, path
+            listed.listdir(path)
+            assert listed.dir_nlink(path) == want, path
+            checked += 1
+    assert checked >= 6
+
+
 def test_small_files_of_a_directory_are_read_ahead_in_one_query(scratch):
     """Some opens of inlined files in a directory on, the next reads the inlined contents of the whole directory at
     once (StoreLayer._read_ahead). Every file still reads back its own bytes, in the core and through the mount under
