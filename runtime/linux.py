@@ -78,6 +78,16 @@ def mount(source: str | None, target: str, fstype: str | None = None, flags: int
     _check(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)), "mount", target)
 
 
+# statvfs's f_flag bits for these are the MS_ values; a bind remount must repeat them or it clears them.
+_PER_MOUNT = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | 1024 | 2048  # noatime, nodiratime
+
+
+def remount(path: str, add: int = 0, clear: int = 0) -> None:
+    """Change the flags of the mount at `path` (this mount only, not its filesystem), keeping the others."""
+    flags = (os.statvfs(path).f_flag & _PER_MOUNT | add) & ~clear
+    mount(None, path, None, MS_BIND | MS_REMOUNT | flags)
+
+
 def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_b(target), ctypes.c_int(flags)), "umount", target)
 

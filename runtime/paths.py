@@ -53,6 +53,20 @@ def resolve_in_root(root: str, path: str) -> str:
     return os.path.join(root, *done)
 
 
+def private_dir(path: str | os.PathLike) -> None:
+    """Make `path` (and missing parents) a directory only its owner may enter, tightening an existing one.
+
+    The container and volume directories hold images' setuid-root files and device nodes (in a container's
+    layer, its root filesystem mount, a pre-filled volume): a host user who could traverse to them would run
+    those as root (CVE-2021-41091 in moby). Nothing but host root needs a path through them: the union
+    filesystem's daemon and the container's first process (which binds everything before leaving the host's
+    user namespace) run as host root, and a container's own processes reach their files through mounts."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
 def make_mountpoint(root: str, path: str, is_dir: bool) -> str:
     """Resolve `path` in `root` and create it (a directory, or an empty file for a file bind), returning it."""
     host = resolve_in_root(root, path)

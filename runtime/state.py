@@ -16,6 +16,8 @@ from pathlib import Path
 from store.holds import hold, release
 from store.root import Store
 
+from .paths import private_dir
+
 _ADJ = ("admiring", "brave", "calm", "dreamy", "eager", "focused", "gallant", "happy", "jolly", "keen", "lucid",
         "modest", "nifty", "quirky", "relaxed", "serene", "tender", "upbeat", "vibrant", "zealous")
 _NOUN = ("archimedes", "babbage", "curie", "darwin", "euler", "fermi", "gauss", "hopper", "kepler", "lovelace",
@@ -145,8 +147,12 @@ def random_name(root: str | Path) -> str:
 
 
 def create(root: str | Path, cid: str, data: dict) -> Container:
+    private_dir(containers_dir(root))  # every container's layer and root filesystem are below: see private_dir
     d = containers_dir(root) / cid
-    d.mkdir(parents=True)
+    d.mkdir()
+    # 0711, not 0700: under --userns the container's first process, no longer host root, steps from its root
+    # filesystem up to here and back (runtime.launch); containers/ above still keeps every host user out.
+    os.chmod(d, 0o711)
     for sub in ("upper", "work", "rootfs"):
         (d / sub).mkdir()
     c = Container(d, dict(data, id=cid, created=time.time(), status="created"))

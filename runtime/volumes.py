@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .paths import private_dir
 from .spec import VOLUME_NAME
 
 
@@ -72,6 +73,7 @@ def create(root: str | Path, name: str | None = None, anonymous: bool = False) -
     v = Volume(root, name)
     if v.exists():
         return v
+    private_dir(volumes_dir(root))  # a pre-filled volume holds the image's setuid files: see private_dir
     v.data.mkdir(parents=True, exist_ok=True)
     v._save({"name": name, "created": time.time(), "prefilled": False, "anonymous": anonymous})
     return v

@@ -63,6 +63,13 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
+        try:
+            # Private, an existing store too (CVE-2021-41091): below lie containers' root filesystems and layers,
+            # with images' setuid-root files and device nodes that no host user may reach.
+            if self.root.stat().st_mode & 0o077:
+                os.chmod(self.root, 0o700)
+        except OSError:
+            pass  # not ours to change (another user's store opened to read): its owner's open does it
         self._local = threading.local()
         os.close(os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._init_schema()
