@@ -237,7 +237,8 @@ def exec_cmd(ctx: click.Context, interactive: bool, tty: bool, env: tuple[str, .
     from . import cgroups  # noqa: PLC0415
     from .launch import Process, StartError, join  # noqa: PLC0415
     from .linux import DEFAULT_CAPS  # noqa: PLC0415
-    from .run import _merge_env, resolve_user  # noqa: PLC0415
+    from .run import _merge_env
+    from .users import resolve_user  # noqa: PLC0415
 
     root = _root(ctx)
     c = _find(root, container)

@@ -51,6 +51,9 @@ CAPS = {
 DEFAULT_CAPS = frozenset(CAPS.values())
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine(), 155)
+_SYS_OPENAT2 = 437  # the same number on every architecture
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
 
 
 def _check(ret: int, what: str, path: str | None = None) -> int:
@@ -94,6 +97,17 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(ctypes.c_long(_SYS_PIVOT_ROOT), _b(new_root), _b(put_old)), "pivot_root", new_root)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2): open `path` below `dirfd` under the `resolve` rules (RESOLVE_IN_ROOT: as if chrooted there)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    return _check(_libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), _b(path), ctypes.byref(how),
+                                ctypes.c_size_t(ctypes.sizeof(how))), "openat2", path)
 
 
 def sethostname(name: str) -> None:

@@ -63,7 +63,7 @@ def resolve(root: str, ref: str) -> Image:
             img = st.image(ref)
     except Exception as e:  # the store raises its own errors with a one-line message
         raise ImageNotFound(f"unable to find image {ref!r}: {e}") from None
-    cfg = dict((img.config or {}).get("config") or {})
+    cfg = img.config.get("config") if isinstance(img.config, dict) else img.config  # checked by spec.check_config
     return Image(ref=ref, kind="store", config=cfg, id=img.id, layer_ids=list(img.layer_ids))
 
 

@@ -24,7 +24,8 @@ from . import cgroups, linux, rootfs, state, volumes
 from .launch import Launch, Prestart, Process, StartError, spawn
 from .paths import EscapeError, make_mountpoint, resolve_in_root
 from .relay import Relay, copy_winsize, winsize
-from .spec import RunSpec, SpecError, VOLUME_NAME
+from .spec import RunSpec, SpecError, VOLUME_NAME, check_config
+from .users import resolve_user
 
 if TYPE_CHECKING:
     from unionfs.daemon import Standby
@@ -56,47 +57,6 @@ def userns_range() -> tuple[int, int]:
     except (OSError, ValueError):
         pass
     return USERNS_DEFAULT
-
-
-def _read_db(rootdir: str, path: str) -> list[list[str]]:
-    try:
-        with open(resolve_in_root(rootdir, path)) as f:
-            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
-    except (OSError, EscapeError):
-        return []
-
-
-def resolve_user(rootdir: str, user: str) -> tuple[int, int, list[int], str]:
-    """(uid, gid, supplementary groups, home) for Docker's -u forms: UID, NAME, UID:GID, NAME:GROUP."""
-    name, _, group = user.partition(":")
-    passwd = _read_db(rootdir, "/etc/passwd")
-    groups = _read_db(rootdir, "/etc/group")
-    home = "/"
-    if name.isdigit():
-        uid = int(name)
-        row = next((r for r in passwd if len(r) >= 6 and r[2] == name), None)
-    else:
-        row = next((r for r in passwd if len(r) >= 6 and r[0] == name), None)
-        if row is None:
-            raise SpecError(f"unable to find user {name}: no matching entries in passwd file")
-        uid = int(row[2])
-    gid = int(row[3]) if row else 0
-    if row:
-        home = row[5] or "/"
-    if group:
-        if group.isdigit():
-            gid = int(group)
-        else:
-            g = next((r for r in groups if len(r) >= 3 and r[0] == group), None)
-            if g is None:
-                raise SpecError(f"unable to find group {group}: no matching entries in group file")
-            gid = int(g[2])
-    supp = []
-    if row:
-        for g in groups:
-            if len(g) >= 4 and row[0] in g[3].split(","):
-                supp.append(int(g[2]))
-    return uid, gid, sorted({gid, *supp}), home
 
 
 def _merge_env(base: list[str], extra: list[str]) -> list[str]:
@@ -166,7 +126,7 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         if any(c.name == spec.name for c in state.list_containers(root)):
             raise SpecError(f'Conflict. The container name "/{spec.name}" is already in use')
     image = rootfs.resolve(root, spec.image)
-    cfg = image.config
+    cfg = image.config = check_config(image.config, spec.image)
     argv = command_line(cfg, spec.cmd)
     if not argv:
         raise SpecError("no command specified")
