@@ -146,7 +146,7 @@ def last_cap() -> int:
 
 
 def drop_capabilities(keep: frozenset[int] = DEFAULT_CAPS) -> None:
-    """Limit the bounding set to `keep` and set effective, permitted and inheritable to it; clear ambient."""
+    """Limit the bounding set to `keep` and set effective and permitted to it; clear inheritable and ambient."""
     drop_bounding(keep)
     set_capabilities(keep)
 
@@ -163,7 +163,8 @@ def drop_bounding(keep: frozenset[int]) -> None:
 
 
 def set_capabilities(keep: frozenset[int]) -> None:
-    """Effective, permitted and inheritable sets to `keep` (only lowering is possible); ambient cleared."""
+    """Effective and permitted sets to `keep` (only lowering is possible); inheritable and ambient emptied, as
+    Docker and podman leave them: an inheritable capability would pass to a program whose file grants it."""
     try:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError:
@@ -175,7 +176,7 @@ def set_capabilities(keep: frozenset[int]) -> None:
     data = (_CapData * 2)()
     for i in range(2):
         word = (mask >> (32 * i)) & 0xFFFFFFFF
-        data[i].effective = data[i].permitted = data[i].inheritable = word
+        data[i].effective = data[i].permitted = word
     _check(_libc.capset(ctypes.byref(hdr), data), "capset")
 
 
