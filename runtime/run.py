@@ -123,8 +123,9 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
     if spec.name is not None:
         if not VOLUME_NAME.match(spec.name):
             raise SpecError(f"invalid container name {spec.name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
-        if any(c.name == spec.name for c in state.list_containers(root)):
-            raise SpecError(f'Conflict. The container name "/{spec.name}" is already in use')
+        holder = next((c for c in state.list_containers(root) if c.name == spec.name), None)
+        if holder is not None:  # early, before the image is looked up; state.create decides for good
+            raise state.conflict(spec.name, holder)
     image = rootfs.resolve(root, spec.image)
     cfg = image.config = check_config(image.config, spec.image)
     argv = command_line(cfg, spec.cmd)
@@ -132,7 +133,6 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         raise SpecError("no command specified")
     cid = state.new_id()
     hostname = spec.hostname or cid[:12]
-    name = spec.name or state.random_name(root)
     user = spec.user or cfg.get("User") or "0"
     version = cgroups.detect_version()
     cg = cgroups.for_container(f"lamina-{cid}")
@@ -142,7 +142,7 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         signal.signal(sig, _interrupted)
     try:
         c = state.create(root, cid, {
-            "name": name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
+            "name": spec.name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
             "image_id": image.id, "argv": argv, "hostname": hostname, "rm": spec.rm, "status": "created",
             "mounts": [m.to_json() for m in spec.mounts], "network": spec.network, "userns": spec.userns,
             "user": user, "tty": spec.tty,
