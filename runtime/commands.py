@@ -219,6 +219,10 @@ def rm_cmd(ctx: click.Context, force: bool, containers: tuple[str, ...]) -> None
         except (state.NotFound, lifecycle.LifecycleError) as e:
             click.echo(f"lamina: {e}", err=True)
             bad = 1
+        except OSError as e:  # e.g. a mount left on its tree: refused, and said in one line
+            click.echo(f"lamina: removing container {ref}: {e.strerror or e}"
+                       f"{': ' + str(e.filename) if e.filename else ''}", err=True)
+            bad = 1
     sys.exit(bad)
 
 

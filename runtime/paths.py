@@ -1,4 +1,5 @@
-"""Resolving a container path inside a host directory holding the rootfs, without ever leaving it.
+"""Resolving a container path inside a host directory holding the rootfs, without ever leaving it; making the
+directories that hold containers private; removing a container's tree, however deep.
 
 Mount targets are resolved before anything is mounted on them: every symlink is read and followed inside the
 rootfs (an absolute link restarts at the rootfs, as it would inside the container), and a link or `..` that would
@@ -91,3 +92,55 @@ def make_mountpoint(root: str, path: str, is_dir: bool) -> str:
     elif os.path.isdir(host):
         raise IsADirectoryError(errno.EISDIR, f"{path}: is a directory in the image, the source is a file")
     return host
+
+
+def remove_tree(top: str | os.PathLike) -> None:
+    """Remove the directory tree at `top` (a missing one is fine), iteratively and one descriptor at a time.
+
+    A container can build a tree deeper than Python's recursion limit (shutil.rmtree raised RecursionError at
+    ~1,000 levels, and the container could not be removed) and deeper than PATH_MAX: every step is relative to
+    the directory's descriptor, going back up through "..". It never follows a symlink, and it refuses to enter
+    another filesystem (a mount left on the tree) rather than empty it."""
+    try:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    dev = os.fstat(fd).st_dev
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    stack: list[tuple[str, list[str]]] = []  # (name of each directory entered, its subdirectories still to go)
+    try:
+        pending = _clear_files(fd, dev)
+        while True:
+            if pending:
+                name = pending.pop()
+                sub = os.open(name, flags, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+                stack.append((name, pending))
+                pending = _clear_files(fd, dev)
+                continue
+            if not stack:
+                break
+            name, pending = stack.pop()
+            up = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(top)
+
+
+def _clear_files(fd: int, dev: int) -> list[str]:
+    """Unlink every non-directory in the directory open at `fd`; return its subdirectories' names."""
+    subdirs = []
+    with os.scandir(fd) as it:
+        for e in it:
+            st = e.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(e.name, dir_fd=fd)
+            elif st.st_dev != dev:
+                raise OSError(errno.EBUSY, "a mount is left below it", e.name)
+            else:
+                subdirs.append(e.name)
+    return subdirs

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from store.holds import hold, release
 from store.root import Store
 
-from .paths import private_dir
+from .paths import private_dir, remove_tree
 from .spec import SpecError
 
 _ADJ = ("admiring", "brave", "calm", "dreamy", "eager", "focused", "gallant", "happy", "jolly", "keen", "lucid",
@@ -219,9 +218,7 @@ def find(root: str | Path, ref: str) -> Container:
 
 
 def remove_dir(c: Container) -> None:
-    shutil.rmtree(c.dir, ignore_errors=True)
-    if c.dir.exists():
-        shutil.rmtree(c.dir)
+    remove_tree(c.dir)
     # Released after the directory is gone: a crash in between leaves a stale hold (an image kept), never a
     # container whose image gc may take.
     with Store(str(c.dir.parent.parent)) as st:

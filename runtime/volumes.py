@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
-from .paths import private_dir
+from .paths import private_dir, remove_tree
 from .spec import VOLUME_NAME
 
 
@@ -108,4 +107,4 @@ def remove(root: str | Path, name: str, force: bool = False) -> None:
     used = users(root, name)
     if used and not force:
         raise VolumeError(f"remove {name}: volume is in use by container(s) {', '.join(used)}")
-    shutil.rmtree(v.dir)
+    remove_tree(v.dir)

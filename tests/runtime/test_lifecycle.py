@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -317,3 +318,36 @@ def test_name_reservation_is_atomic(lamina):
         got = pool.starmap(_create_named, [(str(lamina.root), "racy", barrier)] * 16)
     assert sorted(got) == ["conflict"] * 15 + ["created"]
     assert [c.name for c in lamina.containers()] == ["racy"]
+
+
+def _deep_tree(top: Path, depth: int) -> None:
+    """`depth` nested directories below `top`, a file and a whiteout-like node in each: built through descriptors,
+    since the path grows past PATH_MAX."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d" * 8, dir_fd=fd)
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        os.mknod("w", 0o600 | 0o020000, 0, dir_fd=fd)
+        nxt = os.open("d" * 8, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+
+
+def test_rm_of_a_container_with_a_very_deep_tree(lamina, image):
+    """A container layer 1,200 directories deep (its paths longer than PATH_MAX): rm raised RecursionError and
+    the container could not be removed."""
+    assert lamina("run", "--name", "deep", image, "true").returncode == 0
+    c = state.find(lamina.root, "deep")
+    _deep_tree(c.upper, 1200)
+    r = lamina("rm", "deep")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert not c.dir.exists() and lamina.containers() == []
+
+
+def test_volume_rm_of_a_very_deep_tree(lamina):
+    assert lamina("volume", "create", "deepvol").returncode == 0
+    _deep_tree(lamina.root / "volumes/deepvol/_data", 1200)
+    r = lamina("volume", "rm", "deepvol")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert not (lamina.root / "volumes/deepvol").exists()
