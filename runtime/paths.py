@@ -19,8 +19,10 @@ class EscapeError(ValueError):
     pass
 
 
-def resolve_in_root(root: str, path: str) -> str:
-    """Host path of container path `path` within `root`, symlinks resolved. Missing trailing parts are kept as is."""
+def resolve_in_root(root: str, path: str, clamp: bool = False) -> str:
+    """Host path of container path `path` within `root`, symlinks resolved. Missing trailing parts are kept as is.
+    A `..` above the root is an error, or with `clamp` stays at the root, as the kernel has it in a chroot (how
+    the container itself will follow the same link)."""
     root = os.path.realpath(root)
     todo = [p for p in path.split("/") if p not in ("", ".")]
     done: list[str] = []
@@ -28,9 +30,10 @@ def resolve_in_root(root: str, path: str) -> str:
     while todo:
         part = todo.pop(0)
         if part == "..":
-            if not done:
+            if done:
+                done.pop()
+            elif not clamp:
                 raise EscapeError(f"{path}: resolves outside the container's root filesystem")
-            done.pop()
             continue
         cur = os.path.join(root, *done, part)
         try:
@@ -68,9 +71,10 @@ def private_dir(path: str | os.PathLike) -> None:
         os.chmod(path, 0o700)
 
 
-def make_mountpoint(root: str, path: str, is_dir: bool) -> str:
-    """Resolve `path` in `root` and create it (a directory, or an empty file for a file bind), returning it."""
-    host = resolve_in_root(root, path)
+def make_mountpoint(root: str, path: str, is_dir: bool, clamp: bool = False) -> str:
+    """Resolve `path` in `root` and create it (a directory, or an empty file for a file bind), returning it. Missing
+    parents are made inside `root`: those of where a symlink leads, for a link (`clamp`: see resolve_in_root)."""
+    host = resolve_in_root(root, path, clamp)
     if is_dir:
         # Create component by component, re-resolving, so a symlink created meanwhile is still followed inside.
         rel = os.path.relpath(host, os.path.realpath(root))
@@ -80,13 +84,16 @@ def make_mountpoint(root: str, path: str, is_dir: bool) -> str:
             if not os.path.lexists(nxt):
                 os.mkdir(nxt, 0o755)
             elif os.path.islink(nxt):
-                nxt = resolve_in_root(root, "/" + os.path.relpath(nxt, os.path.realpath(root)))
+                nxt = resolve_in_root(root, "/" + os.path.relpath(nxt, os.path.realpath(root)), clamp)
             cur = nxt
         if not os.path.isdir(cur):
             raise NotADirectoryError(errno.ENOTDIR, f"{path}: not a directory in the image")
         return cur
-    make_mountpoint(root, os.path.dirname(path.rstrip("/")) or "/", True)
-    host = resolve_in_root(root, path)
+    # The parent of the resolved path: /etc/resolv.conf -> ../run/systemd/resolve/stub-resolv.conf, the target
+    # missing, makes /run/systemd/resolve (as podman does), not /etc again.
+    parent = os.path.relpath(os.path.dirname(host), os.path.realpath(root))
+    make_mountpoint(root, "/" + ("" if parent == "." else parent), True, clamp)
+    host = resolve_in_root(root, path, clamp)
     if not os.path.lexists(host):
         os.close(os.open(host, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
     elif os.path.isdir(host):

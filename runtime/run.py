@@ -86,13 +86,17 @@ def _v1_mounts() -> list[tuple[str, str]]:
 
 
 def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int] | None,
-               user_targets: set[str]) -> list[tuple[str, str, str]]:
+               covered: list[str]) -> list[tuple[str, str, str]]:
     """/etc/hostname, /etc/hosts and /etc/resolv.conf as Docker provides them: files of the container's own,
-    bound over the image's, unless the user mounts something there (or on /etc). Returns (source, host target,
-    container path)."""
-    etc = resolve_in_root(R, "/etc")
-    if not os.path.isdir(etc):
-        return []
+    bound over the image's, unless a user mount covers them (`covered`: the host paths of its targets, so that a
+    volume on /etc, or on where a link in the image leads, counts). Returns (source, host target, container path
+    of the mount point). As podman: an image's link there is followed inside the rootfs (a `..` above its root
+    stays at the root, as in the container), the missing parents of its target are made there, and nothing is
+    ever written outside it."""
+    realroot = os.path.realpath(R)
+    etc = resolve_in_root(R, "/etc", clamp=True)
+    if os.path.lexists(etc) and not os.path.isdir(etc):
+        return []  # an image whose /etc is no directory gets none of them
     try:
         with open("/etc/resolv.conf") as f:
             resolv = f.read()
@@ -105,13 +109,15 @@ def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int
     }
     out = []
     for name, text in contents.items():
-        if "/etc" in user_targets or f"/etc/{name}" in user_targets:
+        host = resolve_in_root(R, f"/etc/{name}", clamp=True)
+        if any(host == t or host.startswith(t + "/") for t in covered):
             continue
         src = c.dir / name
         src.write_text(text)
         if userns:
             os.chown(src, userns[0], userns[0])
-        out.append((str(src), make_mountpoint(R, f"/etc/{name}", False), f"/etc/{name}"))
+        target = make_mountpoint(R, f"/etc/{name}", False, clamp=True)
+        out.append((str(src), target, "/" + os.path.relpath(target, realroot)))
     return out
 
 
@@ -213,7 +219,7 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
             mounts_json.append({**m.to_json(), "source": vol.name})
         if cwd != "/":
             make_mountpoint(R, cwd, True)
-        etc_files = _etc_files(c, R, hostname, userns, {m.target for m in spec.mounts})
+        etc_files = _etc_files(c, R, hostname, userns, [t for _, t, _ in binds])
         binds += [(src, target, False) for src, target, _ in etc_files]
         launch = Launch(
             rootfs=R, hostname=hostname, network=spec.network, userns=userns, binds=binds, read_only=spec.read_only,
