@@ -33,6 +33,10 @@ class NameConflict(SpecError):
     pass
 
 
+class StoreRefused(SpecError):
+    """The store would not record the container's hold on its image (its caller removes the record)."""
+
+
 def containers_dir(root: str | Path) -> Path:
     return Path(root) / "containers"
 
@@ -183,8 +187,11 @@ def create(root: str | Path, cid: str, data: dict) -> Container:
         os.close(lock)
     if data.get("image_id"):
         # The store keeps an image a container uses (gc spares it; rmi needs -f), until the container is removed.
-        with Store(str(root)) as st:
-            hold(st, f"container:{cid}", data["image_id"])
+        try:
+            with Store(str(root)) as st:
+                hold(st, f"container:{cid}", data["image_id"])
+        except Exception as e:  # noqa: BLE001 - sqlite3's or the store's errors: e.g. a read-only index
+            raise StoreRefused(f"recording the container in the store at {root}: {e}") from None
     return c
 
 

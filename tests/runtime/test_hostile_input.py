@@ -164,3 +164,19 @@ def test_image_config_with_bad_types(lamina, tmp_path, config, words):
 def test_absurd_limits_refused_before_anything_is_made(lamina, image, opts, words):
     _refused(lamina("run", *opts, image, "true"), *words)
     _nothing_left(lamina)
+
+
+def test_run_with_a_read_only_index(lamina, image):
+    """The store's index read-only (here a read-only bind mount of it): a traceback from sqlite3 before."""
+    index = str(lamina.root / "index.db")
+    subprocess.run(["mount", "--bind", index, index], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", index], check=True)
+        for opts in ([], ["-d"]):
+            _refused(lamina("run", "--rm", *opts, image, "true"), "read", "database")
+            _nothing_left(lamina)
+            assert [p.name for p in (lamina.root / "containers").iterdir()] == [".names.lock"]
+    finally:
+        subprocess.run(["umount", index], check=True)
+    r = lamina("run", "--rm", image, "true")
+    assert r.returncode == 0, r.stderr
