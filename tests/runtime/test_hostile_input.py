@@ -180,3 +180,12 @@ def test_run_with_a_read_only_index(lamina, image):
         subprocess.run(["umount", index], check=True)
     r = lamina("run", "--rm", image, "true")
     assert r.returncode == 0, r.stderr
+
+
+def test_exec_user_is_looked_up_in_the_container(lamina, image_dir):
+    """exec -u NAME reads the container's /etc/passwd through /proc/PID/root (realpath made that the host's /)."""
+    with open(image_dir / "etc/passwd", "a") as f:
+        f.write("imgonly:x:4545:4546::/:/bin/sh\n")
+    assert lamina("run", "-d", "--name", "lookup", str(image_dir), "sleep", "600").returncode == 0
+    r = lamina("exec", "-u", "imgonly", "lookup", "id", "-u")
+    assert r.returncode == 0 and r.stdout.strip() == "4545", r.stderr
