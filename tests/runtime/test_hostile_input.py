@@ -158,6 +158,7 @@ def test_image_config_with_bad_types(lamina, tmp_path, config, words):
 @pytest.mark.parametrize("opts, words", [
     (["-m", "99999999999999999999p"], ["invalid memory"]),
     (["-m", "1" + "0" * 400], ["invalid memory"]),
+    (["-m", "9" * 5000], ["invalid memory"]),  # past int()'s 4,300 digits
     (["-m", "64m", "--memory-swap", "9" * 40], ["invalid memory-swap"]),
     (["--pids-limit", "9" * 30], ["invalid pids-limit"]),
 ])
