@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -339,3 +341,38 @@ def test_commit_of_a_mixed_workload_matches_the_container(lamina, rich, tmp_path
     os.setxattr(f"{ctr.rootfs}/usr/share/locale2/l23", "user.dir", b"d")
     os.utime(f"{ctr.rootfs}/opt/new/g", ns=(NS_A, NS_A + 1))
     commit_and_compare(lamina, ctr, "mixed:1", tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed (scripts/setup.sh)")
+def test_committed_image_matches_the_container_under_podman(lamina, rich, tmp_path):
+    """The committed image saved, loaded by podman (kernel overlayfs, its own extraction of the layers) and
+    mounted there shows the container's tree too."""
+    script = ("mv /usr/share/locale /usr/share/locale2 && echo more >> /usr/bin/uncompress && "
+              "rm -rf /usr/share/locale2/l20 && mkdir -p /opt/n && echo hi > /opt/n/f && ln /opt/n/f /opt/n/g")
+    ctr = Running(lamina, rich, "forpodman", script)
+    os.utime(f"{ctr.rootfs}/opt/n/f", ns=(NS_A, NS_A))
+    want = snapshot(ctr.rootfs, ctr.skip())
+    assert lamina("commit", "forpodman", "topodman:1").returncode == 0
+    archive = tmp_path / "img.tar"
+    r = lamina("save", "topodman:1", "-o", str(archive), "--format", "docker")
+    assert r.returncode == 0, r.stderr
+    prun = Path(tempfile.mkdtemp(prefix="lamina-prun-", dir="/tmp"))  # podman wants a runroot of 50 bytes at most
+    podman = ["podman", "--root", str(tmp_path / "proot"), "--runroot", str(prun),
+              "--storage-driver", "overlay", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*podman, *args], capture_output=True, text=True, timeout=300)
+
+    try:
+        p = run("load", "-i", str(archive))
+        assert p.returncode == 0, p.stderr
+        p = run("image", "mount", "localhost/topodman:1")
+        assert p.returncode == 0, p.stderr
+        got = snapshot(p.stdout.strip(), ctr.skip())
+    finally:
+        run("image", "unmount", "-a", "-f")
+        run("rmi", "-a", "-f")
+        subprocess.run(["rm", "-rf", str(tmp_path / "proot"), str(prun)])
+    # the root of podman's mount is podman's own (mode 0555, made at extraction), not the image's
+    got[0].pop("/"), want[0].pop("/")
+    assert_same_tree(got, want)
