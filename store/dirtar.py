@@ -143,7 +143,7 @@ def write_dir_tar(root: str, out: BinaryIO) -> None:
         todo = [("/", root)]
         while todo:
             path, real = todo.pop()
-            st = os.lstat(real)
+            st = os.stat(real) if path == "/" else os.lstat(real)  # the directory given may be named by a symlink
             fmt = stat.S_IFMT(st.st_mode)
             m = Member(path, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size if fmt == stat.S_IFREG
                        else 0, st.st_rdev, os.readlink(real) if fmt == stat.S_IFLNK else None, _xattrs(real),

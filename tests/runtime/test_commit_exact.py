@@ -202,6 +202,15 @@ def test_directory_import_keeps_nanosecond_times_and_its_root(lamina, rich, rich
     assert n > 400
 
 
+def test_directory_import_through_a_symlink(lamina, rich_dir, tmp_path):
+    """A directory named by a symlink (podman's overlay/l/<id> style) is imported as the directory."""
+    os.symlink(rich_dir, tmp_path / "link")
+    r = lamina("import", str(tmp_path / "link"), "-t", "vialink:1")
+    assert r.returncode == 0, r.stderr
+    reader, top = top_layer(lamina, "vialink:1")
+    assert reader.lookup(top, "/").kind == "d" and reader.lookup(top, "/usr/bin/gunzip").nlink == 2
+
+
 def _layer_tars(archive: Path) -> list[tarfile.TarFile]:
     outer = tarfile.open(archive)
     manifest = json.load(outer.extractfile("manifest.json"))
