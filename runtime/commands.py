@@ -302,7 +302,12 @@ def wait_cmd(ctx: click.Context, containers: tuple[str, ...]) -> None:
 @click.pass_context
 def diff_cmd(ctx: click.Context, container: str) -> None:
     """List the paths the container added (A), changed (C) or deleted (D)."""
-    for kind, path in lifecycle.diff(_find(_root(ctx), container)):
+    try:
+        rows = lifecycle.diff(_find(_root(ctx), container))
+    except (lifecycle.LifecycleError, OSError) as e:
+        _fail(str(e), 1)
+        return
+    for kind, path in rows:
         click.echo(f"{kind} {path}")
 
 

@@ -237,18 +237,19 @@ class Source:
                            f"config {want}")
 
 
-def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags: list[str] | None = None,
-                 exclude: frozenset[str] = frozenset(), config: dict | None = None) -> str:
-    """A new image: the parent image plus one layer made from an overlayfs upper directory (its 0/0 whiteouts and
-    opaque markers become OCI whiteouts). `config`, when given, replaces the parent's runtime config (Env, Cmd,
-    WorkingDir...), as docker commit writes the container's. This is `lamina commit`. Returns the new image id."""
+def commit_layer(store: Store, parent_id: str, write: Callable[[BinaryIO], None], created_by: str,
+                 tags: list[str] | None = None, config: dict | None = None) -> str:
+    """A new image: the parent image plus one layer, the tar `write` writes into the file it is given (for
+    `lamina commit`, `unionfs.changes.write_layer` of a container's upper directory). `config`, when given, replaces
+    the parent's runtime config (Env, Cmd, WorkingDir...), as docker commit writes the container's. Returns the new
+    image id."""
     from .reader import load_image
     parent = load_image(store, parent_id)
     imp = Importer(store)
     with imp.session():
-        tmp = f"{imp.staging}/upper.tar"
+        tmp = f"{imp.staging}/layer.tar"
         with open(tmp, "wb") as out:
-            write_dir_tar(upper, out, overlay_upper=True, exclude=exclude)
+            write(out)
         with open(tmp, "rb") as f:
             data = imp.add_layer_stream(f)
         os.unlink(tmp)

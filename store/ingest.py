@@ -90,6 +90,8 @@ class _Layer:
         self.rows: dict[str, list] = {"/": _implicit_dir()}
 
     def ensure_parents(self, path: str, member: str) -> None:
+        if path == "/":
+            return  # the root entry ("./") has no parent
         parent = split(path)[0]
         missing = []
         while parent not in self.rows:
