@@ -195,7 +195,7 @@ class BlobStream(io.RawIOBase):
                 raise RegistryError(f"{self.puller.ref.name}: blob {self.digest} unknown to the registry (404)")
             raise RegistryError(f"{self.puller.ref.name}: blob {self.digest}: {text}")
         self.resp = resp
-        self.chunks = resp.iter_raw(1 << 16)
+        self.chunks = resp.iter_raw()  # as received: a chunker would lose its partial chunk on an error
         while skip:
             chunk = next(self.chunks, b"")
             if not chunk:

@@ -51,8 +51,10 @@ class Reference:
 
 def is_loopback(host: str) -> bool:
     """Whether a registry host[:port] is this machine (where plain HTTP is allowed, as Docker allows it)."""
-    h = host.rsplit(":", 1)[0] if not host.endswith("]") and host.count(":") == 1 else host
-    h = h.strip("[]")
+    if host.startswith("["):
+        h = host[1:host.find("]")]
+    else:
+        h = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     return h == "localhost" or h.startswith("127.") or h == "::1"
 
 

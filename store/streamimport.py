@@ -49,7 +49,13 @@ class StreamImport(Importer):
         stager = ObjectStager(self.store, sub)  # this thread's connection (Store.db is per thread)
         try:
             h = HashingReader(f)
-            data = ingest_tar(decompressed(io.BufferedReader(h, 1 << 20)), stager, progress)  # type: ignore[arg-type]
+            try:
+                data = ingest_tar(decompressed(io.BufferedReader(h, 1 << 20)), stager, progress)  # type: ignore
+            except BadInput:
+                # Bad data in a blob that is not the one named (a flipped byte): say so, not what it broke.
+                if h.finish() != digest:
+                    raise BadInput(f"layer blob {digest} does not match its digest") from None
+                raise
             got = h.finish()
             if got != digest:
                 raise BadInput(f"layer blob {digest} does not match its digest (got {got})")
