@@ -119,7 +119,7 @@ def make_ca(d: Path) -> Path:
     return certs
 
 
-def start_registry(base: Path, tls: bool = False) -> Registry:
+def start_registry(base: Path, tls: bool = False, auth: dict | None = None) -> Registry:
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cfg = {"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
@@ -132,6 +132,8 @@ def start_registry(base: Path, tls: bool = False) -> Registry:
         subprocess.run(["htpasswd", "-niB", USER], input=PASSWORD + "\n", text=True, check=True,
                        stdout=open(base / "htpasswd", "w"), stderr=subprocess.DEVNULL)
         cfg["auth"] = {"htpasswd": {"realm": "lamina-tests", "path": str(base / "htpasswd")}}
+    if auth is not None:
+        cfg["auth"] = auth
     (base / "config.yml").write_text(json.dumps(cfg))  # JSON is YAML
     log = open(base / "registry.log", "w")
     proc = subprocess.Popen([REGISTRY, "serve", str(base / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
