@@ -12,7 +12,7 @@ import io
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
@@ -307,12 +307,12 @@ def pull(store: Store, client: Client, ref: Reference, platform: Platform, ui) -
         with ThreadPoolExecutor(PARALLEL) as pool:
             futures = [pool.submit(fetch, d, desc) for d, desc in todo.items()]
             try:
-                for f in futures:
-                    exc = f.exception()
-                    if exc is not None and not isinstance(exc, Cancelled):
-                        cancelled.set()
-                        wait(futures)
-                        raise exc
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f.exception() for f in done if f.exception() is not None]
+                if failed:
+                    cancelled.set()  # the others stop at their next read
+                    wait(futures)
+                    raise next((e for e in failed if not isinstance(e, Cancelled)), failed[0])
             except BaseException:
                 cancelled.set()
                 raise

@@ -240,7 +240,7 @@ class Fault:
     """Applies `action` to the next `times` requests whose method and path match."""
     method: str
     path_contains: str
-    action: str  # drop | corrupt | status500 | big | redirect
+    action: str  # drop | corrupt | status500 | status429 (Retry-After: arg) | big | redirect (to arg(path))
     times: int = 1
     arg: object = None
 
@@ -285,6 +285,8 @@ def _handler(proxy: Proxy):
             headers = {k: v for k, v in self.headers.items()}
             if fault is not None and fault.action == "status500":
                 return self._reply(500, {"Content-Type": "text/plain"}, b"injected\n")
+            if fault is not None and fault.action == "status429":
+                return self._reply(429, {"Retry-After": str(fault.arg)}, b"slow down\n")
             if fault is not None and fault.action == "redirect":
                 return self._reply(307, {"Location": fault.arg(self.path)}, b"")
             up = proxy.upstream

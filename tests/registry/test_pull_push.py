@@ -267,6 +267,16 @@ def test_server_errors_are_retried(lamina, registry, proxy_for, pushed):
     assert lamina.image_id(f"{proxy.host}/faults:1") == image_id
 
 
+def test_too_many_requests_waits_as_told(lamina, registry, proxy_for, pushed):
+    blob, image_id = pushed
+    proxy = proxy_for(registry)
+    proxy.faults.append(Fault("GET", f"/blobs/{blob}", "status429", arg=2))
+    t0 = time.monotonic()
+    lamina("pull", f"{proxy.host}/faults:1")
+    assert time.monotonic() - t0 >= 2  # Retry-After: 2, not the first backoff of 0.5 s
+    assert [s.status for s in proxy.requests("GET", f"/blobs/{blob}")] == [429, 200]
+
+
 def test_persistent_server_errors_are_refused(lamina, registry, proxy_for, pushed):
     blob, _ = pushed
     proxy = proxy_for(registry)
