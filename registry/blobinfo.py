@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from dataclasses import dataclass
 
 _SCHEMA = """
@@ -44,15 +45,20 @@ class BlobInfo:
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
+        self.lock = threading.Lock()  # one connection, used by every download or upload thread
 
     def record(self, digest: str, diff_id: str, compression: str, size: int, registry: str, repository: str) -> None:
-        with self.db:
+        with self.lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)", (digest, diff_id, compression, size))
             self.db.execute("INSERT OR IGNORE INTO locations VALUES (?, ?, ?)", (digest, registry, repository))
 
     def candidates(self, diff_id: str, compression: str, registry: str) -> list[Blob]:
         """Known blobs of a layer in that compression, those seen on `registry` first."""
+        with self.lock:
+            return self._candidates(diff_id, compression, registry)
+
+    def _candidates(self, diff_id: str, compression: str, registry: str) -> list[Blob]:
         out = []
         for digest, comp, size in self.db.execute(
                 "SELECT digest, compression, size FROM blobs WHERE diff_id=? AND compression=?", (diff_id, compression)):

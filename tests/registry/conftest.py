@@ -16,16 +16,16 @@ import subprocess
 import tarfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
 from tests.conftest import BIN
 
 REGISTRY = shutil.which("docker-registry")
-needs_registry = pytest.mark.skipif(REGISTRY is None, reason="docker-registry is not installed (scripts/setup.sh)")
 USER, PASSWORD = "tester", "s3cret-Pa55word-xyz"
 
 
@@ -160,26 +160,28 @@ def stop(reg: Registry) -> None:
         reg.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+@contextmanager
+def running(base: Path, **kw) -> Iterator[Registry]:
+    """A registry (see start_registry) for the length of the block; the test is skipped without docker-registry."""
     if REGISTRY is None:
         pytest.skip("docker-registry is not installed (scripts/setup.sh)")
-    reg = start_registry(tmp_path_factory.mktemp("registry"))
+    reg = start_registry(base, **kw)
     try:
         yield reg
     finally:
         stop(reg)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    with running(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg
 
 
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory):
-    if REGISTRY is None:
-        pytest.skip("docker-registry is not installed (scripts/setup.sh)")
-    reg = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
-    try:
+    with running(tmp_path_factory.mktemp("tls-registry"), tls=True) as reg:
         yield reg
-    finally:
-        stop(reg)
 
 
 # -- images ------------------------------------------------------------------------------------------------------

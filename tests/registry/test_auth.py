@@ -16,7 +16,7 @@ import urllib.parse
 import httpx
 import pytest
 
-from tests.registry.conftest import PASSWORD, USER, Fault, free_port, layer_tar, oci_layout, start_registry, stop
+from tests.registry.conftest import PASSWORD, USER, Fault, layer_tar, oci_layout, running
 
 
 @pytest.fixture
@@ -215,18 +215,14 @@ class TokenServer:
 
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory):
-    from tests.registry.conftest import REGISTRY
-    if REGISTRY is None:
-        pytest.skip("docker-registry is not installed (scripts/setup.sh)")
     d = tmp_path_factory.mktemp("token-registry")
     ts = TokenServer(d, "lamina-registry")
     auth = {"token": {"realm": ts.realm, "service": "lamina-registry", "issuer": "lamina-issuer",
                       "rootcertbundle": str(d / "token.pem")}}
-    reg = start_registry(d / "reg", auth=auth)
     try:
-        yield reg, ts
+        with running(d / "reg", auth=auth) as reg:
+            yield reg, ts
     finally:
-        stop(reg)
         ts.close()
 
 
