@@ -342,3 +342,47 @@ def test_killed_pull_leaves_nothing_visible(lamina, registry, proxy_for, pushed)
     proxy.faults.clear()
     lamina("pull", f"{proxy.host}/faults:1")
     assert lamina.image_id(f"{proxy.host}/faults:1") == image_id
+
+
+def test_registry_that_keeps_closing_mid_blob_is_refused(lamina, registry, proxy_for, pushed):
+    blob, _ = pushed
+    proxy = proxy_for(registry)
+    proxy.faults.append(Fault("GET", f"/blobs/{blob}", "drop", times=100))
+    refused(lamina, "pull", f"{proxy.host}/faults:1", message="connection broken off")
+
+
+def _upload(registry, repo: str, data: bytes) -> str:
+    r = httpx.post(registry.url(f"/v2/{repo}/blobs/uploads/"))
+    r = httpx.put(str(r.url.join(r.headers["Location"])) + f"&digest={sha256(data)}", content=data)
+    assert r.status_code == 201, r.text
+    return sha256(data)
+
+
+def test_config_whose_diff_id_does_not_match_the_layer_is_refused(lamina, registry, bb):
+    lamina("push", bb, f"{registry.host}/wrongdiff:good")
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    manifest = httpx.get(registry.url("/v2/wrongdiff/manifests/good"), headers=accept).json()
+    config = httpx.get(registry.url(f"/v2/wrongdiff/blobs/{manifest['config']['digest']}")).json()
+    config["rootfs"]["diff_ids"] = [sha256(b"something else")]
+    data = json.dumps(config).encode()
+    manifest["config"] = {**manifest["config"], "digest": _upload(registry, "wrongdiff", data), "size": len(data)}
+    r = httpx.put(registry.url("/v2/wrongdiff/manifests/bad"), content=json.dumps(manifest).encode(),
+                  headers={"Content-Type": manifest["mediaType"]})
+    assert r.status_code == 201, r.text
+    fresh = type(lamina)(lamina.root.parent / "fresh", lamina.docker_config)
+    fresh("images")
+    refused(fresh, "pull", f"{registry.host}/wrongdiff:bad", message="does not match config")
+
+
+def test_layers_sharing_contents_pulled_in_parallel_store_them_once(lamina, registry, tmp_path):
+    shared_big, shared_small = os.urandom(100_000), b"small and shared"
+    layers = [layer_tar({f"l{i}/big": shared_big, f"l{i}/small": shared_small, f"l{i}/own": os.urandom(5000)})
+              for i in range(4)]
+    lamina("import", oci_layout(tmp_path / "shared", layers), "-t", "shared:1")
+    lamina("push", "shared:1", f"{registry.host}/shared:1")
+    fresh = type(lamina)(tmp_path / "fresh", lamina.docker_config)
+    fresh("pull", f"{registry.host}/shared:1")
+    df = json.loads(fresh("df", "--format", "json").stdout)
+    assert df["layers"] == 4 and df["objects"] == 2 + 4 + 4  # big, small, each layer's own file and tar skeleton
+    assert fresh.image_id(f"{registry.host}/shared:1") == lamina.image_id("shared:1")
+    fresh.assert_clean()
