@@ -95,9 +95,11 @@ class Client:
             ctx = _ssl_context(self.host, cert_dir, tls_verify)
         except (OSError, ssl.SSLError) as e:
             raise RegistryError(f"{self.host}: cannot load certificates: {e}") from None
-        # Loopback traffic never goes through a proxy named in the environment.
+        # Loopback traffic never goes through a proxy named in the environment. Bodies are hashed as sent: no
+        # Content-Encoding may come between them and their digests.
         self.http = httpx.Client(verify=ctx, follow_redirects=True, trust_env=not is_loopback(self.host),
-                                 timeout=httpx.Timeout(60.0, connect=15.0), headers={"User-Agent": USER_AGENT},
+                                 timeout=httpx.Timeout(60.0, connect=15.0),
+                                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                                  limits=httpx.Limits(max_connections=16, max_keepalive_connections=8))
         self.base: str | None = None
         self.challenge: tuple[str, dict[str, str]] | None = None

@@ -242,7 +242,7 @@ class Fault:
     """Applies `action` to the next `times` requests whose method and path match."""
     method: str
     path_contains: str
-    action: str  # drop | corrupt | status500 | status429 (Retry-After: arg) | big | redirect (to arg(path))
+    action: str  # drop | corrupt | status500 | status429 (Retry-After: arg) | big | redirect (to arg(path)) | gzip
     times: int = 1
     arg: object = None
 
@@ -306,6 +306,10 @@ def _handler(proxy: Proxy):
                 conn.close()
             if fault is not None and fault.action == "corrupt" and len(data) > 100:
                 data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+            if fault is not None and fault.action == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
+                import gzip
+                data = gzip.compress(data)  # as a web server with gzip on would, when the client accepts it
+                out["Content-Encoding"] = "gzip"
             if fault is not None and fault.action == "big":
                 data = b'{"schemaVersion":2,"pad":"' + b"x" * (5 << 20) + b'"}'
                 out.pop("Docker-Content-Digest", None)

@@ -386,3 +386,14 @@ def test_layers_sharing_contents_pulled_in_parallel_store_them_once(lamina, regi
     assert df["layers"] == 4 and df["objects"] == 2 + 4 + 4  # big, small, each layer's own file and tar skeleton
     assert fresh.image_id(f"{registry.host}/shared:1") == lamina.image_id("shared:1")
     fresh.assert_clean()
+
+
+def test_no_content_encoding_between_bodies_and_their_digests(lamina, registry, proxy_for, pushed):
+    """A front end that gzips what the client accepts (nginx's gzip on) must not be offered it: bodies are hashed
+    as they arrive."""
+    _, image_id = pushed
+    proxy = proxy_for(registry)
+    proxy.faults.append(Fault("GET", "/v2/faults/", "gzip", times=100))
+    lamina("pull", f"{proxy.host}/faults:1")
+    assert lamina.image_id(f"{proxy.host}/faults:1") == image_id
+    assert all(s.headers.get("Accept-Encoding") == "identity" for s in proxy.requests("GET"))
