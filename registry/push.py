@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import struct
 import zlib
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -30,19 +33,60 @@ CHUNK = 8 << 20
 MEDIA = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip", "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
 
 
+GZIP_LEVEL = 6
+GZIP_BLOCK = 1 << 20
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
+
+
+def _deflate_block(block: bytes, zdict: bytes, last: bool) -> bytes:
+    c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15, zdict=zdict) if zdict else \
+        zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15)
+    return c.compress(block) + c.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+def parallel_gzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """gzip as pigz makes it: 1 MiB blocks deflated on several threads (zlib releases the GIL), each primed with the
+    32 KiB before it and ended on a byte boundary, so together they are one deflate stream any gunzip reads. The
+    same input always gives the same bytes, whatever the number of threads."""
+    workers = min(os.cpu_count() or 1, 8)
+    crc, size = 0, 0
+    yield _GZIP_HEADER
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        prev_tail = b""
+        block: bytes | None = None
+        for piece in _pieces(chunks, GZIP_BLOCK):
+            if block is not None:
+                pending.append(pool.submit(_deflate_block, block, prev_tail, False))
+                prev_tail = block[-32768:]
+            block = piece
+            crc = zlib.crc32(piece, crc)
+            size += len(piece)
+            while len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        pending.append(pool.submit(_deflate_block, block or b"", prev_tail, True))
+        while pending:
+            yield pending.popleft().result()
+    yield struct.pack("<II", crc, size & 0xFFFFFFFF)
+
+
 def compressed(chunks: Iterator[bytes], compression: str, diff_id: str) -> Iterator[bytes]:
     """The layer's tar compressed (deterministically: the same layer gives the same blob), its DiffID checked."""
+    sha = hashlib.sha256()
+
+    def hashed() -> Iterator[bytes]:
+        for chunk in chunks:
+            sha.update(chunk)
+            yield chunk
     if compression == "gzip":
-        c = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip framing, no name, mtime 0
+        yield from parallel_gzip(hashed())
     else:
         c = zstandard.ZstdCompressor(level=3).compressobj()
-    sha = hashlib.sha256()
-    for chunk in chunks:
-        sha.update(chunk)
-        out = c.compress(chunk)
-        if out:
-            yield out
-    yield c.flush()
+        for chunk in hashed():
+            out = c.compress(chunk)
+            if out:
+                yield out
+        yield c.flush()
     if "sha256:" + sha.hexdigest() != diff_id:
         raise Corrupt(f"layer {diff_id} does not rebuild to its DiffID: run `lamina fsck`")
 
