@@ -397,3 +397,15 @@ def test_no_content_encoding_between_bodies_and_their_digests(lamina, registry, 
     lamina("pull", f"{proxy.host}/faults:1")
     assert lamina.image_id(f"{proxy.host}/faults:1") == image_id
     assert all(s.headers.get("Accept-Encoding") == "identity" for s in proxy.requests("GET"))
+
+
+def test_push_retries_server_errors(lamina, registry, proxy_for, bb, tmp_path):
+    proxy = proxy_for(registry)
+    proxy.faults += [Fault("POST", "/blobs/uploads/", "status500"), Fault("PUT", "/blobs/uploads/", "status500", 2),
+                     Fault("PUT", "/manifests/", "status429", arg=0)]
+    out = lamina("push", bb, f"{proxy.host}/retried:1").stdout
+    assert [s.status for s in proxy.requests("PUT", "/manifests/")] == [429, 201]
+    assert all(f.times == 0 for f in proxy.faults)
+    fresh = type(lamina)(tmp_path / "fresh", lamina.docker_config)
+    assert out.splitlines()[-1].split("@")[1] in fresh("pull", f"{registry.host}/retried:1").stdout
+    assert fresh.image_id(f"{registry.host}/retried:1") == lamina.image_id(bb)
