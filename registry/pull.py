@@ -131,13 +131,15 @@ class Puller:
             if media not in LISTS:
                 return json.loads(data), digest
             entries = json.loads(data).get("manifests") or []
-            chosen = next((m for m in entries if isinstance(m, dict) and Platform.matches(platform, m.get("platform")
-                                                                                          or {})), None)
+            chosen = next((m for m in entries if isinstance(m, dict) and platform.matches(m.get("platform") or {})),
+                          None)
             if chosen is None:
                 have = sorted({"/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
                                for m in entries if isinstance(m, dict) for p in [m.get("platform") or {}]})
                 raise BadInput(f"{self.ref}: no image for platform {platform} (has {', '.join(have) or 'none'})")
-            data, media, digest = self.manifest(chosen.get("digest", ""))
+            if not str(chosen.get("digest", "")).startswith("sha256:"):
+                raise BadInput(f"{self.ref}: index entry for {platform} has no sha256 digest")
+            data, media, digest = self.manifest(chosen["digest"])
         raise BadInput(f"{self.ref}: indexes nested too deep")
 
     def config(self, desc: dict) -> bytes:

@@ -159,38 +159,44 @@ def test_lamina_pulls_and_runs_what_skopeo_pushed(lamina, registry, busybox_dir,
     fresh.assert_clean()
 
 
-def _put_index(registry, repo: str, entries: list[tuple[str, str, str]]) -> None:
-    """An OCI index of `entries` (manifest digest, os, arch) pushed as repo:multi."""
+def _put_index(registry, repo: str, entries: list[tuple[str, str, str]], media: str) -> None:
+    """An index (OCI) or manifest list (Docker) of `entries` (manifest digest, os, arch) pushed as repo:multi."""
     manifests = []
     for digest, os_, arch in entries:
         r = httpx.get(registry.url(f"/v2/{repo}/manifests/{digest}"),
                       headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
         manifests.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest,
                           "size": len(r.content), "platform": {"os": os_, "architecture": arch}})
-    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                        "manifests": manifests}).encode()
-    r = httpx.put(registry.url(f"/v2/{repo}/manifests/multi"), content=index,
-                  headers={"Content-Type": "application/vnd.oci.image.index.v1+json"})
+    index = json.dumps({"schemaVersion": 2, "mediaType": media, "manifests": manifests}).encode()
+    r = httpx.put(registry.url(f"/v2/{repo}/manifests/multi"), content=index, headers={"Content-Type": media})
     assert r.status_code == 201, r.text
 
 
-def test_index_with_two_platforms_picks_the_right_one(lamina, registry, tmp_path):
+@pytest.mark.parametrize("media", ["application/vnd.oci.image.index.v1+json",
+                                   "application/vnd.docker.distribution.manifest.list.v2+json"])
+def test_index_with_two_platforms_picks_the_right_one(lamina, registry, tmp_path, media):
+    repo = "multi-" + media.split(".")[-2].split("+")[0]  # multi-index, multi-list
     digests, ids = {}, {}
     for arch in ("amd64", "arm64"):
         lamina("import", oci_layout(tmp_path / arch, [layer_tar({f"{arch}.txt": arch.encode()})], arch=arch),
                "-t", f"m:{arch}")
         ids[arch] = lamina.image_id(f"m:{arch}")
-        out = lamina("push", f"m:{arch}", f"{registry.host}/multi:{arch}").stdout
+        out = lamina("push", f"m:{arch}", f"{registry.host}/{repo}:{arch}").stdout
         digests[arch] = out.splitlines()[-1].split("@")[1]
+    from store.archives import host_arch
+    host = host_arch()
+    if host not in ids:
+        pytest.skip(f"host architecture {host} is neither amd64 nor arm64")
+    other = "arm64" if host == "amd64" else "amd64"
     # the host's platform listed second, so that taking the first entry would be wrong
-    _put_index(registry, "multi", [(digests["arm64"], "linux", "arm64"), (digests["amd64"], "linux", "amd64")])
+    _put_index(registry, repo, [(digests[other], "linux", other), (digests[host], "linux", host)], media)
     fresh = type(lamina)(tmp_path / "fresh", lamina.docker_config)
-    ref = f"{registry.host}/multi:multi"
+    ref = f"{registry.host}/{repo}:multi"
     r = fresh("pull", ref)
-    assert f"Digest: {digests['amd64']}" in r.stdout
-    assert fresh.image_id(ref) == ids["amd64"]
-    fresh("pull", "--platform", "linux/arm64", ref)
-    assert fresh.image_id(ref) == ids["arm64"]
+    assert f"Digest: {digests[host]}" in r.stdout
+    assert fresh.image_id(ref) == ids[host]
+    fresh("pull", "--platform", f"linux/{other}", ref)
+    assert fresh.image_id(ref) == ids[other]
     msg = refused(fresh, "pull", "--platform", "linux/riscv64", ref, message="no image for platform linux/riscv64")
     assert "linux/amd64" in msg and "linux/arm64" in msg
 
