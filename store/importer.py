@@ -133,6 +133,9 @@ def _insert_layer(db, data: LayerData) -> None:
                    r[P_XATTRS], r[P_OPAQUE], r[P_IMPLICIT])
 
     db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows())
+    named = {r[P_OBJ] for r in data.rows.values()}
+    db.executemany("INSERT INTO skeleton_objects VALUES (?, ?)",
+                   [(layer_id, h) for h in data.skeleton_objects - named])
 
 
 # -- sources ------------------------------------------------------------------------------------------------------

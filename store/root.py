@@ -120,7 +120,24 @@ class Store:
             for stmt in code.split(";"):
                 if stmt.strip():
                     self.db.execute(stmt)
+            if version is not None and version < 3:
+                self._fill_skeleton_objects()
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _fill_skeleton_objects(self) -> None:
+        """Schema 3: record, for every stored layer, the objects its skeleton uses that no entry names (older
+        lamina's gc deleted them). A skeleton that cannot be read is left for fsck to report."""
+        from .tarsplit import payloads  # noqa: PLC0415 - zstandard, for this one-time step only
+        db = self.db
+        for lid, tarsplit in db.execute("SELECT id, tarsplit FROM layers").fetchall():
+            named = {o for (o,) in db.execute("SELECT object FROM entries WHERE layer_id=? AND object IS NOT NULL",
+                                              (lid,))}
+            try:
+                with self.open_object(tarsplit) as skel:
+                    extra = set(payloads(skel)) - named
+            except (StoreError, OSError):
+                continue
+            db.executemany("INSERT OR IGNORE INTO skeleton_objects VALUES (?, ?)", [(lid, h) for h in extra])
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:

@@ -1,0 +1,128 @@
+"""The store under damage and failure: gc keeps what every layer needs, a damaged or missing index is refused,
+blobs are verified whatever the store already holds, a full disk leaves the store as it was."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import tarfile
+
+from store.importer import commit_layer
+from store.reader import open_store
+from store.root import Store
+from tests.store.conftest import Lamina, make_tar, sha256, ti
+
+
+def _kinds_tar() -> bytes:
+    """A layer with every kind of entry, and no empty file (an empty file would keep the empty content alive)."""
+    xattr = ti("x", pax_headers={"SCHILY.xattr.user.k": "v", "SCHILY.xattr.security.capability": "\x01\x00"})
+    return make_tar([
+        (ti("etc", tarfile.DIRTYPE), None),
+        (ti("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n"),
+        (ti("etc/group"), b"root:x:0:\n"),
+        (ti("etc/hard", tarfile.LNKTYPE, linkname="etc/passwd"), None),
+        (ti("etc/sym", tarfile.SYMTYPE, linkname="passwd"), None),
+        (ti("dev", tarfile.DIRTYPE), None),
+        (ti("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3), None),
+        (ti("dev/loop0", tarfile.BLKTYPE, devmajor=7, devminor=0), None),
+        (ti("dev/fifo", tarfile.FIFOTYPE), None),
+        (xattr, b"with xattrs\n"),
+        (ti("var/lib/deep/" + "n" * 200), b"long name\n"),
+        (ti("big"), os.urandom(8192)),
+    ])
+
+
+def _whiteouts_tar() -> bytes:
+    """A layer on top of _kinds_tar: whiteouts, an opaque directory, aufs bookkeeping, a whiteout with content."""
+    return make_tar([
+        (ti("etc", tarfile.DIRTYPE), None),
+        (ti("etc/.wh.group"), b""),
+        (ti("var/lib/.wh..wh..opq"), b""),
+        (ti("var/lib/fresh"), b"fresh\n"),
+        (ti(".wh..wh.plnk", tarfile.DIRTYPE), None),
+        (ti(".wh..wh.plnk/123.456"), b"aufs hardlink store\n"),
+        (ti("dev/.wh.fifo"), b"a whiteout's content is kept in the tar too\n"),
+    ])
+
+
+def _check_saves(lamina: Lamina, tmp_path, ref: str) -> None:
+    """`save` rebuilds every layer of REF to its DiffID, and the archive imports elsewhere to the same image."""
+    info = json.loads(lamina("inspect", ref).stdout)[0]
+    out = tmp_path / f"saved-{ref.replace(':', '-')}.tar"
+    lamina("save", ref, "-o", out)
+    with tarfile.open(out) as tf:
+        blobs = {sha256(tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()}
+    assert set(info["RootFS"]["Layers"]) <= blobs
+    other = Lamina(tmp_path / f"other-{ref.replace(':', '-')}")
+    assert other("import", out).stdout.strip() == info["Id"]
+    other.assert_clean()
+
+
+def test_gc_keeps_the_contents_of_whiteout_files(lamina, tmp_path):
+    """#11.4: a whiteout file's content is named only by its layer's skeleton; gc deleted it (the layer could no
+    longer be saved and fsck --repair dropped the image)."""
+    (tmp_path / "kinds.tar").write_bytes(_kinds_tar())
+    (tmp_path / "wh.tar").write_bytes(_whiteouts_tar())
+    (tmp_path / "empty.tar").write_bytes(make_tar([(ti("empty"), b"")]))
+    lamina("import", tmp_path / "kinds.tar", "-t", "kinds")
+    lamina("import", tmp_path / "wh.tar", "-t", "wh")
+    lamina("import", tmp_path / "empty.tar", "-t", "empty")  # an entry naming the empty content, then gone
+    lamina("rmi", "empty")
+    assert "and 0 layers" not in lamina("gc").stdout
+    lamina.assert_clean()
+    for ref in ("kinds", "wh"):
+        _check_saves(lamina, tmp_path, ref)
+    # Dropping the layer drops what it alone kept.
+    lamina("rmi", "wh")
+    lamina("gc")
+    lamina.assert_clean()
+    names = {h for (h,) in sqlite3.connect(lamina.root / "index.db").execute("SELECT object FROM skeleton_objects")}
+    assert names == set()
+
+
+def test_gc_after_a_commit_that_removed_a_lower_file(lamina, tmp_path):
+    """#11.4 as found: rm of a lower file in a container, commit, gc, then the image could not be saved."""
+    (tmp_path / "kinds.tar").write_bytes(_kinds_tar())
+    lamina("import", tmp_path / "kinds.tar", "-t", "base")
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    os.mknod(upper / "etc/group", stat.S_IFCHR, 0)  # the upper's whiteout of a lower file
+    (upper / "var/lib").mkdir(parents=True)
+    os.setxattr(upper / "var/lib", "trusted.overlay.opaque", b"y")
+    with Store(str(lamina.root)) as st:
+        base_id = open_store(str(lamina.root)).image("base").id
+        commit_layer(st, base_id, str(upper), "rm /etc/group", ["committed:1"])
+    lamina("gc")
+    lamina.assert_clean()
+    _check_saves(lamina, tmp_path, "committed:1")
+
+
+def test_schema_2_store_records_its_layers_skeleton_objects(lamina, tmp_path):
+    """A store written before skeleton_objects existed gets them filled in when first opened."""
+    (tmp_path / "wh.tar").write_bytes(_whiteouts_tar())
+    lamina("import", tmp_path / "wh.tar", "-t", "wh")
+    db = sqlite3.connect(lamina.root / "index.db", isolation_level=None)
+    want = set(db.execute("SELECT object FROM skeleton_objects"))
+    assert len(want) == 2  # the empty content and the whiteout with content
+    db.execute("DROP TABLE skeleton_objects")
+    db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    db.close()
+    lamina("gc")
+    db = sqlite3.connect(lamina.root / "index.db")
+    assert set(db.execute("SELECT object FROM skeleton_objects")) == want
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+    lamina.assert_clean()
+    _check_saves(lamina, tmp_path, "wh")
+
+
+def test_fsck_reports_and_records_unrecorded_skeleton_objects(lamina, tmp_path):
+    (tmp_path / "wh.tar").write_bytes(_whiteouts_tar())
+    lamina("import", tmp_path / "wh.tar", "-t", "wh")
+    sqlite3.connect(lamina.root / "index.db", isolation_level=None).execute("DELETE FROM skeleton_objects")
+    r = lamina("fsck", check=False)
+    assert r.returncode == 1 and "tar skeleton uses 2 objects the index does not record" in r.stdout
+    assert "recorded 2 objects" in lamina("fsck", "--repair").stdout
+    lamina("gc")
+    lamina.assert_clean()
+    _check_saves(lamina, tmp_path, "wh")
