@@ -4,14 +4,16 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import os
 import shlex
+import sqlite3
 import sys
 from typing import Callable
 
 import click
 
 from .errors import StoreError
-from .root import Store
+from .root import Store, default_root, index_error
 
 
 def fail(msg: str, code: int = 1) -> None:
@@ -25,11 +27,14 @@ def store_command(fn: Callable) -> Callable:
     @functools.wraps(fn)
     @click.pass_context
     def wrapper(ctx: click.Context, *args, **kwargs):
+        root = (ctx.obj or {}).get("root")
         try:
-            store = Store((ctx.obj or {}).get("root"))
+            store = Store(root)
             return fn(store, *args, **kwargs)
         except StoreError as e:
             fail(str(e))
+        except sqlite3.Error as e:
+            fail(str(index_error(os.path.abspath(os.path.join(root or default_root(), "index.db")), e)))
         except OSError as e:
             fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     return wrapper

@@ -75,8 +75,22 @@ def gc(store: Store) -> dict:
     """Drops images with neither tag nor holder, layers no image uses and objects no layer uses, then stray files
     under objects/."""
     with store.exclusive():
+        damage = index_damage(store)
+        if damage:
+            raise Corrupt(f"{damage}: gc would go by it; restore index.db from a backup")
         store.recover_locked()
         return _gc_locked(store)
+
+
+def index_damage(store: Store) -> str | None:
+    """What SQLite's quick_check finds wrong with the index, in one line; None when it is sound. gc and fsck
+    decide from the index what to delete, so they run it first (every other command meets damage only where
+    it reads)."""
+    found = [r for (r,) in store.db.execute("PRAGMA quick_check").fetchall()]
+    if found == ["ok"]:
+        return None
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"index {store.db_path} is damaged: {found[0]}{more}"
 
 
 def _gc_locked(store: Store) -> dict:
@@ -140,6 +154,9 @@ class FsckReport:
 def fsck(store: Store, repair: bool = False, verify_layers: bool = True) -> FsckReport:
     """Re-hashes every object, checks every reference, and (by default) rebuilds every layer to its DiffID."""
     with store.exclusive():
+        damage = index_damage(store)
+        if damage:  # nothing the index says can be trusted, nor repaired from it
+            return FsckReport(problems=[f"{damage}: restore it from a backup"])
         store.recover_locked()
         return _Fsck(store, repair).run(verify_layers)
 
@@ -160,9 +177,6 @@ class _Fsck:
         self.references()
         if self.repair and self.bad_layers:
             self.drop_damaged()
-        (ok,) = self.db.execute("PRAGMA quick_check").fetchone()
-        if ok != "ok":
-            self.rep.problems.append(f"index: {ok}")
         return self.rep
 
     def problem(self, msg: str, layer: tuple[int, str] | None = None) -> None:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .errors import StoreError
+from .errors import Corrupt, StoreError
 from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 
@@ -48,6 +48,16 @@ def inline_data(conn: sqlite3.Connection, h: str) -> bytes | None:
     """An object's content when it is inlined in the index, else None (a file under objects/, or gone)."""
     row = conn.execute("SELECT data FROM objects WHERE hash=?", (h,)).fetchone()
     return None if row is None or row[0] is None else bytes(row[0])
+
+
+def index_error(db_path: str, e: sqlite3.Error) -> StoreError:
+    """The one-line error for an SQLite failure on the index, named by its cause."""
+    name = getattr(e, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return Corrupt(f"index {db_path} is damaged ({e}): restore it from a backup")
+    if name.startswith("SQLITE_READONLY") or name == "SQLITE_CANTOPEN":
+        return StoreError(f"index {db_path} cannot be written ({e})")
+    return StoreError(f"index {db_path}: {e}")
 
 
 class Store:
@@ -95,13 +105,35 @@ class Store:
         self.close()
 
     def _version(self) -> int | None:
+        """The index's schema version; None for an index with no tables yet (a new store)."""
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.OperationalError:  # no meta table: a new store
+        except sqlite3.DatabaseError as e:
+            if str(e) != "no such table: meta":
+                raise index_error(self.db_path, e) from None
+            if self.db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None:
+                raise StoreError(f"index {self.db_path} is not a lamina index (it has no schema version)") from None
             return None
         return None if row is None else int(row[0])
 
+    def _has_objects(self) -> bool:
+        with os.scandir(self.objects_dir) as subdirs:
+            for d in subdirs:
+                if d.is_dir(follow_symlinks=False) and any(os.scandir(d.path)):
+                    return True
+        return False
+
     def _init_schema(self) -> None:
+        try:
+            fresh = os.stat(self.db_path).st_size == 0
+        except FileNotFoundError:
+            fresh = True
+        # A new store has no index and no objects. An index lost while objects remain (deleted, truncated to
+        # zero bytes) must not be taken for a new one: gc would delete every object no index row names.
+        if fresh and self._has_objects():
+            state = "empty" if os.path.exists(self.db_path) else "missing"
+            raise StoreError(f"store {self.root}: index.db is {state} but objects/ holds contents: refusing to "
+                             "treat it as a new store (restore index.db from a backup)")
         version = self._version()
         if version == SCHEMA_VERSION:
             return  # the common case costs one read and never waits for a writer

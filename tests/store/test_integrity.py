@@ -6,7 +6,10 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
 import tarfile
+
+import pytest
 
 from store.importer import commit_layer
 from store.reader import open_store
@@ -126,3 +129,98 @@ def test_fsck_reports_and_records_unrecorded_skeleton_objects(lamina, tmp_path):
     lamina("gc")
     lamina.assert_clean()
     _check_saves(lamina, tmp_path, "wh")
+
+
+# -- a lost, damaged or read-only index ---------------------------------------------------------------------------
+
+_EVERY_COMMAND = (["images"], ["inspect", "kinds"], ["history", "kinds"], ["tag", "kinds", "other"], ["rmi", "kinds"],
+                  ["df"], ["gc"], ["fsck"], ["save", "kinds", "-o", "/dev/null"], ["ps", "-a"],
+                  ["run", "--rm", "kinds", "/x"])
+
+
+def _one_line_error(r, *words: str) -> None:
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lamina: "), r.stderr
+    for w in words:
+        assert w in lines[0], r.stderr
+
+
+def _seed(lamina, tmp_path) -> set[str]:
+    (tmp_path / "kinds.tar").write_bytes(_kinds_tar())
+    lamina("import", tmp_path / "kinds.tar", "-t", "kinds")
+    objects = lamina.objects()
+    assert objects  # the 8 KiB file is an object file, not inlined
+    return objects
+
+
+def test_an_empty_or_missing_index_beside_objects_is_refused(lamina, tmp_path):
+    """#11.5: a zero-byte index.db was taken for a new store, and gc then deleted every object."""
+    objects = _seed(lamina, tmp_path)
+    db = lamina.root / "index.db"
+    for state in ("empty", "missing"):
+        for sfx in ("-wal", "-shm"):
+            (lamina.root / f"index.db{sfx}").unlink(missing_ok=True)
+        if state == "empty":
+            db.write_bytes(b"")
+        else:
+            db.unlink()
+        for cmd in _EVERY_COMMAND:
+            r = lamina(*cmd, check=False)
+            if cmd[0] in ("ps", "run"):  # runtime commands that do not open the store for this
+                continue
+            _one_line_error(r, f"index.db is {state} but objects/ holds contents")
+        assert lamina.objects() == objects
+        assert (db.stat().st_size == 0) if state == "empty" else not db.exists()
+
+
+def _damage(db, how: str) -> None:
+    with sqlite3.connect(db) as c:
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = c.execute("PRAGMA page_count").fetchone()[0]
+        psize = c.execute("PRAGMA page_size").fetchone()[0]
+    if how == "truncated":
+        os.truncate(db, (pages // 2) * psize + 100)
+    else:  # every page past the first few overwritten: b-tree pages of every table and index
+        with open(db, "r+b") as f:
+            for p in range(3, pages):
+                f.seek(p * psize)
+                f.write(b"\x55" * psize)
+
+
+def test_a_damaged_index_is_one_line_for_every_command(lamina, tmp_path):
+    """#11.7: damaged or truncated index pages: one-line errors, fsck included; gc deletes nothing."""
+    objects = _seed(lamina, tmp_path)
+    good = (lamina.root / "index.db").read_bytes()
+    for how in ("truncated", "overwritten"):
+        (lamina.root / "index.db").write_bytes(good)
+        _damage(lamina.root / "index.db", how)
+        for cmd in _EVERY_COMMAND:
+            r = lamina(*cmd, check=False)
+            assert "Traceback" not in r.stderr, (cmd, r.stderr)
+            if cmd[0] in ("images", "df", "gc", "fsck"):
+                assert r.returncode != 0, (cmd, r.stdout)
+                out = r.stdout.splitlines() + r.stderr.splitlines()
+                assert any("is damaged" in line for line in out), (cmd, out)
+                if cmd[0] != "fsck":
+                    _one_line_error(r, "is damaged")
+        assert lamina.objects() == objects
+
+
+def test_a_read_only_index_gives_one_line_errors(lamina, tmp_path):
+    """#11.7: an index the user cannot write (here immutable): import, tag, rmi, mount answer in one line."""
+    _seed(lamina, tmp_path)
+    db = lamina.root / "index.db"
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        (tmp_path / "mnt").mkdir()
+        for cmd in (["import", tmp_path / "kinds.tar", "-t", "again"], ["tag", "kinds", "other"], ["rmi", "kinds"],
+                    ["mount", "kinds", tmp_path / "mnt"]):
+            _one_line_error(lamina(*cmd, check=False), "cannot be written")
+        assert lamina("images").stdout.count("\n") == 2
+    finally:
+        subprocess.run(["umount", str(tmp_path / "mnt")], capture_output=True)
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+    lamina.assert_clean()
+
