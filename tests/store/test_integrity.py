@@ -224,3 +224,10 @@ def test_a_read_only_index_gives_one_line_errors(lamina, tmp_path):
         subprocess.run(["chattr", "-i", str(db)], check=True)
     lamina.assert_clean()
 
+
+def test_tag_refuses_a_domain_of_dots(lamina, tmp_path):
+    """#11.7: `tag bb ../x` was taken as domain `..`; refused as `a/../b` already is."""
+    _seed(lamina, tmp_path)
+    for bad in ("../x", "./x", "a-/x", "a./x", "a/../b"):
+        _one_line_error(lamina("tag", "kinds", bad, check=False), "invalid reference format")
+    lamina("tag", "kinds", "registry-1.example.com:5000/team/x:1")
