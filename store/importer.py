@@ -217,27 +217,40 @@ class Source:
             raise BadInput(f"{self.path} holds {len(images)} images: -t applies to exactly one")
         for img in images:
             for layer, want in zip(img.layers, img.diff_ids):
-                if not self.imp.have_layer(want):
-                    self._archive_layer(b, layer, want)
+                self._archive_layer(b, layer, want)
             self.imp.images.append(ImageSpec(img.config, img.diff_ids, self.tags or img.tags))
 
     def _archive_layer(self, b: Blobs, layer: LayerRef, want: str) -> None:
+        """Reads one layer blob and checks it against its descriptor and DiffID. A layer the store already holds
+        is not stored again, but its blob is checked all the same: an archive with a corrupt, empty or missing
+        blob is refused whatever the store holds, as a fresh store refuses it."""
         desc = layer.desc
         mt = desc.get("mediaType")
         if mt is not None and mt not in LAYER_TYPES:
             raise BadInput(f"layer {desc.get('digest', layer.name)}: unknown media type {mt!r}")
         blob_name = layer.name if layer.name is not None else b.blob_name(desc.get("digest", ""))
+        known = self.imp.have_layer(want)
         with b.open(blob_name) as raw:
             h = HashingReader(raw)
-            data = self.imp.add_layer_stream(io.BufferedReader(h, 1 << 20))  # type: ignore[arg-type]
+            src = io.BufferedReader(h, 1 << 20)  # type: ignore[arg-type]
+            diff_id = _diff_id(src) if known else self.imp.add_layer_stream(src).diff_id
             digest = h.finish()
         if "digest" in desc and digest != desc["digest"]:
             raise BadInput(f"layer blob {desc['digest']} does not match its digest (got {digest})")
         if "size" in desc and h.n != desc["size"]:
             raise BadInput(f"layer blob {desc.get('digest')} has {h.n} bytes, manifest says {desc['size']}")
-        if data.diff_id != want:
-            raise BadInput(f"layer {desc.get('digest', layer.name)}: DiffID {data.diff_id} does not match "
+        if diff_id != want:
+            raise BadInput(f"layer {desc.get('digest', layer.name)}: DiffID {diff_id} does not match "
                            f"config {want}")
+
+
+def _diff_id(src: BinaryIO) -> str:
+    """The DiffID of a (possibly compressed) layer blob, read to its end without storing anything."""
+    sha = hashlib.sha256()
+    f = decompressed(src)
+    while chunk := f.read(1 << 20):
+        sha.update(chunk)
+    return "sha256:" + sha.hexdigest()
 
 
 def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags: list[str] | None = None,

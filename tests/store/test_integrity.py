@@ -231,3 +231,34 @@ def test_tag_refuses_a_domain_of_dots(lamina, tmp_path):
     for bad in ("../x", "./x", "a-/x", "a./x", "a/../b"):
         _one_line_error(lamina("tag", "kinds", bad, check=False), "invalid reference format")
     lamina("tag", "kinds", "registry-1.example.com:5000/team/x:1")
+
+
+# -- blobs of layers the store already holds ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["oci", "docker"])
+@pytest.mark.parametrize("damage", ["corrupt", "empty", "missing"])
+def test_broken_blobs_are_refused_even_when_their_layers_are_stored(lamina, tmp_path, fmt, damage):
+    """#12.5: a layer already in the store (by DiffID) was never read again, so a corrupt, empty or missing blob
+    was accepted (exit 0) where a fresh store refuses it."""
+    _seed(lamina, tmp_path)
+    lamina("save", "kinds", "-o", tmp_path / "saved.tar", "--format", fmt)
+    d = tmp_path / "unpacked"
+    with tarfile.open(tmp_path / "saved.tar") as tf:
+        tf.extractall(d)  # noqa: S202 - our own archive
+    layer_diff_id = json.loads(lamina("inspect", "kinds").stdout)[0]["RootFS"]["Layers"][0]
+    blobs = [p for p in d.rglob("*") if p.is_file() and sha256(p.read_bytes()) == layer_diff_id]
+    assert blobs, "the saved layer blob"
+    for blob in blobs:
+        if damage == "corrupt":
+            data = bytearray(blob.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            blob.write_bytes(bytes(data))
+        elif damage == "empty":
+            blob.write_bytes(b"")
+        else:
+            blob.unlink()
+    before = (lamina.objects(), lamina("images", "--format", "json").stdout)
+    r = lamina("import", d, "-t", "again", check=False)
+    _one_line_error(r)
+    assert (lamina.objects(), lamina("images", "--format", "json").stdout) == before
+    lamina.assert_clean()
