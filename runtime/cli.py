@@ -59,6 +59,18 @@ def background_mount(argv: list[str]) -> bool:
     return i < len(argv) and not any(a in ("-f", "--foreground", "-h", "--help") for a in argv[i + 1:])
 
 
+def _die_of_sigpipe() -> None:
+    """The reader of our output went away (`lamina images | head -1`): end as docker and coreutils do, killed by
+    SIGPIPE, silently (not `lamina: Broken pipe`, exit 1)."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # nothing left to flush into the closed pipe at exit
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+
+
 def _index_path(argv: list[str]) -> str:
     import os  # noqa: PLC0415
 
@@ -77,6 +89,8 @@ def _index_path(argv: list[str]) -> str:
 def main() -> None:
     try:
         _main()
+    except BrokenPipeError:
+        _die_of_sigpipe()
     except Exception as e:
         sqlite3 = sys.modules.get("sqlite3")
         if sqlite3 is None or not isinstance(e, sqlite3.Error):
@@ -85,6 +99,11 @@ def main() -> None:
         from store.root import index_error  # noqa: PLC0415
         sys.stderr.write(f"lamina: {index_error(_index_path(sys.argv[1:]), e)}\n")
         sys.exit(1)
+    except SystemExit:
+        import click  # noqa: PLC0415 - loaded by now
+        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):  # click's own answer to EPIPE, exit 1
+            _die_of_sigpipe()
+        raise
 
 
 def _main() -> None:

@@ -283,8 +283,15 @@ def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags
 
 def import_source(store: Store, source: str, tag: str | None = None, changes: dict | None = None,
                   progress: Callable[[int], None] | None = None) -> list[str]:
+    return [image_id for image_id, _ in import_images(store, source, tag, changes, progress)]
+
+
+def import_images(store: Store, source: str, tag: str | None = None, changes: dict | None = None,
+                  progress: Callable[[int], None] | None = None) -> list[tuple[str, list[str]]]:
+    """Imports SOURCE; returns each image's id with the tags this import gave it (-t, or the archive's own)."""
     tags = [normalize_ref(tag)] if tag else []
     imp = Importer(store, progress)
     with imp.session():
         Source(imp, source, tags, changes or {}).run()
-        return imp.commit()
+        ids = imp.commit()
+    return [(image_id, img.tags) for image_id, img in zip(ids, imp.images)]

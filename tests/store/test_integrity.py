@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from store.importer import commit_layer
 from store.reader import open_store
 from store.root import Store
+from tests.conftest import BIN
 from tests.store.conftest import Lamina, make_tar, sha256, ti
 
 
@@ -262,3 +264,48 @@ def test_broken_blobs_are_refused_even_when_their_layers_are_stored(lamina, tmp_
     _one_line_error(r)
     assert (lamina.objects(), lamina("images", "--format", "json").stdout) == before
     lamina.assert_clean()
+
+
+# -- smaller -----------------------------------------------------------------------------------------------------
+
+def test_a_closed_pipe_ends_the_command_quietly(lamina, tmp_path):
+    """#12.13: `lamina images | head -1` printed `lamina: Broken pipe` and exited 1; now as docker and coreutils:
+    killed by SIGPIPE, nothing on stderr. The read end is closed before the command writes, so it is certain."""
+    _seed(lamina, tmp_path)
+    for cmd in (["images"], ["history", "kinds"], ["ps", "-a"], ["inspect", "kinds"]):
+        r_fd, w_fd = os.pipe()
+        os.close(r_fd)
+        try:
+            r = subprocess.run([str(BIN / "lamina"), *cmd], stdout=w_fd, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, LAMINA_ROOT=str(lamina.root)), timeout=300)
+        finally:
+            os.close(w_fd)
+        assert r.returncode == -signal.SIGPIPE and r.stderr == "", (cmd, r.returncode, r.stderr)
+
+
+def test_load_names_the_archives_own_tags(lamina, tmp_path):
+    """#12.13: load printed every tag the store had for an image already stored, not the archive's."""
+    _seed(lamina, tmp_path)
+    lamina("tag", "kinds", "also:1")
+    lamina("save", "also:1", "-o", tmp_path / "one.tar")
+    lamina("tag", "kinds", "third:2")
+    assert lamina("load", "-i", tmp_path / "one.tar").stdout == "Loaded image: also:1\n"
+    image_id = json.loads(lamina("inspect", "kinds").stdout)[0]["Id"]
+    lamina("save", image_id, "-o", tmp_path / "by-id.tar")  # no tag in the archive: named by id, as docker
+    assert lamina("load", "-i", tmp_path / "by-id.tar").stdout == f"Loaded image ID: {image_id}\n"
+
+
+def test_created_reads_as_docker_writes_it():
+    """#12.13: go-units' HumanDuration + ' ago', which docker's CREATED column prints: its wording and its
+    thresholds, and a date in the future (the clock behind the image's) as 'Less than a second ago'."""
+    import datetime as dt
+
+    from store.cli import ago
+    now = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
+    cases = {-3600: "Less than a second ago", 0.5: "Less than a second ago", 1: "1 second ago",
+             59: "59 seconds ago", 90: "About a minute ago", 3599: "59 minutes ago", 3600: "About an hour ago",
+             5400: "2 hours ago", 47 * 3600: "47 hours ago", 10 * 86400: "10 days ago", 20 * 86400: "2 weeks ago",
+             59 * 86400: "8 weeks ago", 61 * 86400: "2 months ago", 3 * 365 * 86400: "3 years ago"}
+    for seconds, want in cases.items():
+        created = (now - dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert ago(created, now) == want, (seconds, ago(created, now), want)
