@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
 import json
 import os
@@ -38,6 +39,8 @@ def store_command(fn: Callable) -> Callable:
         except BrokenPipeError:
             raise  # the reader went away (`lamina images | head -1`): runtime/cli.py ends quietly
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                fail(f"no space left on {os.path.abspath(root or default_root())} ({e.filename or e.strerror})")
             fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     return wrapper
 

@@ -9,11 +9,13 @@ untouched, and the staged or moved objects are removed by recovery (store/root.p
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
 import os
 import shutil
+import sqlite3
 import tarfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,12 +24,12 @@ from typing import BinaryIO, Callable, Iterator
 from .archives import LAYER_TYPES, Blobs, LayerRef, host_arch, is_archive_dir, looks_like_archive, read_images
 from .dirtar import write_dir_tar
 from .entries import split
-from .errors import BadInput, NotFound
+from .errors import BadInput, NotFound, StoreError
 from .ingest import (P_GID, P_IMPLICIT, P_KIND, P_LEADER, P_LINK, P_MODE, P_MTIME, P_OBJ, P_OPAQUE, P_RDEV,
                      P_SIZE, P_UID, P_XATTRS, LayerData, ingest_tar)
 from .objects import ObjectStager
 from .refs import normalize_ref
-from .root import Store
+from .root import Store, index_error
 from .streams import GZIP_MAGIC, ZSTD_MAGIC, HashingReader, decompressed
 
 
@@ -53,24 +55,47 @@ class Importer:
 
     @contextmanager
     def session(self) -> Iterator["Importer"]:
+        """The import's registration and staging area. Any failure leaves the store as it was: a full disk or an
+        index that cannot be written is reported as one StoreError naming it, and objects already moved into
+        objects/ for a commit that failed are removed by recovery once this importer's lock is released."""
         st = self.store
-        with st.shared():
-            with st.write() as db:
-                cur = db.execute("INSERT INTO imports(pid, started, staging) VALUES (?, ?, '')",
-                                 (os.getpid(), now_iso()))
-                self.id = cur.lastrowid
-                rel = f"tmp/import-{self.id}"
-                db.execute("UPDATE imports SET staging=? WHERE id=?", (rel, self.id))
-            self.staging = str(st.root / rel)
-            os.makedirs(self.staging)
-            self.stager = ObjectStager(st, self.staging)
-            try:
-                yield self
-            finally:
-                self.stager.close()
-                shutil.rmtree(self.staging, ignore_errors=True)
-                with st.write() as db:
-                    db.execute("DELETE FROM imports WHERE id=?", (self.id,))
+        self.stager = None
+        clean = False
+        try:
+            with st.shared():
+                with _store_errors(st):
+                    with st.write() as db:
+                        cur = db.execute("INSERT INTO imports(pid, started, staging) VALUES (?, ?, '')",
+                                         (os.getpid(), now_iso()))
+                        self.id = cur.lastrowid
+                        rel = f"tmp/import-{self.id}"
+                        db.execute("UPDATE imports SET staging=? WHERE id=?", (rel, self.id))
+                self.staging = str(st.root / rel)
+                try:
+                    with _store_errors(st):
+                        os.makedirs(self.staging)
+                        self.stager = ObjectStager(st, self.staging)
+                        yield self
+                    clean = True
+                finally:
+                    if self.stager is not None:
+                        self.stager.close()
+                    # Objects moved into objects/ and never committed: recovery removes them (below).
+                    if clean or not os.path.exists(f"{self.staging}/linked.json"):
+                        shutil.rmtree(self.staging, ignore_errors=True)
+                        try:
+                            with st.write() as db:
+                                db.execute("DELETE FROM imports WHERE id=?", (self.id,))
+                        except sqlite3.Error:
+                            clean = False  # the row stays for recovery; the error that brought us here matters
+                        else:
+                            clean = True
+        finally:
+            if not clean:
+                try:
+                    st.recover()
+                except (StoreError, sqlite3.Error, OSError):
+                    pass  # left to the next open, gc or fsck, which recover first
 
     def have_layer(self, diff_id: str) -> bool:
         if diff_id in self.layers:
@@ -109,6 +134,19 @@ class Importer:
                     db.execute("INSERT OR REPLACE INTO tags(name, image_id) VALUES (?, ?)", (t, image_id))
                 ids.append(image_id)
         return ids
+
+
+@contextmanager
+def _store_errors(store: Store) -> Iterator[None]:
+    """A full disk or a failing index, anywhere in an import, as one StoreError that says so."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise index_error(store.db_path, e) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StoreError(f"no space left on {store.root} ({e.filename or e.strerror})") from None
 
 
 def _insert_layer(db, data: LayerData) -> None:
@@ -205,6 +243,8 @@ class Source:
             with open(tmp, "wb") as out:
                 write_dir_tar(p, out)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # writing the staging copy, not reading the source
             raise BadInput(f"{p}: {e.strerror or e}") from None
         with open(tmp, "rb") as f:
             data = self.imp.add_layer_stream(f)

@@ -50,11 +50,23 @@ def inline_data(conn: sqlite3.Connection, h: str) -> bytes | None:
     return None if row is None or row[0] is None else bytes(row[0])
 
 
+def _full(path: str) -> bool:
+    """Whether the filesystem holding path has (almost) no free block left: SQLite reports a write that ran out
+    of space in its WAL or shared-memory file as a mere I/O error."""
+    try:
+        st = os.statvfs(os.path.dirname(path))
+    except OSError:
+        return False
+    return st.f_bfree * st.f_frsize < (64 << 10)
+
+
 def index_error(db_path: str, e: sqlite3.Error) -> StoreError:
     """The one-line error for an SQLite failure on the index, named by its cause."""
     name = getattr(e, "sqlite_errorname", "")
     if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
         return Corrupt(f"index {db_path} is damaged ({e}): restore it from a backup")
+    if name in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE") or (name.startswith("SQLITE_IOERR") and _full(db_path)):
+        return StoreError(f"no space left on {os.path.dirname(db_path)} (index.db: {e})")
     if name.startswith("SQLITE_READONLY") or name == "SQLITE_CANTOPEN":
         return StoreError(f"index {db_path} cannot be written ({e})")
     return StoreError(f"index {db_path}: {e}")
@@ -178,10 +190,16 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite rolls back by itself after some errors (a full disk): a ROLLBACK then would fail and hide
+            # the error that matters.
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
-        db.execute("COMMIT")
 
     # -- locking ----------------------------------------------------------------------------------------------
     @contextmanager

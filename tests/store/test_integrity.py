@@ -309,3 +309,58 @@ def test_created_reads_as_docker_writes_it():
     for seconds, want in cases.items():
         created = (now - dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         assert ago(created, now) == want, (seconds, ago(created, now), want)
+
+
+# -- a full disk -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """An 8 MiB tmpfs: the store root lives there, so a disk runs full for real."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _fill(mnt, leave: int) -> None:
+    """Leaves `leave` bytes free on mnt's filesystem (a filler file takes the rest)."""
+    filler = mnt / "filler"
+    filler.unlink(missing_ok=True)
+    st = os.statvfs(mnt)
+    want = st.f_bavail * st.f_frsize - leave
+    if want > 0:
+        with open(filler, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, want)
+
+
+def test_a_full_disk_at_any_step_leaves_the_store_as_it_was(small_fs, tmp_path):
+    """#11.6: out of space while staging, publishing or committing the index: `lamina: no space left on ...`,
+    the store as before (no stray object for fsck to find, no staging left), never a traceback (SQLite's own
+    rollback used to be followed by ours, 'cannot rollback - no transaction is active')."""
+    lamina = Lamina(small_fs / "store")
+    (tmp_path / "kinds.tar").write_bytes(_kinds_tar())
+    lamina("import", tmp_path / "kinds.tar", "-t", "kinds")
+    members = [(ti(f"small/{i}"), os.urandom(3000)) for i in range(300)]  # inlined: index pages
+    members += [(ti(f"big/{i}"), os.urandom(100_000)) for i in range(6)]  # object files
+    (tmp_path / "new.tar").write_bytes(make_tar(members))
+    before = (lamina.objects(), lamina("images", "--format", "json").stdout)
+    where = set()
+    for leave in range(0, 7_000_000, 200_000):
+        _fill(small_fs, leave)
+        r = lamina("import", tmp_path / "new.tar", "-t", "new", check=False)
+        if r.returncode == 0:
+            break
+        _one_line_error(r, f"no space left on {lamina.root}")
+        where.add("index" if "index.db" in r.stderr else "files")
+        (small_fs / "filler").unlink()
+        assert (lamina.objects(), lamina("images", "--format", "json").stdout) == before, leave
+        assert not os.listdir(lamina.root / "tmp")
+        lamina.assert_clean()
+    else:
+        raise AssertionError("the import never fitted")
+    assert where == {"index", "files"}  # both kinds of failure were met on the way
+    (small_fs / "filler").unlink()
+    lamina.assert_clean()
