@@ -87,6 +87,7 @@ def _index_path(argv: list[str]) -> str:
 
 
 def main() -> None:
+    stdout = sys.stdout
     try:
         _main()
     except BrokenPipeError:
@@ -100,8 +101,7 @@ def main() -> None:
         sys.stderr.write(f"lamina: {index_error(_index_path(sys.argv[1:]), e)}\n")
         sys.exit(1)
     except SystemExit:
-        import click  # noqa: PLC0415 - loaded by now
-        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):  # click's own answer to EPIPE, exit 1
+        if sys.stdout is not stdout:  # click's own answer to EPIPE: stdout wrapped to silence its flush, exit 1
             _die_of_sigpipe()
         raise
 
