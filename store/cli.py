@@ -39,8 +39,8 @@ def store_command(fn: Callable) -> Callable:
         except BrokenPipeError:
             raise  # the reader went away (`lamina images | head -1`): runtime/cli.py ends quietly
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                fail(f"no space left on {os.path.abspath(root or default_root())} ({e.filename or e.strerror})")
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # an import names its store itself; this is `save`'s file
+                fail(f"no space left on {e.filename or 'device'}")
             fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     return wrapper
 

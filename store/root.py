@@ -156,6 +156,8 @@ class Store:
             import sqlite_utils  # noqa: PLC0415
             sqlite_utils.Database(self.db).enable_wal()
         with self.write():
+            if version is not None and self._version() == SCHEMA_VERSION:
+                return  # migrated by another process while this one waited for the write lock
             for v in range((version or SCHEMA_VERSION) + 1, SCHEMA_VERSION + 1):
                 for stmt in MIGRATIONS.get(v, []):
                     self.db.execute(stmt)
