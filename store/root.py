@@ -67,8 +67,10 @@ def index_error(db_path: str, e: sqlite3.Error) -> StoreError:
         return Corrupt(f"index {db_path} is damaged ({e}): restore it from a backup")
     if name in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE") or (name.startswith("SQLITE_IOERR") and _full(db_path)):
         return StoreError(f"no space left on {os.path.dirname(db_path)} (index.db: {e})")
-    if name.startswith("SQLITE_READONLY") or name == "SQLITE_CANTOPEN":
+    if name.startswith("SQLITE_READONLY"):
         return StoreError(f"index {db_path} cannot be written ({e})")
+    if name.startswith("SQLITE_CANTOPEN"):
+        return StoreError(f"index {db_path} cannot be opened ({e})")
     return StoreError(f"index {db_path}: {e}")
 
 
