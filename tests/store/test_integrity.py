@@ -12,6 +12,7 @@ import tarfile
 
 import pytest
 
+from store.errors import StoreError
 from store.importer import commit_layer
 from store.reader import open_store
 from store.root import Store
@@ -362,5 +363,19 @@ def test_a_full_disk_at_any_step_leaves_the_store_as_it_was(small_fs, tmp_path):
     else:
         raise AssertionError("the import never fitted")
     assert where == {"index", "files"}  # both kinds of failure were met on the way
-    (small_fs / "filler").unlink()
+    lamina.assert_clean()
+    # `lamina commit` goes the same way: a container's upper made into a layer on a full disk.
+    before = (lamina.objects(), lamina("images", "--format", "json").stdout)
+    base_id = json.loads(lamina("inspect", "kinds").stdout)[0]["Id"]
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc/new").write_bytes(os.urandom(300_000))
+    for leave in (0, 200_000):
+        _fill(small_fs, leave)
+        with pytest.raises(StoreError, match=f"no space left on {lamina.root}"):
+            with Store(str(lamina.root)) as st:
+                commit_layer(st, base_id, str(upper), "a commit on a full disk", ["full:1"])
+        (small_fs / "filler").unlink()
+        assert (lamina.objects(), lamina("images", "--format", "json").stdout) == before, leave
+        assert not os.listdir(lamina.root / "tmp")
     lamina.assert_clean()
