@@ -344,14 +344,16 @@ def inspect_cmd(ctx: click.Context, containers: tuple[str, ...]) -> None:
             out.append(lifecycle.inspect(state.find(root, ref)))
         except state.NotFound:
             # As `docker inspect`: a name that is no container may be an image.
-            from store.errors import StoreError  # noqa: PLC0415 - only here: keeps `lamina run` from loading it
+            from store.errors import NotFound, StoreError  # noqa: PLC0415 - only here: `lamina run` never loads it
             from store.images import inspect as image_inspect  # noqa: PLC0415
             from store.root import Store  # noqa: PLC0415
             try:
                 out.append(image_inspect(Store(root), ref))
-            except StoreError:
+            except NotFound:
                 click.echo(f"lamina: no such object: {ref}", err=True)
                 bad = 1
+            except StoreError as e:  # a store that cannot be opened (lost or damaged index) is no missing image
+                _fail(str(e), 1)
     click.echo(json.dumps(out, indent=4))
     sys.exit(bad)
 

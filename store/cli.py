@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
 import json
+import os
 import shlex
+import sqlite3
 import sys
 from typing import Callable
 
 import click
 
 from .errors import StoreError
-from .root import Store
+from .root import Store, default_root, index_error
 
 
 def fail(msg: str, code: int = 1) -> None:
@@ -25,12 +28,19 @@ def store_command(fn: Callable) -> Callable:
     @functools.wraps(fn)
     @click.pass_context
     def wrapper(ctx: click.Context, *args, **kwargs):
+        root = (ctx.obj or {}).get("root")
         try:
-            store = Store((ctx.obj or {}).get("root"))
+            store = Store(root)
             return fn(store, *args, **kwargs)
         except StoreError as e:
             fail(str(e))
+        except sqlite3.Error as e:
+            fail(str(index_error(os.path.abspath(os.path.join(root or default_root(), "index.db")), e)))
+        except BrokenPipeError:
+            raise  # the reader went away (`lamina images | head -1`): runtime/cli.py ends quietly
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # an import names its store itself; this is `save`'s file
+                fail(f"no space left on {e.filename or 'device'}")
             fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     return wrapper
 
@@ -44,22 +54,43 @@ def human(n: int) -> str:
     return f"{n}B"
 
 
-def ago(iso: str) -> str:
-    """docker's (go-units) human durations: '3 minutes ago', '2 weeks ago', '3 years ago'."""
+def ago(iso: str, now: dt.datetime | None = None) -> str:
+    """docker's CREATED column: go-units' HumanDuration of (now - created) + ' ago'. Like docker, a time in the
+    future (a clock behind the image's) reads 'Less than a second ago'."""
     try:
         t = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=dt.timezone.utc)
     except ValueError:
         return iso or "N/A"
-    s = (dt.datetime.now(dt.timezone.utc) - t).total_seconds()
-    h = s / 3600
-    if s < 1:
-        return "Less than a second ago"
-    for limit, value, unit in ((60, s, "seconds"), (3600, s / 60, "minutes"), (48 * 3600, h, "hours"),
-                               (14 * 86400, h / 24, "days"), (60 * 86400, h / 24 / 7, "weeks"),
-                               (730 * 86400, h / 24 / 30, "months")):
-        if s < limit:
-            return f"{int(value)} {unit} ago"
-    return f"{int(h / 24 / 365)} years ago"
+    d = ((now or dt.datetime.now(dt.timezone.utc)) - t).total_seconds()
+    return human_duration(d) + " ago"
+
+
+def human_duration(d: float) -> str:
+    """go-units' HumanDuration (docker/go-units duration.go), for d seconds."""
+    seconds, minutes, hours = int(d), int(d / 60), int(d / 3600 + 0.5)
+    if seconds < 1:
+        return "Less than a second"
+    if seconds == 1:
+        return "1 second"
+    if seconds < 60:
+        return f"{seconds} seconds"
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(d / 3600) // 24 // 365} years"
 
 
 def table(rows: list[list[str]], headers: list[str]) -> None:
@@ -140,17 +171,15 @@ def import_cmd(store: Store, source: str, tag: str | None, changes: tuple[str, .
 @store_command
 def load_cmd(store: Store, source: str, quiet: bool) -> None:
     """Load images from an archive, as `docker load -i` does (`import` takes every other kind of source too)."""
-    from .importer import import_source
-    from .reader import load_image, resolve
+    from .importer import import_images
     update, close = progress_bar(None, "load")
     try:
-        ids = import_source(store, source, progress=update if update and not quiet else None)
+        loaded = import_images(store, source, progress=update if update and not quiet else None)
     finally:
         close()
-    for i in ids:
-        tags = load_image(store, resolve(store, i)).tags
-        for t in tags or [i]:
-            click.echo(f"Loaded image: {t}" if tags else f"Loaded image ID: {i}")
+    for image_id, tags in loaded:  # the archive's own tags, not every name the store has for the image
+        for t in tags or [image_id]:
+            click.echo(f"Loaded image: {t}" if tags else f"Loaded image ID: {image_id}")
 
 
 @click.command("save")

@@ -79,6 +79,8 @@ class LayerData:
     content_size: int
     tarsplit: str
     rows: dict[str, list] = field(repr=False)  # path -> row (see P_* above), in tar order
+    # Contents the skeleton holds that no row names: whiteout files' (store/schema.py, skeleton_objects)
+    skeleton_objects: set[str] = field(default_factory=set, repr=False)
 
 
 def _implicit_dir() -> list:
@@ -149,6 +151,7 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
     skel_path = f"{stager.staging}/skeleton-{id(src)}"
     layer = _Layer()
     content_size = 0
+    unnamed: set[str] = set()
     with open(skel_path, "wb") as skel_file:
         skel = SkeletonWriter(skel_file)
         stream = TarStream(src, skel)
@@ -183,6 +186,8 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
                     obj = stager.add_chunks(stream.payload(ti.size))
                 skel.payload(obj, ti.size)
             if base.startswith(WH_PREFIX) and path != "/":
+                if kind == FILE:
+                    unnamed.add(obj)
                 parent = split(path)[0]
                 if base == WH_OPAQUE:
                     layer.opaque(parent, member)
@@ -235,4 +240,4 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
     if progress is not None:
         progress(stream.pos - seen_pos)
     return LayerData(diff_id="sha256:" + stream.sha.hexdigest(), size=stream.pos,
-                     content_size=content_size, tarsplit=tarsplit, rows=layer.rows)
+                     content_size=content_size, tarsplit=tarsplit, rows=layer.rows, skeleton_objects=unnamed)
