@@ -18,6 +18,8 @@ from store.reader import open_store
 from store.root import Store
 from tests.conftest import BIN
 from tests.store.conftest import Lamina, make_tar, sha256, ti
+from unionfs.changes import changes, write_layer
+from unionfs.storelayer import StoreLayer
 
 
 def _kinds_tar() -> bytes:
@@ -87,6 +89,14 @@ def test_gc_keeps_the_contents_of_whiteout_files(lamina, tmp_path):
     assert names == set()
 
 
+def _commit_upper(root, parent: str, upper, created_by: str, tag: str) -> None:
+    """An overlayfs upper directory over image `parent` committed as `lamina commit` does (runtime/commit.py)."""
+    with open_store(str(root)) as rst, Store(str(root)) as st:
+        img = rst.image(parent)
+        chs = changes(str(upper), [StoreLayer(rst.reader(), lid) for lid in reversed(img.layer_ids)])
+        commit_layer(st, img.id, lambda out: write_layer(chs, out), created_by, [tag])
+
+
 def test_gc_after_a_commit_that_removed_a_lower_file(lamina, tmp_path):
     """#11.4 as found: rm of a lower file in a container, commit, gc, then the image could not be saved."""
     (tmp_path / "kinds.tar").write_bytes(_kinds_tar())
@@ -96,9 +106,7 @@ def test_gc_after_a_commit_that_removed_a_lower_file(lamina, tmp_path):
     os.mknod(upper / "etc/group", stat.S_IFCHR, 0)  # the upper's whiteout of a lower file
     (upper / "var/lib").mkdir(parents=True)
     os.setxattr(upper / "var/lib", "trusted.overlay.opaque", b"y")
-    with Store(str(lamina.root)) as st:
-        base_id = open_store(str(lamina.root)).image("base").id
-        commit_layer(st, base_id, str(upper), "rm /etc/group", ["committed:1"])
+    _commit_upper(lamina.root, "base", upper, "rm /etc/group", "committed:1")
     lamina("gc")
     lamina.assert_clean()
     _check_saves(lamina, tmp_path, "committed:1")
@@ -373,8 +381,7 @@ def test_a_full_disk_at_any_step_leaves_the_store_as_it_was(small_fs, tmp_path):
     for leave in (0, 200_000):
         _fill(small_fs, leave)
         with pytest.raises(StoreError, match=f"no space left on {lamina.root}"):
-            with Store(str(lamina.root)) as st:
-                commit_layer(st, base_id, str(upper), "a commit on a full disk", ["full:1"])
+            _commit_upper(lamina.root, base_id, upper, "a commit on a full disk", "full:1")
         (small_fs / "filler").unlink()
         assert (lamina.objects(), lamina("images", "--format", "json").stdout) == before, leave
         assert not os.listdir(lamina.root / "tmp")
