@@ -1,0 +1,404 @@
+"""What each storage dedup strategy would hold for a set of stored images: layer, file and chunk level side by side.
+
+Every figure counts file content bytes (regular files; hardlinks once; empty files, directories, symlinks and
+whiteouts hold none), so that the strategies compare like with like; the tar headers around them are reported apart
+(`tar_bytes` of the layer rows). Strategies, each over the units it would store once:
+
+    logical    every image's layers in full, no sharing at all (the baseline of every ratio)
+    layer      distinct layers (Docker's registry and overlay2 model): sum of their content bytes
+    file       distinct file contents (lamina's store, composefs, Gear): from the index alone, no object is read
+    fixed-4k, fixed-64k   distinct fixed-size blocks of each file (EROFS/ZFS-style block dedup)
+    cdc-16k, cdc-64k      distinct FastCDC chunks of each file (average 16/64 KiB; min avg/4, max avg*4; pyfastcdc)
+
+Chunks are cut per file (a file boundary is always a chunk boundary) and named by XXH3-128, 16 bytes: these are
+statistics, not a store, so a collision (about 2^-64 at 10^10 chunks) is not checked. Compressed sizes: each distinct
+unit compressed on its own with zstd level 3 (what a chunk or object store, or a registry serving zstd layers,
+keeps); layer tars also with gzip -6 (how layers are pushed today).
+
+Speed: the chunk strategies share one pass over the distinct objects the images reference, each read once and fed to
+every chunker; layer tars are compressed on a second thread meanwhile (zlib and zstd release the GIL). Memory grows
+with the number of distinct chunks (one dict entry, ~120 bytes, per distinct chunk: see `peak_rss_bytes`), not with
+the bytes scanned.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import resource
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import xxhash
+import zstandard
+
+from .errors import StoreError
+from .reader import load_image
+from .root import Store
+from .schema import INLINE_MAX
+
+CHUNK_STRATEGIES = ("fixed-4k", "fixed-64k", "cdc-16k", "cdc-64k")
+STRATEGIES = ("layer", "file", *CHUNK_STRATEGIES)
+ZSTD_LEVEL = 3  # zstd's default, what registries and `zstd` use
+GZIP_LEVEL = 6  # gzip's and Go's compress/gzip default: docker push
+_MMAP_FROM = 4 << 20  # larger objects are mapped rather than read into memory
+_SIZE_BITS = 32  # a unit's value packs images mask << 64 | compressed size << 32 | size
+
+
+@dataclass
+class ImageInfo:
+    id: str
+    tags: list[str]
+    layers: int
+
+
+@dataclass
+class PerImage:
+    bytes: int = 0          # distinct units of this image
+    zstd_bytes: int = 0
+    objects: int = 0
+    unique_bytes: int = 0   # units no other analysed image has
+    shared_bytes: int = 0   # units at least one other analysed image has
+
+
+@dataclass
+class StrategyResult:
+    name: str
+    bytes: int = 0
+    zstd_bytes: int | None = None
+    gzip_bytes: int | None = None
+    tar_bytes: int | None = None  # layer and logical: the tars themselves, headers included
+    objects: int = 0  # units stored: layers, contents or chunks (what an index must hold)
+    seconds: float = 0.0
+    per_image: list[PerImage] = field(default_factory=list)
+    shared: list[list[int]] = field(default_factory=list)  # [i][j]: bytes images i and j both hold; [i][i] = own
+
+
+@dataclass
+class LayerInfo:
+    id: int
+    diff_id: str
+    tar_bytes: int
+    content_bytes: int
+    mask: int = 0  # images using it, one bit per image in analysis order
+    unique_bytes: int = 0  # file level: contents no other analysed layer has
+    gzip_bytes: int | None = None
+    zstd_bytes: int | None = None
+
+
+@dataclass
+class Analysis:
+    images: list[ImageInfo]
+    layers: list[LayerInfo]
+    strategies: list[StrategyResult]
+    logical_bytes: int
+    scan_bytes: int = 0  # distinct object bytes read by the chunk pass
+    scan_seconds: float = 0.0  # wall time of the chunk pass (reading included, compression included)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    compress: bool = True
+    # distinct non-empty contents: hash -> (size, images mask, layers holding it); for the result database
+    objects: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def strategy(self, name: str) -> StrategyResult:
+        return next(s for s in self.strategies if s.name == name)
+
+
+class _Groups:
+    """Units grouped by the set of images holding them (a bit mask): every per-image and pairwise figure is a sum
+    over the few distinct masks rather than over the units."""
+
+    def __init__(self) -> None:
+        self.by_mask: dict[int, list[int]] = {}  # mask -> [bytes, zstd bytes, units]
+
+    def add(self, mask: int, size: int, zsize: int = 0, n: int = 1) -> None:
+        g = self.by_mask.get(mask)
+        if g is None:
+            self.by_mask[mask] = [size, zsize, n]
+        else:
+            g[0] += size
+            g[1] += zsize
+            g[2] += n
+
+    def result(self, name: str, n_images: int, compressed: bool) -> StrategyResult:
+        r = StrategyResult(name, per_image=[PerImage() for _ in range(n_images)],
+                           shared=[[0] * n_images for _ in range(n_images)])
+        r.zstd_bytes = 0 if compressed else None
+        for mask, (size, zsize, n) in self.by_mask.items():
+            r.bytes += size
+            r.objects += n
+            if compressed:
+                r.zstd_bytes += zsize
+            bits = [i for i in range(n_images) if mask >> i & 1]
+            for i in bits:
+                p = r.per_image[i]
+                p.bytes += size
+                p.zstd_bytes += zsize
+                p.objects += n
+                if len(bits) == 1:
+                    p.unique_bytes += size
+                else:
+                    p.shared_bytes += size
+                row = r.shared[i]
+                for j in bits:
+                    row[j] += size
+        return r
+
+
+class _Chunker:
+    """One chunk strategy: distinct chunk digest -> packed (images mask, compressed size, size)."""
+
+    def __init__(self, name: str, compress: bool) -> None:
+        self.name = name
+        self.seen: dict[bytes, int] = {}
+        self.seconds = 0.0
+        self._z = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress if compress else None
+        if name.startswith("cdc-"):
+            from pyfastcdc import FastCDC  # noqa: PLC0415 - only when chunking
+            self._cdc = FastCDC(int(name[4:-1]) * 1024)
+            self.block = 0
+        else:
+            self._cdc = None
+            self.block = int(name[6:-1]) * 1024
+
+    def _pieces(self, data: memoryview) -> Iterator[memoryview]:
+        if self._cdc is not None:
+            for c in self._cdc.cut_buf(data):
+                yield c.data
+        else:
+            bs = self.block
+            for i in range(0, len(data), bs):
+                yield data[i:i + bs]
+
+    def feed(self, data: memoryview, mask: int) -> None:
+        t = time.perf_counter()
+        seen, digest, z, hi = self.seen, xxhash.xxh3_128_digest, self._z, mask << 64
+        for piece in self._pieces(data):
+            d = digest(piece)
+            v = seen.get(d)
+            if v is None:
+                seen[d] = hi | ((len(z(piece)) if z else 0) << _SIZE_BITS) | len(piece)
+            elif v | hi != v:
+                seen[d] = v | hi
+        self.seconds += time.perf_counter() - t
+
+    def groups(self) -> _Groups:
+        g = _Groups()
+        low = (1 << _SIZE_BITS) - 1
+        for v in self.seen.values():
+            g.add(v >> 64, v & low, (v >> _SIZE_BITS) & low)
+        return g
+
+
+def _zstd_size(data: memoryview) -> int:
+    """Compressed size of a whole content, in bounded memory for large ones."""
+    z = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    if len(data) <= _MMAP_FROM:
+        return len(z.compress(data))
+    c = z.compressobj(size=len(data))
+    n = 0
+    step = 8 << 20
+    for i in range(0, len(data), step):
+        n += len(c.compress(data[i:i + step]))
+    return n + len(c.flush())
+
+
+def select_images(store: Store, refs: list[str], all_images: bool) -> list[ImageInfo]:
+    from .reader import resolve  # noqa: PLC0415
+    if all_images:
+        ids = [i for (i,) in store.db.execute("SELECT id FROM images ORDER BY created, id")]
+    else:
+        ids = list(dict.fromkeys(resolve(store, r) for r in refs))
+    if not ids:
+        raise StoreError("no images to analyse (name some, or use --all on a store that has images)")
+    out = []
+    for i in ids:
+        img = load_image(store, i)
+        out.append(ImageInfo(i, img.tags, len(img.layer_ids)))
+    return out
+
+
+def _layers(store: Store, images: list[ImageInfo]) -> tuple[list[LayerInfo], int, int]:
+    """Distinct layers of the images with their masks, and the logical content and tar bytes (every image's
+    layers in full)."""
+    layers: dict[int, LayerInfo] = {}
+    logical = logical_tar = 0
+    for bit, img in enumerate(images):
+        rows = store.db.execute("SELECT l.id, l.diff_id, l.size, l.content_size FROM image_layers il "
+                                "JOIN layers l ON l.id = il.layer_id WHERE il.image_id=? ORDER BY il.position",
+                                (img.id,)).fetchall()
+        for lid, diff_id, size, content in rows:
+            layers.setdefault(lid, LayerInfo(lid, diff_id, size, content)).mask |= 1 << bit
+            logical += content
+            logical_tar += size
+    return list(layers.values()), logical, logical_tar
+
+
+def _file_level(store: Store, layers: list[LayerInfo]) -> dict[str, tuple[int, int, int]]:
+    """Distinct non-empty contents of the layers: hash -> (size, images mask, number of layers holding it); sets
+    each layer's unique_bytes."""
+    objs: dict[str, list] = {}
+    q = ("SELECT DISTINCT e.object, o.size FROM entries e JOIN objects o ON o.hash = e.object "
+         "WHERE e.layer_id=? AND e.object IS NOT NULL AND o.size > 0")
+    for layer in layers:
+        for h, size in store.db.execute(q, (layer.id,)):
+            o = objs.get(h)
+            if o is None:
+                objs[h] = [size, layer.mask, 1, layer]
+            else:
+                o[1] |= layer.mask
+                o[2] += 1
+    for size, _, n, layer in objs.values():
+        if n == 1:
+            layer.unique_bytes += size
+    return {h: (o[0], o[1], o[2]) for h, o in objs.items()}
+
+
+def _open_contents(store: Store, objects: dict[str, tuple[int, int, int]]) -> Iterator[tuple[str, memoryview]]:
+    """Each object's bytes once: inlined ones in batches from the index, files read (or mapped when large)."""
+    inline = [h for h, (size, _, _) in objects.items() if size <= INLINE_MAX]
+    for i in range(0, len(inline), 500):
+        batch = inline[i:i + 500]
+        rows = store.db.execute(f"SELECT hash, data FROM objects WHERE hash IN ({','.join('?' * len(batch))}) "
+                                "AND data IS NOT NULL", batch).fetchall()
+        found = {h: d for h, d in rows}
+        for h in batch:
+            if h in found:
+                yield h, memoryview(found[h])
+            else:  # an old store may keep small contents as files
+                with open(store.object_path(h), "rb") as f:
+                    yield h, memoryview(f.read())
+    for h in sorted(h for h, (size, _, _) in objects.items() if size > INLINE_MAX):
+        with open(store.object_path(h), "rb") as f:
+            if objects[h][0] < _MMAP_FROM:
+                yield h, memoryview(f.read())
+            else:
+                m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                yield h, memoryview(m)
+                try:
+                    m.close()
+                except BufferError:  # a chunk view still alive: the map goes with it
+                    pass
+
+
+def _compress_layers(store: Store, layers: list[LayerInfo], done: list) -> None:
+    """Thread body: each distinct layer tar, rebuilt from the store, through gzip -6 and zstd -3."""
+    from .export import layer_bytes  # noqa: PLC0415
+    t = time.perf_counter()
+    try:
+        for layer in layers:
+            gz = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip framing
+            zs = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj(size=layer.tar_bytes)
+            g = z = 0
+            for piece in layer_bytes(store, layer.id):
+                g += len(gz.compress(piece))
+                z += len(zs.compress(piece))
+            layer.gzip_bytes = g + len(gz.flush())
+            layer.zstd_bytes = z + len(zs.flush())
+    except BaseException as e:  # handed to the caller's thread
+        done.append(e)
+    finally:
+        store.close()  # this thread's connection
+    done.append(time.perf_counter() - t)
+
+
+def analyse(store: Store, images: list[ImageInfo], strategies: tuple[str, ...] = STRATEGIES, compress: bool = True,
+            progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> Analysis:
+    """Every requested strategy over `images` (the bit of image i in masks is 1 << i). `total` is told the bytes
+    the chunk pass will read before it starts, `progress` the bytes of each object read."""
+    unknown = set(strategies) - set(STRATEGIES)
+    if unknown:
+        raise StoreError(f"unknown strategy {sorted(unknown)[0]!r} (one of {', '.join(STRATEGIES)})")
+    started = time.perf_counter()
+    n = len(images)
+    layers, logical, logical_tar = _layers(store, images)
+
+    logical_g = _Groups()
+    for bit, img in enumerate(images):
+        for (content,) in store.db.execute("SELECT l.content_size FROM image_layers il JOIN layers l "
+                                           "ON l.id = il.layer_id WHERE il.image_id=?", (img.id,)):
+            logical_g.add(1 << bit, content, 0, 1)
+    logical_r = logical_g.result("logical", n, False)
+    logical_r.tar_bytes = logical_tar
+
+    thread, done = None, []
+    if "layer" in strategies and compress:
+        thread = threading.Thread(target=_compress_layers, args=(store, layers, done), name="dedup-layers",
+                                  daemon=True)
+        thread.start()
+
+    t = time.perf_counter()
+    objects = _file_level(store, layers)
+    file_index_seconds = time.perf_counter() - t
+    results: dict[str, StrategyResult] = {}
+    if "file" in strategies:
+        g = _Groups()
+        for size, mask, _ in objects.values():
+            g.add(mask, size)
+        results["file"] = g.result("file", n, False)
+        results["file"].seconds = file_index_seconds
+
+    chunkers = [_Chunker(s, compress) for s in CHUNK_STRATEGIES if s in strategies]
+    file_zstd: dict[str, int] = {}
+    zsec = 0.0
+    scan_t = time.perf_counter()
+    scan_bytes = 0
+    if chunkers or ("file" in strategies and compress):
+        if total:
+            total(sum(size for size, _, _ in objects.values()))
+        for h, data in _open_contents(store, objects):
+            mask = objects[h][1]
+            for c in chunkers:
+                c.feed(data, mask)
+            if compress and "file" in strategies:
+                t = time.perf_counter()
+                file_zstd[h] = _zstd_size(data)
+                zsec += time.perf_counter() - t
+            scan_bytes += len(data)
+            if progress:
+                progress(len(data))
+    scan_seconds = time.perf_counter() - scan_t
+    if "file" in strategies and compress:
+        g = _Groups()
+        for h, (size, mask, _) in objects.items():
+            g.add(mask, size, file_zstd[h])
+        results["file"] = g.result("file", n, True)
+        results["file"].seconds = file_index_seconds + zsec
+    for c in chunkers:
+        t = time.perf_counter()
+        results[c.name] = c.groups().result(c.name, n, compress)
+        results[c.name].seconds = c.seconds + time.perf_counter() - t
+
+    if "layer" in strategies:
+        t = time.perf_counter()
+        g = _Groups()
+        for layer in layers:
+            g.add(layer.mask, layer.content_bytes)
+        r = g.result("layer", n, False)
+        r.tar_bytes = sum(layer.tar_bytes for layer in layers)
+        r.seconds = time.perf_counter() - t
+        if thread is not None:
+            thread.join()
+            if isinstance(done[0], BaseException):
+                raise done[0]
+            r.seconds += done[0]
+            by_id = {layer.id: layer for layer in layers}
+            r.zstd_bytes = sum(layer.zstd_bytes or 0 for layer in layers)
+            r.gzip_bytes = sum(layer.gzip_bytes or 0 for layer in layers)
+            for p, img in zip(r.per_image, images):
+                ids = {lid for (lid,) in store.db.execute("SELECT layer_id FROM image_layers WHERE image_id=?",
+                                                          (img.id,))}
+                p.zstd_bytes = sum(by_id[i].zstd_bytes or 0 for i in ids)
+            # logical: every image's layers compressed in full
+            logical_r.zstd_bytes = logical_r.gzip_bytes = 0
+            for img in images:
+                for (lid,) in store.db.execute("SELECT layer_id FROM image_layers WHERE image_id=?", (img.id,)):
+                    logical_r.zstd_bytes += by_id[lid].zstd_bytes or 0
+                    logical_r.gzip_bytes += by_id[lid].gzip_bytes or 0
+        results["layer"] = r
+
+    ordered = [logical_r] + [results[s] for s in STRATEGIES if s in results]
+    return Analysis(images, layers, ordered, logical, scan_bytes, scan_seconds, time.perf_counter() - started,
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, compress, objects)
