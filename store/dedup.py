@@ -17,7 +17,7 @@ keeps); layer tars also with gzip -6 (how layers are pushed today).
 
 Speed: the chunk strategies share one pass over the distinct objects the images reference, each read once and fed to
 every chunker; layer tars are compressed on a second thread meanwhile (zlib and zstd release the GIL). Memory grows
-with the number of distinct chunks (one dict entry, ~120 bytes, per distinct chunk: see `peak_rss_bytes`), not with
+with the number of distinct chunks (one dict entry, ~100 bytes, per distinct chunk: see `peak_rss_bytes`), not with
 the bytes scanned.
 """
 from __future__ import annotations
@@ -220,20 +220,21 @@ def select_images(store: Store, refs: list[str], all_images: bool) -> list[Image
     return out
 
 
-def _layers(store: Store, images: list[ImageInfo]) -> tuple[list[LayerInfo], int, int]:
-    """Distinct layers of the images with their masks, and the logical content and tar bytes (every image's
-    layers in full)."""
+def _layers(store: Store, images: list[ImageInfo]) -> tuple[list[LayerInfo], list[list[LayerInfo]]]:
+    """Distinct layers of the images with their masks, and each image's layers bottom to top."""
     layers: dict[int, LayerInfo] = {}
-    logical = logical_tar = 0
+    per_image = []
     for bit, img in enumerate(images):
         rows = store.db.execute("SELECT l.id, l.diff_id, l.size, l.content_size FROM image_layers il "
                                 "JOIN layers l ON l.id = il.layer_id WHERE il.image_id=? ORDER BY il.position",
                                 (img.id,)).fetchall()
+        mine = []
         for lid, diff_id, size, content in rows:
-            layers.setdefault(lid, LayerInfo(lid, diff_id, size, content)).mask |= 1 << bit
-            logical += content
-            logical_tar += size
-    return list(layers.values()), logical, logical_tar
+            layer = layers.setdefault(lid, LayerInfo(lid, diff_id, size, content))
+            layer.mask |= 1 << bit
+            mine.append(layer)
+        per_image.append(mine)
+    return list(layers.values()), per_image
 
 
 def _file_level(store: Store, layers: list[LayerInfo]) -> dict[str, tuple[int, int, int]]:
@@ -313,15 +314,13 @@ def analyse(store: Store, images: list[ImageInfo], strategies: tuple[str, ...] =
         raise StoreError(f"unknown strategy {sorted(unknown)[0]!r} (one of {', '.join(STRATEGIES)})")
     started = time.perf_counter()
     n = len(images)
-    layers, logical, logical_tar = _layers(store, images)
-
+    layers, image_layers = _layers(store, images)
     logical_g = _Groups()
-    for bit, img in enumerate(images):
-        for (content,) in store.db.execute("SELECT l.content_size FROM image_layers il JOIN layers l "
-                                           "ON l.id = il.layer_id WHERE il.image_id=?", (img.id,)):
-            logical_g.add(1 << bit, content, 0, 1)
+    for bit, mine in enumerate(image_layers):
+        for layer in mine:
+            logical_g.add(1 << bit, layer.content_bytes)
     logical_r = logical_g.result("logical", n, False)
-    logical_r.tar_bytes = logical_tar
+    logical_r.tar_bytes = sum(layer.tar_bytes for mine in image_layers for layer in mine)
 
     thread, done = None, []
     if "layer" in strategies and compress:
@@ -384,21 +383,16 @@ def analyse(store: Store, images: list[ImageInfo], strategies: tuple[str, ...] =
             if isinstance(done[0], BaseException):
                 raise done[0]
             r.seconds += done[0]
-            by_id = {layer.id: layer for layer in layers}
             r.zstd_bytes = sum(layer.zstd_bytes or 0 for layer in layers)
             r.gzip_bytes = sum(layer.gzip_bytes or 0 for layer in layers)
-            for p, img in zip(r.per_image, images):
-                ids = {lid for (lid,) in store.db.execute("SELECT layer_id FROM image_layers WHERE image_id=?",
-                                                          (img.id,))}
-                p.zstd_bytes = sum(by_id[i].zstd_bytes or 0 for i in ids)
-            # logical: every image's layers compressed in full
-            logical_r.zstd_bytes = logical_r.gzip_bytes = 0
-            for img in images:
-                for (lid,) in store.db.execute("SELECT layer_id FROM image_layers WHERE image_id=?", (img.id,)):
-                    logical_r.zstd_bytes += by_id[lid].zstd_bytes or 0
-                    logical_r.gzip_bytes += by_id[lid].gzip_bytes or 0
+            logical_r.zstd_bytes = logical_r.gzip_bytes = 0  # every image's layers compressed in full
+            for p, lp, mine in zip(r.per_image, logical_r.per_image, image_layers):
+                p.zstd_bytes = sum(layer.zstd_bytes or 0 for layer in {id(x): x for x in mine}.values())
+                lp.zstd_bytes = sum(layer.zstd_bytes or 0 for layer in mine)
+                logical_r.zstd_bytes += lp.zstd_bytes
+                logical_r.gzip_bytes += sum(layer.gzip_bytes or 0 for layer in mine)
         results["layer"] = r
 
     ordered = [logical_r] + [results[s] for s in STRATEGIES if s in results]
-    return Analysis(images, layers, ordered, logical, scan_bytes, scan_seconds, time.perf_counter() - started,
+    return Analysis(images, layers, ordered, logical_r.bytes, scan_bytes, scan_seconds, time.perf_counter() - started,
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, compress, objects)

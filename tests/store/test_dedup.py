@@ -93,7 +93,16 @@ def test_every_strategy_gives_the_expected_bytes(two_images):
     assert s["file"]["zstd_bytes"] == sum(len(z.compress(x)) for x in DISTINCT)
     gz = [zlib.compressobj(6, zlib.DEFLATED, 31) for _ in range(3)]
     tars = [L1, L2_ONE, L2_TWO]
-    assert s["layer"]["gzip_bytes"] == sum(len(g.compress(t) + g.flush()) for g, t in zip(gz, tars))
+    gzipped = [len(g.compress(t) + g.flush()) for g, t in zip(gz, tars)]
+    assert s["layer"]["gzip_bytes"] == sum(gzipped)
+    assert s["logical"]["gzip_bytes"] == 2 * gzipped[0] + gzipped[1] + gzipped[2]  # the shared layer per image
+
+    def zstd_stream(t: bytes) -> int:  # as a registry's streaming compressor writes a layer
+        c = z.compressobj(size=len(t))
+        return len(c.compress(t) + c.flush())
+    assert s["logical"]["zstd_bytes"] == sum(map(zstd_stream, [L1, L1, L2_ONE, L2_TWO]))
+    assert [p["zstd_bytes"] for p in out["per_image"]["layer"]] == \
+        [zstd_stream(L1) + zstd_stream(t) for t in (L2_ONE, L2_TWO)]
     assert s["layer"]["tar_bytes"] == sum(map(len, tars))
     assert s["logical"]["tar_bytes"] == 2 * len(L1) + len(L2_ONE) + len(L2_TWO)
     assert s["file"]["ratio"] == round(s["logical"]["bytes"] / s["file"]["bytes"], 3)
