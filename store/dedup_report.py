@@ -17,6 +17,7 @@ import datetime as dt
 import io
 import json
 
+from .cli import human as cli_human
 from .dedup import Analysis, StrategyResult
 
 # The result database. Every run appends; rows carry their run id. Tables, with what each row is:
@@ -50,14 +51,8 @@ DB_TABLES: dict[str, tuple[dict, list[str], list[list[str]]]] = {
 }
 
 
-def human(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.3g}{unit}" if unit != "B" else f"{int(n)}B"
-        n /= 1000
-    return f"{n}B"
+def human(n: int | None) -> str:
+    return "-" if n is None else cli_human(n)
 
 
 def ratio(a: Analysis, s: StrategyResult) -> float | None:
