@@ -241,16 +241,18 @@ def _file_level(store: Store, layers: list[LayerInfo]) -> dict[str, tuple[int, i
     """Distinct non-empty contents of the layers: hash -> (size, images mask, number of layers holding it); sets
     each layer's unique_bytes."""
     objs: dict[str, list] = {}
-    q = ("SELECT DISTINCT e.object, o.size FROM entries e JOIN objects o ON o.hash = e.object "
-         "WHERE e.layer_id=? AND e.object IS NOT NULL AND o.size > 0")
+    # entries.size is the content's size: no join with objects, no DISTINCT (those took 2.6-3.5 s over 75,000
+    # files; this takes 0.2-0.3 s)
+    q = "SELECT object, size FROM entries WHERE layer_id=? AND object IS NOT NULL AND size > 0"
     for layer in layers:
         for h, size in store.db.execute(q, (layer.id,)):
             o = objs.get(h)
             if o is None:
                 objs[h] = [size, layer.mask, 1, layer]
-            else:
+            elif o[3] is not layer:  # a second layer holding it (not a hardlink or copy within the same one)
                 o[1] |= layer.mask
                 o[2] += 1
+                o[3] = layer
     for size, _, n, layer in objs.values():
         if n == 1:
             layer.unique_bytes += size
