@@ -7,7 +7,8 @@ JSON (`"format": "lamina-dedup/1"`; fields are only ever added):
     per_image   {strategy: [{bytes, zstd_bytes, objects, unique_bytes, shared_bytes}]}
     shared      {strategy: [[bytes]]}: [i][j] bytes images i and j both hold under that strategy ([i][i]: image i's)
     layers      [{diff_id, tar_bytes, content_bytes, gzip_bytes, zstd_bytes, unique_bytes, images: [i…]}]
-    scan        {bytes, seconds, mb_per_s}: the one pass over distinct contents feeding every chunker
+    scan        {bytes, seconds, mb_per_s, cpu_seconds}: the one pass over distinct contents feeding every chunker
+                (cpu_seconds: of the thread that ran it, what the pass takes on a core of its own)
     seconds, peak_rss_bytes, compress
 """
 from __future__ import annotations
@@ -78,7 +79,8 @@ def to_json(a: Analysis) -> dict:
                     "unique_bytes": layer.unique_bytes,
                     "images": [i for i in range(len(a.images)) if layer.mask >> i & 1]} for layer in a.layers],
         "scan": {"bytes": a.scan_bytes, "seconds": round(a.scan_seconds, 3),
-                 "mb_per_s": round(a.scan_bytes / a.scan_seconds / 1e6, 1) if a.scan_seconds else None},
+                 "mb_per_s": round(a.scan_bytes / a.scan_seconds / 1e6, 1) if a.scan_seconds else None,
+                 "cpu_seconds": round(a.scan_cpu_seconds, 3)},
         "seconds": round(a.seconds, 3),
         "peak_rss_bytes": a.peak_rss_bytes,
         "compress": a.compress,
@@ -129,7 +131,8 @@ def to_table(a: Analysis) -> str:
     lines += _table(per, ["IMAGE", "ID", *[n.upper() for n in names]])
     if a.scan_seconds and a.scan_bytes:
         lines += ["", f"chunk pass: {human(a.scan_bytes)} of distinct contents in {a.scan_seconds:.2f}s "
-                      f"({a.scan_bytes / a.scan_seconds / 1e6:.0f} MB/s); total {a.seconds:.2f}s; "
+                      f"({a.scan_bytes / a.scan_seconds / 1e6:.0f} MB/s; {a.scan_cpu_seconds:.2f}s of CPU); "
+                      f"total {a.seconds:.2f}s; "
                       f"peak RSS {human(a.peak_rss_bytes)}"]
     return "\n".join(lines)
 

@@ -163,7 +163,7 @@ def test_json_shape_is_stable(two_images):
                                          "ratio", "seconds"}
     assert set(out["per_image"]["file"][0]) == {"bytes", "zstd_bytes", "objects", "unique_bytes", "shared_bytes"}
     assert [i["tags"] for i in out["images"]] == [["one:latest"], ["two:latest"]]
-    assert set(out["scan"]) == {"bytes", "seconds", "mb_per_s"}
+    assert set(out["scan"]) == {"bytes", "seconds", "mb_per_s", "cpu_seconds"}
 
 
 def test_csv_table_database_and_chart(two_images, tmp_path):
