@@ -98,7 +98,8 @@ class Analysis:
     scan_seconds: float = 0.0  # wall time of the chunk pass (reading included, compression included)
     scan_cpu_seconds: float = 0.0  # CPU time of the thread that ran it: the wall time on an idle core
     seconds: float = 0.0
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int = 0  # mapped large contents included
+    anon_rss_bytes: int = 0  # anonymous memory resident at the end, chunk tables alive (mapped contents excluded)
     compress: bool = True
     # distinct non-empty contents: hash -> (size, images mask, layers holding it); for the result database
     objects: dict[str, tuple[int, int, int]] = field(default_factory=dict)
@@ -415,4 +416,12 @@ def analyse(store: Store, images: list[ImageInfo], strategies: tuple[str, ...] =
     ordered = [logical_r] + [results[s] for s in STRATEGIES if s in results]
     return Analysis(images, layers, ordered, logical_r.bytes, scan_bytes, scan_seconds, scan_cpu,
                     time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                    compress, objects)
+                    _anon_rss(), compress, objects)
+
+
+def _anon_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0

@@ -9,7 +9,8 @@ JSON (`"format": "lamina-dedup/1"`; fields are only ever added):
     layers      [{diff_id, tar_bytes, content_bytes, gzip_bytes, zstd_bytes, unique_bytes, images: [i…]}]
     scan        {bytes, seconds, mb_per_s, cpu_seconds}: the one pass over distinct contents feeding every chunker
                 (cpu_seconds: of the thread that ran it, what the pass takes on a core of its own)
-    seconds, peak_rss_bytes, compress
+    seconds, peak_rss_bytes (mapped large contents included), anon_rss_bytes (anonymous memory resident at the
+                end, the chunk tables alive: what the analysis itself holds), compress
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ import io
 import json
 
 from .cli import human as cli_human
-from .dedup import Analysis, StrategyResult
+from .dedup import Analysis, ImageInfo, LayerInfo, PerImage, StrategyResult
 
 # The result database. Every run appends; rows carry their run id. Tables, with what each row is:
 DB_TABLES: dict[str, tuple[dict, list[str], list[list[str]]]] = {
     # one row per `lamina dedup --db` run
     "runs": ({"id": int, "started": str, "store": str, "images": int, "compress": int, "seconds": float,
-              "scan_bytes": int, "scan_seconds": float, "peak_rss_bytes": int}, ["id"], []),
+              "scan_bytes": int, "scan_seconds": float, "peak_rss_bytes": int, "anon_rss_bytes": int}, ["id"], []),
     # the images of a run; position = the image's bit/index in the run
     "images": ({"run_id": int, "image_id": str, "position": int, "tags": str, "layers": int},
                ["run_id", "image_id"], []),
@@ -83,8 +84,23 @@ def to_json(a: Analysis) -> dict:
                  "cpu_seconds": round(a.scan_cpu_seconds, 3)},
         "seconds": round(a.seconds, 3),
         "peak_rss_bytes": a.peak_rss_bytes,
+        "anon_rss_bytes": a.anon_rss_bytes,
         "compress": a.compress,
     }
+
+
+def from_json(d: dict) -> Analysis:
+    """An analysis back from its JSON (`to_json`), to draw or report it again without running it."""
+    images = [ImageInfo(i["id"], i["tags"], i["layers"]) for i in d["images"]]
+    strategies = [StrategyResult(x["name"], x["bytes"], x["zstd_bytes"], x["gzip_bytes"], x["tar_bytes"],
+                                 x["objects"], x["seconds"], [PerImage(**p) for p in d["per_image"][x["name"]]],
+                                 d["shared"][x["name"]]) for x in d["strategies"]]
+    layers = [LayerInfo(0, x["diff_id"], x["tar_bytes"], x["content_bytes"], sum(1 << i for i in x["images"]),
+                        x["unique_bytes"], x["gzip_bytes"], x["zstd_bytes"]) for x in d["layers"]]
+    scan = d["scan"]
+    return Analysis(images, layers, strategies, strategies[0].bytes, scan["bytes"], scan["seconds"],
+                    scan.get("cpu_seconds", 0.0), d["seconds"], d["peak_rss_bytes"], d.get("anon_rss_bytes", 0),
+                    d["compress"])
 
 
 CSV_FIELDS = ["strategy", "image", "tags", "bytes", "zstd_bytes", "gzip_bytes", "tar_bytes", "objects",
@@ -133,7 +149,7 @@ def to_table(a: Analysis) -> str:
         lines += ["", f"chunk pass: {human(a.scan_bytes)} of distinct contents in {a.scan_seconds:.2f}s "
                       f"({a.scan_bytes / a.scan_seconds / 1e6:.0f} MB/s; {a.scan_cpu_seconds:.2f}s of CPU); "
                       f"total {a.seconds:.2f}s; "
-                      f"peak RSS {human(a.peak_rss_bytes)}"]
+                      f"peak RSS {human(a.peak_rss_bytes)} (anonymous {human(a.anon_rss_bytes)})"]
     return "\n".join(lines)
 
 
@@ -162,8 +178,8 @@ def write_db(a: Analysis, store, path: str) -> int:
         run = db["runs"].insert({"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                  "store": str(store.root), "images": len(a.images), "compress": int(a.compress),
                                  "seconds": round(a.seconds, 3), "scan_bytes": a.scan_bytes,
-                                 "scan_seconds": round(a.scan_seconds, 3), "peak_rss_bytes": a.peak_rss_bytes},
-                                ).last_pk
+                                 "scan_seconds": round(a.scan_seconds, 3), "peak_rss_bytes": a.peak_rss_bytes,
+                                 "anon_rss_bytes": a.anon_rss_bytes}, alter=True).last_pk
         ids = [i.id for i in a.images]
         db["images"].insert_all({"run_id": run, "image_id": img.id, "position": n, "tags": json.dumps(img.tags),
                                  "layers": img.layers} for n, img in enumerate(a.images))

@@ -27,6 +27,8 @@ def test_report_from_a_small_corpus(tmp_path, monkeypatch, busybox_dir):
     assert [i["tags"] for i in res["images"]] == [["bench:one"], ["bench:two"], ["bench:busybox"]]
     assert res["raw"]["scan"]["bytes"] == res["scan"]["bytes"] > len(A_INS)
     assert (out / "chart.png").stat().st_size > 0
+    (out / "report.md").unlink()
+    assert main(["dedup", "--out", str(out), "--render"]) == 0 and (out / "report.md").read_text() == md
     # cached: a second run builds nothing and gives the same figures
     assert main(["dedup", "--out", str(out)]) == 0
     again = json.loads((out / "results.json").read_text())
