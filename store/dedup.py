@@ -23,7 +23,6 @@ the bytes scanned.
 from __future__ import annotations
 
 import mmap
-import os
 import resource
 import threading
 import time
@@ -319,6 +318,40 @@ def _compress_layers(store: Store, layers: list[LayerInfo], done: list) -> None:
     done.append(time.perf_counter() - t)
 
 
+@dataclass
+class _Scan:
+    """The one pass over the distinct contents: every chunker fed, and each content's zstd size when asked."""
+    bytes: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    zstd_seconds: float = 0.0
+    file_zstd: dict[str, int] = field(default_factory=dict)
+
+    def run(self, store: Store, objects: dict[str, tuple[int, int, int]], chunkers: list[_Chunker],
+            file_zstd: bool, progress: Callable[[int], None] | None, total: Callable[[int], None] | None) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        if total:
+            total(sum(size for size, _, _ in objects.values()))
+        small = min((c.smallest for c in chunkers), default=0)
+        for h, data in _open_contents(store, objects):
+            mask = objects[h][1]
+            if len(data) <= small:  # most contents: one piece under every strategy, hashed once for all
+                d, hi = xxhash.xxh3_128_digest(data), mask << 64
+                for c in chunkers:
+                    c.feed_one(d, data, hi)
+            else:
+                for c in chunkers:
+                    c.feed(data, mask)
+            if file_zstd:
+                t = time.perf_counter()
+                self.file_zstd[h] = _zstd_size(data)
+                self.zstd_seconds += time.perf_counter() - t
+            self.bytes += len(data)
+            if progress:
+                progress(len(data))
+        self.seconds, self.cpu_seconds = time.perf_counter() - wall, time.thread_time() - cpu
+
+
 def analyse(store: Store, images: list[ImageInfo], strategies: tuple[str, ...] = STRATEGIES, compress: bool = True,
             progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> Analysis:
     """Every requested strategy over `images` (the bit of image i in masks is 1 << i). `total` is told the bytes
@@ -354,37 +387,15 @@ def analyse(store: Store, images: list[ImageInfo], strategies: tuple[str, ...] =
         results["file"].seconds = file_index_seconds
 
     chunkers = [_Chunker(s, compress) for s in CHUNK_STRATEGIES if s in strategies]
-    file_zstd: dict[str, int] = {}
-    zsec = 0.0
-    scan_t, scan_cpu = time.perf_counter(), time.thread_time()
-    scan_bytes = 0
+    scan = _Scan()
     if chunkers or ("file" in strategies and compress):
-        if total:
-            total(sum(size for size, _, _ in objects.values()))
-        small = min((c.smallest for c in chunkers), default=0)
-        for h, data in _open_contents(store, objects):
-            mask = objects[h][1]
-            if len(data) <= small:  # most contents: one piece under every strategy, hashed once for all
-                d, hi = xxhash.xxh3_128_digest(data), mask << 64
-                for c in chunkers:
-                    c.feed_one(d, data, hi)
-            else:
-                for c in chunkers:
-                    c.feed(data, mask)
-            if compress and "file" in strategies:
-                t = time.perf_counter()
-                file_zstd[h] = _zstd_size(data)
-                zsec += time.perf_counter() - t
-            scan_bytes += len(data)
-            if progress:
-                progress(len(data))
-    scan_seconds, scan_cpu = time.perf_counter() - scan_t, time.thread_time() - scan_cpu
+        scan.run(store, objects, chunkers, compress and "file" in strategies, progress, total)
     if "file" in strategies and compress:
         g = _Groups()
         for h, (size, mask, _) in objects.items():
-            g.add(mask, size, file_zstd[h])
+            g.add(mask, size, scan.file_zstd[h])
         results["file"] = g.result("file", n, True)
-        results["file"].seconds = file_index_seconds + zsec
+        results["file"].seconds = file_index_seconds + scan.zstd_seconds
     for c in chunkers:
         t = time.perf_counter()
         results[c.name] = c.groups().result(c.name, n, compress)
@@ -414,7 +425,7 @@ def analyse(store: Store, images: list[ImageInfo], strategies: tuple[str, ...] =
         results["layer"] = r
 
     ordered = [logical_r] + [results[s] for s in STRATEGIES if s in results]
-    return Analysis(images, layers, ordered, logical_r.bytes, scan_bytes, scan_seconds, scan_cpu,
+    return Analysis(images, layers, ordered, logical_r.bytes, scan.bytes, scan.seconds, scan.cpu_seconds,
                     time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                     _anon_rss(), compress, objects)
 
