@@ -201,6 +201,9 @@ def test_archives_given_as_paths_leave_the_store_alone(lamina, tmp_path):
     out = run(lamina, tmp_path / "one.tar", tmp_path / "two.tar", "--no-compress")
     assert {x["name"]: x["bytes"] for x in out["strategies"]}["file"] == sum(map(len, DISTINCT))
     assert lamina("images", "-q").stdout == ""
+    (tmp_path / "garbage.tar").write_bytes(b"not an archive")
+    r = lamina("dedup", tmp_path / "garbage.tar", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("lamina: ") and len(r.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, message", [
