@@ -17,8 +17,8 @@ keeps); layer tars also with gzip -6 (how layers are pushed today).
 
 Speed: the chunk strategies share one pass over the distinct objects the images reference, each read once and fed to
 every chunker; layer tars are compressed on a second thread meanwhile (zlib and zstd release the GIL). Memory grows
-with the number of distinct chunks (one dict entry, ~100 bytes, per distinct chunk: see `peak_rss_bytes`), not with
-the bytes scanned.
+with the number of distinct chunks (one dict entry, ~150 bytes, per distinct chunk: see `anon_rss_bytes`), not with
+the bytes scanned: 432,000 chunks took 67 MB. Past tens of millions of chunks a SQLite table would be the next step.
 """
 from __future__ import annotations
 
