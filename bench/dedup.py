@@ -171,7 +171,8 @@ def write_report(res: dict) -> str:
         lines.append(f"| {src} | {pub} | {mine} |")
     lines += ["", "The corpora differ: the papers measure Docker Hub's millions of layers or successive tags of one "
               "image; this one mixes independently built Debian root filesystems (no common layer: layer sharing "
-              "saves nothing between them), layered pip images and random benchmark data (which nothing dedups). "
+              "saves nothing between them), layered pip images and random benchmark data (which nothing dedups; bench:many's 20,000 random files, all "
+              "distinct, are a fifth of the file entries). "
               "Compare the mechanisms, not the absolute ratios.", "", "![dedup chart](chart.png)", ""]
     return "\n".join(lines)
 
