@@ -324,4 +324,73 @@ def fsck_cmd(store: Store, repair: bool, quick: bool) -> None:
         sys.exit(1)
 
 
-COMMANDS = [import_cmd, load_cmd, save_cmd, images_cmd, tag_cmd, rmi_cmd, history_cmd, df_cmd, gc_cmd, fsck_cmd]
+@click.command("dedup")
+@click.argument("images", nargs=-1)
+@click.option("--all", "all_images", is_flag=True, help="Every image in the store.")
+@click.option("--strategy", "strategies", multiple=True, metavar="NAME",
+              help="layer, file, fixed-4k, fixed-64k, cdc-16k, cdc-64k (repeatable; default all).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option("--db", "db_path", metavar="FILE", help="Append the results to this SQLite database.")
+@click.option("--chart", metavar="FILE.png", help="Draw stored bytes and shared-bytes heatmaps (needs matplotlib).")
+@click.option("--compress/--no-compress", default=True, show_default=True,
+              help="Also measure zstd (and gzip for layer tars) sizes: the slow part.")
+@store_command
+def dedup_cmd(store: Store, images: tuple[str, ...], all_images: bool, strategies: tuple[str, ...], fmt: str,
+              db_path: str | None, chart: str | None, compress: bool) -> None:
+    """What layer, file, fixed-block and content-defined-chunk dedup would store for IMAGES.
+
+    IMAGES are names or ids in the store, or archives / OCI layouts given as paths, which are imported into a
+    temporary store of their own (the store is left untouched) and analysed there.
+    """
+    import os
+    import tempfile
+    from .dedup import STRATEGIES
+    if all_images == bool(images):
+        fail("name images, or give --all (not both)", 2)
+    paths = [i for i in images if os.path.exists(i)]
+    tmp = None
+    if paths:
+        if len(paths) != len(images):
+            fail("give images in the store or paths to archives, not both", 2)
+        from .importer import import_source
+        tmp = tempfile.TemporaryDirectory(prefix="lamina-dedup-")
+    try:
+        if tmp is not None:
+            store = Store(tmp.name)
+            images = tuple(i for p in paths for i in import_source(store, p))
+        _dedup(store, images, all_images, strategies or STRATEGIES, fmt, db_path, chart, compress)
+    finally:
+        if tmp is not None:
+            store.close()
+            tmp.cleanup()
+
+
+def _dedup(store: Store, images: tuple[str, ...], all_images: bool, strategies: tuple[str, ...], fmt: str,
+           db_path: str | None, chart: str | None, compress: bool) -> None:
+    from . import dedup_report as rep
+    from .dedup import analyse, select_images
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(desc="dedup", unit="B", unit_scale=True, leave=False)
+    try:
+        imgs = select_images(store, list(images), all_images)
+        a = analyse(store, imgs, strategies, compress, progress=bar.update if bar else None,
+                    total=(lambda n: (setattr(bar, "total", n), bar.refresh())) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if db_path:
+        rep.write_db(a, store, db_path)
+    if chart:
+        rep.chart(a, chart)
+    if fmt == "json":
+        click.echo(json.dumps(rep.to_json(a), indent=2))
+    elif fmt == "csv":
+        click.echo(rep.to_csv(a), nl=False)
+    else:
+        click.echo(rep.to_table(a))
+
+
+COMMANDS = [import_cmd, load_cmd, save_cmd, images_cmd, tag_cmd, rmi_cmd, history_cmd, df_cmd, gc_cmd, fsck_cmd,
+            dedup_cmd]
