@@ -12,7 +12,8 @@ import time
 import click
 
 from . import lifecycle, state, volumes
-from .spec import RunSpec, SpecError, parse_env, parse_hostname, parse_limits, parse_user, parse_volume
+from .spec import (RunSpec, SpecError, parse_add_host, parse_env, parse_hostname, parse_limits, parse_network_alias,
+                   parse_publish, parse_user, parse_volume)
 
 
 def _root(ctx: click.Context) -> str:
@@ -67,7 +68,14 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.option("-w", "--workdir", default=None, metavar="DIR", help="Working directory (created if missing).")
 @click.option("-u", "--user", default=None, metavar="UID[:GID]", help="User (or NAME[:GROUP] from the image).")
 @click.option("--hostname", "-h", default=None, help="Container hostname (default: its short id).")
-@click.option("--network", "--net", default="none", type=click.Choice(["none", "host"]), show_default=True)
+@click.option("--network", "--net", default="bridge", show_default=True, metavar="bridge|none|host|NAME",
+              help="The default bridge, no network (lo only), the host's, or a network of `lamina network create`.")
+@click.option("-p", "--publish", multiple=True, metavar="[IP:][HOST:]CONTAINER[/PROTO]",
+              help="Publish a container port on the host (HOST omitted: a free port).")
+@click.option("-P", "--publish-all", is_flag=True, help="Publish every port the image exposes on free host ports.")
+@click.option("--network-alias", multiple=True, metavar="NAME", help="Another name on a user-defined network.")
+@click.option("--add-host", multiple=True, metavar="NAME:IP", help="An entry of the container's /etc/hosts.")
+@click.option("--ip", default=None, metavar="ADDRESS", help="The container's address on a user-defined network.")
 @click.option("-v", "--volume", multiple=True, metavar="SRC:DST[:ro]",
               help="Bind a host path (/SRC), a named volume (NAME) or an anonymous one (DST alone).")
 @click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
@@ -83,6 +91,8 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.pass_context
 def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: bool, name: str | None,
             env: tuple[str, ...], workdir: str | None, user: str | None, hostname: str | None, network: str,
+            publish: tuple[str, ...], publish_all: bool, network_alias: tuple[str, ...], add_host: tuple[str, ...],
+            ip: str | None,
             volume: tuple[str, ...], read_only: bool, memory: str | None, memory_swap: str | None, cpus: str | None,
             pids_limit: int | None, device_read_bps: tuple[str, ...], device_write_bps: tuple[str, ...],
             userns: bool, image: str, cmd: tuple[str, ...]) -> None:
@@ -95,7 +105,13 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
             hostname=parse_hostname(hostname) if hostname is not None else None, network=network,
             mounts=[parse_volume(v) for v in volume], read_only=read_only,
             limits=parse_limits(memory, memory_swap, cpus, pids_limit, device_read_bps, device_write_bps),
-            userns=userns, rm=rm, detach=detach, interactive=interactive, tty=tty)
+            userns=userns, rm=rm, detach=detach, interactive=interactive, tty=tty,
+            publish=[parse_publish(p) for p in publish], publish_all=publish_all,
+            network_aliases=[parse_network_alias(a) for a in network_alias],
+            add_hosts=[parse_add_host(h) for h in add_host], ip=ip)
+        if network in ("none", "host") and (publish or publish_all or network_alias or ip):
+            raise SpecError(f"conflicting options: port publishing, --ip and --network-alias need a bridge network, "
+                            f"not --network {network}")
     except SpecError as e:
         _fail(str(e))
         return

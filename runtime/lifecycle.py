@@ -205,15 +205,38 @@ def status_text(c: state.Container) -> str:
 
 
 def ps_rows(root: str, all_: bool) -> list[list[str]]:
-    rows = [["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]]
+    rows = [["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]]
     for c in state.list_containers(root):
         if not all_ and c.status() != "running":
             continue
         cmd = " ".join(c.data.get("argv", []))
         cmd = '"' + (cmd if len(cmd) <= 20 else cmd[:19] + "…") + '"'
         rows.append([c.id[:12], c.data.get("image", ""), cmd, _ago(c.data.get("created", time.time())) + " ago",
-                     status_text(c), c.name])
+                     status_text(c), ", ".join(_port_text(p) for p in _ports(c)), c.name])
     return rows
+
+
+def _ports(c: state.Container) -> list[dict]:
+    """A running container's published ports (a stopped one has given them back)."""
+    net = c.data.get("net")
+    return list(net.get("ports", [])) if net and c.status() == "running" else []
+
+
+def _port_text(p: dict) -> str:
+    return f"{p['host_ip'] or '0.0.0.0'}:{p['host_port']}->{p['container_port']}/{p['proto']}"
+
+
+def _network_settings(c: state.Container) -> dict:
+    net = c.data.get("net") if c.status() == "running" else None
+    if not net:
+        return {"IPAddress": "", "Gateway": "", "Ports": {}, "Networks": {}}
+    ports: dict[str, list] = {}
+    for p in _ports(c):
+        ports.setdefault(f"{p['container_port']}/{p['proto']}", []).append(
+            {"HostIp": p["host_ip"] or "0.0.0.0", "HostPort": str(p["host_port"])})
+    return {"IPAddress": net["address"], "IPPrefixLen": net["prefixlen"], "Gateway": net["gateway"], "Ports": ports,
+            "Networks": {net["network"]: {"IPAddress": net["address"], "Gateway": net["gateway"],
+                                          "Aliases": net.get("aliases", [])}}}
 
 
 def inspect(c: state.Container) -> dict:
@@ -232,5 +255,5 @@ def inspect(c: state.Container) -> dict:
                        "AutoRemove": d.get("rm", False)},
         "Mounts": d.get("mounts", []), "GraphDriver": {"Data": {"UpperDir": str(c.upper), "WorkDir": str(c.work),
                                                                  "MergedDir": str(c.rootfs)}},
-        "Cgroup": d.get("cgroup"),
+        "Cgroup": d.get("cgroup"), "NetworkSettings": _network_settings(c),
     }

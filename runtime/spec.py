@@ -6,6 +6,7 @@ bad input fails with one line and exit 125 while nothing exists yet. Formats fol
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import stat
 from dataclasses import dataclass, field
 
 from .cgroups import Limits
+from .ipam import Port
 
 
 class SpecError(ValueError):
@@ -62,7 +64,12 @@ class RunSpec:
     workdir: str | None = None
     user: str | None = None
     hostname: str | None = None
-    network: str = "none"
+    network: str = "bridge"
+    publish: list[Port] = field(default_factory=list)
+    publish_all: bool = False
+    network_aliases: list[str] = field(default_factory=list)
+    add_hosts: list[list[str]] = field(default_factory=list)   # [name, ip]
+    ip: str | None = None
     mounts: list[Mount] = field(default_factory=list)
     read_only: bool = False
     limits: Limits = field(default_factory=Limits)
@@ -167,6 +174,67 @@ def check_config(cfg: object, ref: str) -> dict:
             raise SpecError(f"image {ref}: invalid config: {key} must be a string without NUL bytes, "
                             f"not {json.dumps(v)}")
     return cfg
+
+
+def _port_number(text: str, spec: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise SpecError(f"invalid port specification {spec!r}: {text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def parse_publish(spec: str) -> Port:
+    """Docker's -p: [IP:][HOST:]CONTAINER[/tcp|/udp]; HOST empty or absent: a free port."""
+    rest, _, proto = spec.partition("/")
+    proto = proto or "tcp"
+    if proto not in ("tcp", "udp"):
+        raise SpecError(f"invalid port specification {spec!r}: protocol {proto!r} (use tcp or udp)")
+    parts = rest.split(":")
+    if len(parts) > 3 or not parts[-1]:
+        raise SpecError(f"invalid port specification {spec!r}: expected [IP:][HOST:]CONTAINER[/PROTO]")
+    if any("-" in x for x in parts[-2:]):
+        raise SpecError(f"invalid port specification {spec!r}: port ranges are not supported")
+    ip = parts[0] if len(parts) == 3 else ""
+    if ip:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            raise SpecError(f"invalid port specification {spec!r}: {ip!r} is not an IP address") from None
+        if addr.version != 4:
+            raise SpecError(f"invalid port specification {spec!r}: only IPv4 host addresses are supported")
+        ip = "" if addr.is_unspecified else str(addr)
+    host = parts[-2] if len(parts) >= 2 else ""
+    return Port(proto, ip, _port_number(host, spec) if host else 0, _port_number(parts[-1], spec))
+
+
+def parse_exposed(cfg: dict) -> list[Port]:
+    """-P: the image's ExposedPorts ({"80/tcp": {}}), each on a free host port."""
+    out = []
+    for key in sorted(cfg.get("ExposedPorts") or {}):
+        try:
+            p = parse_publish(str(key))
+        except SpecError as e:
+            raise SpecError(f"image: invalid ExposedPorts entry: {e}") from None
+        out.append(Port(p.proto, "", 0, p.container_port))
+    return out
+
+
+def parse_add_host(text: str) -> list[str]:
+    name, sep, ip = text.partition(":")
+    if not sep:
+        name, sep, ip = text.partition("=")
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise SpecError(f"invalid argument {text!r} for --add-host: expected NAME:IP") from None
+    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$", name):
+        raise SpecError(f"invalid argument {text!r} for --add-host: {name!r} is not a host name")
+    return [name, ip]
+
+
+def parse_network_alias(text: str) -> str:
+    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$", text):
+        raise SpecError(f"invalid network alias {text!r}")
+    return text
 
 
 def parse_hostname(text: str) -> str:
