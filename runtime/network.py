@@ -315,13 +315,13 @@ def resolv_conf(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def hosts_text(hostname: str, name: str, address: str | None, add_hosts: list[list[str]],
-               peers: list[tuple[str, str, list[str]]]) -> str:
-    """/etc/hosts: localhost, the container's own names on its address, --add-host entries, then (on a
+def hosts_text(hostname: str, address: str | None, add_hosts: list[list[str]],
+               peers: list[tuple[str, str, list[str]]], own: list[str] = ()) -> str:
+    """/etc/hosts: localhost, the container's hostname on its address (on a user-defined network its name and
+    aliases too, as Docker's resolver answers them; on the default bridge the hostname only, as Docker), --add-host entries, then (on a
     user-defined network) every other container of the network by name and alias."""
     out = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-    own = " ".join(dict.fromkeys([hostname, name]))
-    out.append(f"{address}\t{own}" if address else f"127.0.1.1\t{hostname}")
+    out.append(f"{address}\t{' '.join(dict.fromkeys([hostname, *own]))}" if address else f"127.0.1.1\t{hostname}")
     out += [f"{ip}\t{host}" for host, ip in add_hosts]
     out += [f"{addr}\t{' '.join(dict.fromkeys([pname, *aliases]))}" for addr, pname, aliases in peers]
     return "\n".join(out) + "\n"
@@ -341,7 +341,8 @@ def refresh_hosts(root: str, st, network: str, skip: str | None) -> None:
         except (OSError, ValueError):
             continue
         peers = [(a, n, al) for c2, a, n, al in ms if c2 != cid]
-        text = hosts_text(data.get("hostname", ""), data.get("name", ""), address, data.get("add_hosts", []), peers)
+        own = [n for c2, _, n, al in ms if c2 == cid for n in (n, *al)]
+        text = hosts_text(data.get("hostname", ""), address, data.get("add_hosts", []), peers, own)
         try:
             os.write(fd, text.encode())
         finally:

@@ -113,7 +113,8 @@ def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int
         from . import network  # noqa: PLC0415
 
         peers = network.peers_of(str(c.dir.parent.parent), net.network, c.id) if net and net.user_defined else []
-        hosts = network.hosts_text(hostname, c.name, net.address if net else None, add_hosts or [], peers)
+        own = [c.name, *net.aliases] if net and net.user_defined else []
+        hosts = network.hosts_text(hostname, net.address if net else None, add_hosts or [], peers, own)
         if net is not None:
             resolv = network.resolv_conf(resolv)
     contents = {"hostname": f"{hostname}\n", "hosts": hosts, "resolv.conf": resolv}
