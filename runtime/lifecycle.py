@@ -52,12 +52,27 @@ def wait_exit(root: str, c: state.Container, timeout: float) -> bool:
         except (OSError, ValueError):
             return True  # removed (--rm)
         if c.data.get("status") != "running":
+            _wait_cleanup(c)
             return True
         if not c.shim_alive():
             break
         time.sleep(0.02)
     _settle_dead(root, c)
     return True
+
+
+def _wait_cleanup(c: state.Container, timeout: float = 30) -> None:
+    """The supervisor records the exit, then cleans up (address, published ports, mounts) and exits: `stop` is
+    over when it is gone, so that a port is free again for the next `run -p` (as after `docker stop`)."""
+    deadline = time.monotonic() + timeout
+    while c.shim_alive() and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{c.data['shim_pid']}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return  # exited, not yet reaped by its parent (a foreground `run` of the caller's)
+        except (OSError, IndexError):
+            return
+        time.sleep(0.02)
 
 
 def _settle_dead(root: str, c: state.Container, code: int = 137) -> None:

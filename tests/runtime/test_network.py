@@ -328,3 +328,23 @@ def test_concurrent_starts_get_distinct_addresses(lamina, image):
     assert lamina("rm", "-f", *[f"m{i}" for i in range(n)]).returncode == 0
     assert lamina("network", "rm", "many").returncode == 0
     assert_nothing_left(lamina.root)
+
+
+def test_stop_and_crash_release_everything(lamina, image):
+    """A stopped container has given back its address and port; one whose supervisor and init were killed is
+    cleaned up by `rm` (the veth, the rules, the records)."""
+    port = free_port()
+    assert lamina("run", "-d", "--name", "s1", "-p", f"{port}:80", image, "httpd", "-f", "-p", "80").returncode == 0
+    assert lamina("stop", "-t", "1", "s1").returncode == 0
+    assert_nothing_left(lamina.root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the supervisor's hold on the port is gone too
+    r = lamina("run", "-d", "--name", "s2", "-p", f"{port}:80", image, "httpd", "-f", "-p", "80")
+    assert r.returncode == 0, r.stderr
+    c = next(c for c in lamina.containers() if c.name == "s2")
+    os.kill(c.data["shim_pid"], 9)
+    os.kill(c.data["pid"], 9)
+    assert nft_table(lamina.root) is not None  # nobody cleaned up yet
+    r = lamina("rm", "-f", "s2")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert_nothing_left(lamina.root)
