@@ -12,8 +12,8 @@ import time
 import click
 
 from . import lifecycle, state, volumes
-from .spec import (RunSpec, SpecError, parse_add_host, parse_env, parse_hostname, parse_limits, parse_network_alias,
-                   parse_publish, parse_user, parse_volume)
+from .spec import (RunSpec, SpecError, parse_add_host, parse_env, parse_env_file, parse_hostname, parse_limits,
+                   parse_network_alias, parse_publish, parse_user, parse_volume)
 
 
 def _root(ctx: click.Context) -> str:
@@ -65,6 +65,8 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal.")
 @click.option("--name", default=None, help="Name the container.")
 @click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable (K alone: the caller's).")
+@click.option("--env-file", multiple=True, metavar="FILE", help="Read KEY=VALUE lines (before -e applies).")
+@click.option("--entrypoint", default=None, metavar="CMD", help="Replace the image's entrypoint (and its Cmd).")
 @click.option("-w", "--workdir", default=None, metavar="DIR", help="Working directory (created if missing).")
 @click.option("-u", "--user", default=None, metavar="UID[:GID]", help="User (or NAME[:GROUP] from the image).")
 @click.option("--hostname", "-h", default=None, help="Container hostname (default: its short id).")
@@ -90,7 +92,8 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: bool, name: str | None,
-            env: tuple[str, ...], workdir: str | None, user: str | None, hostname: str | None, network: str,
+            env: tuple[str, ...], env_file: tuple[str, ...], entrypoint: str | None, workdir: str | None,
+            user: str | None, hostname: str | None, network: str,
             publish: tuple[str, ...], publish_all: bool, network_alias: tuple[str, ...], add_host: tuple[str, ...],
             ip: str | None,
             volume: tuple[str, ...], read_only: bool, memory: str | None, memory_swap: str | None, cpus: str | None,
@@ -100,7 +103,8 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
     root = _root(ctx)
     try:
         spec = RunSpec(
-            image=image, cmd=list(cmd), name=name, env=parse_env(env), workdir=workdir,
+            image=image, cmd=list(cmd), name=name, env=[e for f in env_file for e in parse_env_file(f)] + parse_env(env),
+            workdir=workdir, entrypoint=entrypoint,
             user=parse_user(user) if user is not None else None,
             hostname=parse_hostname(hostname) if hostname is not None else None, network=network,
             mounts=[parse_volume(v) for v in volume], read_only=read_only,

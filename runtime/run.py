@@ -72,8 +72,11 @@ def _merge_env(base: list[str], extra: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in env.items()]
 
 
-def command_line(cfg: dict, cmd: list[str]) -> list[str]:
-    """Docker's rule: Entrypoint + (CMD arguments given, else the image's Cmd)."""
+def command_line(cfg: dict, cmd: list[str], entrypoint: str | None = None) -> list[str]:
+    """Docker's rule: Entrypoint + (CMD arguments given, else the image's Cmd). `--entrypoint X` replaces the
+    image's Entrypoint with [X] and drops its Cmd (`--entrypoint ""`: no entrypoint), as Docker does."""
+    if entrypoint is not None:
+        return ([entrypoint] if entrypoint else []) + list(cmd)
     entry = list(cfg.get("Entrypoint") or [])
     return entry + (list(cmd) if cmd else list(cfg.get("Cmd") or []))
 
@@ -145,7 +148,7 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
             raise state.conflict(spec.name, holder)
     image = rootfs.resolve(root, spec.image)
     cfg = image.config = check_config(image.config, spec.image)
-    argv = command_line(cfg, spec.cmd)
+    argv = command_line(cfg, spec.cmd, spec.entrypoint)
     if not argv:
         raise SpecError("no command specified")
     cid = state.new_id()
@@ -250,6 +253,8 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         config = {k: v for k, v in cfg.items() if k not in ("Env", "Cmd", "WorkingDir", "User")}
         config.update(Env=_merge_env(list(cfg.get("Env") or []), spec.env), Cmd=list(spec.cmd) or cfg.get("Cmd"),
                       WorkingDir=spec.workdir or cfg.get("WorkingDir") or "", User=spec.user or cfg.get("User") or "")
+        if spec.entrypoint is not None:
+            config.update(Entrypoint=[spec.entrypoint] if spec.entrypoint else None, Cmd=list(spec.cmd) or None)
         c.update(config=config, caps=sorted(caps), mounts=mounts_json, etc_files=[t for _, _, t in etc_files],
                  env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
         return Prepared(c, launch, cg, image, created, p1, spec.limits.memory is not None, net, socks)

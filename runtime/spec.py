@@ -70,6 +70,7 @@ class RunSpec:
     network_aliases: list[str] = field(default_factory=list)
     add_hosts: list[list[str]] = field(default_factory=list)   # [name, ip]
     ip: str | None = None
+    entrypoint: str | None = None
     mounts: list[Mount] = field(default_factory=list)
     read_only: bool = False
     limits: Limits = field(default_factory=Limits)
@@ -139,6 +140,27 @@ def parse_env(items: tuple[str, ...] | list[str]) -> list[str]:
             continue
         out.append(e)
     return out
+
+
+def parse_env_file(path: str) -> list[str]:
+    """Docker's --env-file: KEY=VALUE lines taken as they are (no quotes removed), KEY alone takes the caller's
+    value, blank lines and lines starting with # skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read((1 << 20) + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"invalid env file {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    if len(text) > 1 << 20:
+        raise SpecError(f"invalid env file {path!r}: larger than 1 MiB")
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("=") or " " in line.partition("=")[0] or "\0" in line:
+            raise SpecError(f"invalid env file {path!r}: line {n}: variable {line.partition('=')[0]!r} is not a name")
+        items.append(line)
+    return parse_env(items)
 
 
 def parse_user(text: str) -> str:

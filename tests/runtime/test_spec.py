@@ -125,3 +125,38 @@ def test_busybox_rootfs(rootdir):
     assert "root:x:0:0:" in open(f"{r}/etc/passwd").read()
     with pytest.raises(FileExistsError):
         busybox.build(r)
+
+
+def test_entrypoint_flag_follows_docker():
+    cfg = {"Entrypoint": ["/entry", "-x"], "Cmd": ["default"]}
+    assert command_line(cfg, [], "/other") == ["/other"]  # the image's Cmd goes with its entrypoint
+    assert command_line(cfg, ["a", "b"], "/other") == ["/other", "a", "b"]
+    assert command_line(cfg, ["sh"], "") == ["sh"]
+
+
+def test_env_file(tmp_path, monkeypatch):
+    from runtime.spec import parse_env_file
+
+    monkeypatch.setenv("FROM_HOST", "yes")
+    f = tmp_path / "env"
+    f.write_text("# comment\n\nA=1\n  B='quoted stays'\nFROM_HOST\nUNSET_XYZ\nC=x=y\n")
+    assert parse_env_file(str(f)) == ["A=1", "B='quoted stays'", "FROM_HOST=yes", "C=x=y"]
+    for bad in ("=x\n", "A B=1\n"):
+        f.write_text(bad)
+        with pytest.raises(SpecError):
+            parse_env_file(str(f))
+    with pytest.raises(SpecError):
+        parse_env_file(str(tmp_path / "missing"))
+
+
+def test_entrypoint_and_env_file(lamina, image, tmp_path):
+    """--entrypoint replaces the image's entrypoint and Cmd; --env-file lines apply before -e."""
+    env = tmp_path / "env"
+    env.write_text("# a comment\nA=from-file\nB=file\n")
+    r = lamina("run", "--rm", "--network", "none", "--env-file", str(env), "-e", "B=flag", "--entrypoint", "/bin/sh",
+               image, "-c", 'echo "$A $B $0"')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "from-file flag /bin/sh\n"
+    r = lamina("run", "--rm", "--env-file", str(tmp_path / "missing"), image, "true")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1 and "missing" in r.stderr
+    assert lamina.containers() == []
