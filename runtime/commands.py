@@ -12,8 +12,8 @@ import time
 import click
 
 from . import lifecycle, state, volumes
-from .spec import (RunSpec, SpecError, parse_add_host, parse_env, parse_env_file, parse_hostname, parse_limits,
-                   parse_network_alias, parse_publish, parse_user, parse_volume)
+from .spec import (RunSpec, SpecError, parse_add_host, parse_cap, parse_env, parse_env_file, parse_hostname,
+                   parse_limits, parse_network_alias, parse_publish, parse_user, parse_volume)
 
 
 def _root(ctx: click.Context) -> str:
@@ -88,6 +88,8 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.option("--device-read-bps", multiple=True, metavar="DEV:RATE", help="Read rate limit, e.g. /dev/sda:1mb.")
 @click.option("--device-write-bps", multiple=True, metavar="DEV:RATE", help="Write rate limit, e.g. /dev/sda:1mb.")
 @click.option("--userns", is_flag=True, help="Map container root to an unprivileged host uid range.")
+@click.option("--cap-add", multiple=True, metavar="CAP", help="Add a capability (NAME or CAP_NAME, or ALL).")
+@click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability (NAME or CAP_NAME, or ALL).")
 @click.argument("image")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -98,13 +100,15 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
             ip: str | None,
             volume: tuple[str, ...], read_only: bool, memory: str | None, memory_swap: str | None, cpus: str | None,
             pids_limit: int | None, device_read_bps: tuple[str, ...], device_write_bps: tuple[str, ...],
-            userns: bool, image: str, cmd: tuple[str, ...]) -> None:
+            userns: bool, cap_add: tuple[str, ...], cap_drop: tuple[str, ...], image: str,
+            cmd: tuple[str, ...]) -> None:
     """Run a command in a new container."""
     root = _root(ctx)
     try:
         spec = RunSpec(
             image=image, cmd=list(cmd), name=name, env=[e for f in env_file for e in parse_env_file(f)] + parse_env(env),
-            workdir=workdir, entrypoint=entrypoint,
+            workdir=workdir, entrypoint=entrypoint, cap_add=[parse_cap(x) for x in cap_add],
+            cap_drop=[parse_cap(x) for x in cap_drop],
             user=parse_user(user) if user is not None else None,
             hostname=parse_hostname(hostname) if hostname is not None else None, network=network,
             mounts=[parse_volume(v) for v in volume], read_only=read_only,

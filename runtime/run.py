@@ -25,7 +25,7 @@ from .ipam import NetworkError
 from .launch import Launch, Prestart, Process, StartError, spawn
 from .paths import EscapeError, make_mountpoint, resolve_in_root
 from .relay import Relay, copy_winsize, winsize
-from .spec import RunSpec, SpecError, VOLUME_NAME, check_config, parse_exposed
+from .spec import RunSpec, SpecError, VOLUME_NAME, capabilities, check_config, parse_exposed
 from .users import resolve_user
 
 if TYPE_CHECKING:
@@ -193,6 +193,8 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         mounting = rootfs.start_mount(root, image, str(c.upper), str(c.work), str(c.rootfs), userns, daemon)
         # v1's devices cgroup limits what may be opened; v2 would need an eBPF program, so there no node may be made.
         caps = linux.DEFAULT_CAPS if version == 1 else linux.DEFAULT_CAPS - {linux.CAPS["MKNOD"]}
+        if spec.cap_add or spec.cap_drop:
+            caps = capabilities(caps, spec.cap_add, spec.cap_drop) & linux.bounding_set()
         cgroup_mounts = _v1_mounts() if version == 1 else []
         mounting.wait()
         R = str(c.rootfs)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .cgroups import Limits
 from .ipam import Port
+from .linux import ALL_CAPS
 
 
 class SpecError(ValueError):
@@ -71,6 +72,8 @@ class RunSpec:
     add_hosts: list[list[str]] = field(default_factory=list)   # [name, ip]
     ip: str | None = None
     entrypoint: str | None = None
+    cap_add: list[str] = field(default_factory=list)     # names without CAP_, upper case, or ALL
+    cap_drop: list[str] = field(default_factory=list)
     mounts: list[Mount] = field(default_factory=list)
     read_only: bool = False
     limits: Limits = field(default_factory=Limits)
@@ -161,6 +164,28 @@ def parse_env_file(path: str) -> list[str]:
             raise SpecError(f"invalid env file {path!r}: line {n}: variable {line.partition('=')[0]!r} is not a name")
         items.append(line)
     return parse_env(items)
+
+
+def parse_cap(text: str) -> str:
+    """A capability as --cap-add/--cap-drop take it: a name with or without CAP_, any case, or ALL."""
+    name = text.strip().upper()
+    name = name[4:] if name.startswith("CAP_") else name
+    if name != "ALL" and name not in ALL_CAPS:
+        raise SpecError(f"invalid capability {text!r}: unknown capability")
+    return name
+
+
+def capabilities(base: frozenset[int], add: list[str], drop: list[str]) -> frozenset[int]:
+    """Docker's rule (moby's TweakCapabilities): --cap-add ALL is every capability (that the host grants: the
+    caller intersects with its bounding set) but the dropped ones;
+    --cap-drop ALL keeps only the added ones; otherwise the default set minus the dropped, plus the added (an add
+    wins over a drop of the same name)."""
+    every = frozenset(ALL_CAPS.values())
+    if "ALL" in add:
+        return every - {ALL_CAPS[n] for n in drop if n != "ALL"}
+    if "ALL" in drop:
+        return frozenset(ALL_CAPS[n] for n in add)
+    return (base - {ALL_CAPS[n] for n in drop}) | {ALL_CAPS[n] for n in add}
 
 
 def parse_user(text: str) -> str:

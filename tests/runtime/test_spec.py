@@ -160,3 +160,32 @@ def test_entrypoint_and_env_file(lamina, image, tmp_path):
     r = lamina("run", "--rm", "--env-file", str(tmp_path / "missing"), image, "true")
     assert r.returncode == 125 and r.stderr.count("\n") == 1 and "missing" in r.stderr
     assert lamina.containers() == []
+
+
+def _cap_set(status: str, field: str) -> set[str]:
+    from runtime.linux import ALL_CAPS
+
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")), 16)
+    return {name for name, bit in ALL_CAPS.items() if mask >> bit & 1}
+
+
+def test_cap_add_and_drop(lamina, image):
+    """Docker's meaning, read from /proc/self/status: names with or without CAP_, any case; ALL; an add wins over
+    a drop of the same name; a bad name is one line, exit 125."""
+    def caps(*opts: str) -> set[str]:
+        r = lamina("run", "--rm", "--network", "none", *opts, image, "cat", "/proc/self/status")
+        assert r.returncode == 0, r.stderr
+        assert _cap_set(r.stdout, "CapEff") == _cap_set(r.stdout, "CapBnd")
+        return _cap_set(r.stdout, "CapEff")
+
+    default = caps()
+    assert "CHOWN" in default and "NET_ADMIN" not in default
+    assert caps("--cap-drop", "chown", "--cap-add", "CAP_NET_ADMIN") == (default - {"CHOWN"}) | {"NET_ADMIN"}
+    assert caps("--cap-drop", "ALL", "--cap-add", "kill") == {"KILL"}
+    assert caps("--cap-drop", "ALL") == set()
+    every = caps("--cap-add", "ALL", "--cap-drop", "SYS_ADMIN")
+    assert "SYS_ADMIN" not in every and {"NET_ADMIN", "SYS_PTRACE", "CHOWN"} <= every
+    assert caps("--cap-drop", "KILL", "--cap-add", "KILL") == default
+    r = lamina("run", "--rm", "--cap-add", "CAP_NOPE", image, "true")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1 and "NOPE" in r.stderr
+    assert lamina.containers() == []
