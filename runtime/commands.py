@@ -13,7 +13,7 @@ import click
 
 from . import lifecycle, state, volumes
 from .spec import (RunSpec, SpecError, parse_add_host, parse_cap, parse_env, parse_env_file, parse_hostname,
-                   parse_limits, parse_network_alias, parse_publish, parse_user, parse_volume)
+                   parse_limits, parse_network_alias, parse_publish, parse_tmpfs, parse_user, parse_volume)
 
 
 def _root(ctx: click.Context) -> str:
@@ -80,6 +80,7 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.option("--ip", default=None, metavar="ADDRESS", help="The container's address on a user-defined network.")
 @click.option("-v", "--volume", multiple=True, metavar="SRC:DST[:ro]",
               help="Bind a host path (/SRC), a named volume (NAME) or an anonymous one (DST alone).")
+@click.option("--tmpfs", multiple=True, metavar="PATH[:OPTS]", help="Mount a tmpfs (nosuid,nodev,noexec, 1777).")
 @click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
 @click.option("-m", "--memory", default=None, metavar="SIZE", help="Memory limit, e.g. 64m.")
 @click.option("--memory-swap", default=None, metavar="SIZE", help="Memory plus swap; -1 for unlimited swap.")
@@ -98,7 +99,8 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
             user: str | None, hostname: str | None, network: str,
             publish: tuple[str, ...], publish_all: bool, network_alias: tuple[str, ...], add_host: tuple[str, ...],
             ip: str | None,
-            volume: tuple[str, ...], read_only: bool, memory: str | None, memory_swap: str | None, cpus: str | None,
+            volume: tuple[str, ...], tmpfs: tuple[str, ...], read_only: bool, memory: str | None,
+            memory_swap: str | None, cpus: str | None,
             pids_limit: int | None, device_read_bps: tuple[str, ...], device_write_bps: tuple[str, ...],
             userns: bool, cap_add: tuple[str, ...], cap_drop: tuple[str, ...], image: str,
             cmd: tuple[str, ...]) -> None:
@@ -108,7 +110,7 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
         spec = RunSpec(
             image=image, cmd=list(cmd), name=name, env=[e for f in env_file for e in parse_env_file(f)] + parse_env(env),
             workdir=workdir, entrypoint=entrypoint, cap_add=[parse_cap(x) for x in cap_add],
-            cap_drop=[parse_cap(x) for x in cap_drop],
+            cap_drop=[parse_cap(x) for x in cap_drop], tmpfs=[parse_tmpfs(t) for t in tmpfs],
             user=parse_user(user) if user is not None else None,
             hostname=parse_hostname(hostname) if hostname is not None else None, network=network,
             mounts=[parse_volume(v) for v in volume], read_only=read_only,
@@ -125,7 +127,7 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
         return
     if workdir is not None and not workdir.startswith("/"):
         _fail(f"invalid working directory {workdir!r}: it must be absolute")
-    targets = [m.target for m in spec.mounts]
+    targets = [m.target for m in spec.mounts] + [t[0] for t in spec.tmpfs]
     dup = {t for t in targets if targets.count(t) > 1}
     if dup:
         _fail(f"duplicate mount point: {sorted(dup)[0]}")

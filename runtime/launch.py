@@ -74,6 +74,7 @@ class Launch:
     network: str = "none"
     userns: tuple[int, int] | None = None        # (first host uid/gid, count) mapped from container 0
     binds: list[tuple[str, str, bool]] = field(default_factory=list)  # (host source, host target in rootfs, ro)
+    tmpfs: list[tuple[str, int, str]] = field(default_factory=list)   # --tmpfs: (host target, flags, options)
     read_only: bool = False
     cgroup_version: int = 1
     cgroup_mounts: list[tuple[str, str]] = field(default_factory=list)  # v1: (dir name, mount options)
@@ -376,6 +377,8 @@ def _bind_rootfs(L: Launch) -> None:
         linux.mount(src, target, None, linux.MS_BIND | linux.MS_REC)
         if ro:
             _remount_ro(target)
+    for target, flags, data in L.tmpfs:
+        linux.mount("tmpfs", target, "tmpfs", flags, data)
     os.chdir(R)
 
 

@@ -207,6 +207,8 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         # Resolve every target first: an escape must fail before anything is created.
         for m in spec.mounts:
             resolve_in_root(R, m.target)
+        for path, _, _ in spec.tmpfs:
+            resolve_in_root(R, path)
         resolve_in_root(R, cwd)
         binds: list[tuple[str, str, bool]] = []
         mounts_json = []
@@ -244,10 +246,13 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
             c.update(add_hosts=spec.add_hosts)
             net, socks = network.join(root, cid, c.name, spec.network, spec.ip, spec.network_aliases, ports)
             c.update(net=net.to_json())
-        etc_files = _etc_files(c, R, hostname, userns, [t for _, t, _ in binds], net, spec.add_hosts)
+        tmpfs = [(make_mountpoint(R, path, True), flags, data) for path, flags, data in spec.tmpfs]
+        etc_files = _etc_files(c, R, hostname, userns, [t for _, t, _ in binds] + [t for t, _, _ in tmpfs], net,
+                               spec.add_hosts)
         binds += [(src, target, False) for src, target, _ in etc_files]
         launch = Launch(
-            rootfs=R, hostname=hostname, network=spec.network, userns=userns, binds=binds, read_only=spec.read_only,
+            rootfs=R, hostname=hostname, network=spec.network, userns=userns, binds=binds, tmpfs=tmpfs,
+            read_only=spec.read_only,
             process=Process(argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups, tty=spec.tty, caps=caps),
             cgroup_version=version, cgroup_mounts=cgroup_mounts, hold_net=net is not None,
         )

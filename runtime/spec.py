@@ -73,6 +73,7 @@ class RunSpec:
     ip: str | None = None
     entrypoint: str | None = None
     cap_add: list[str] = field(default_factory=list)     # names without CAP_, upper case, or ALL
+    tmpfs: list[tuple[str, int, str]] = field(default_factory=list)  # (container path, mount flags, options)
     cap_drop: list[str] = field(default_factory=list)
     mounts: list[Mount] = field(default_factory=list)
     read_only: bool = False
@@ -164,6 +165,31 @@ def parse_env_file(path: str) -> list[str]:
             raise SpecError(f"invalid env file {path!r}: line {n}: variable {line.partition('=')[0]!r} is not a name")
         items.append(line)
     return parse_env(items)
+
+
+_TMPFS_FLAGS = {"ro": (1, True), "rw": (1, False), "nosuid": (2, True), "suid": (2, False), "nodev": (4, True),
+                "dev": (4, False), "noexec": (8, True), "exec": (8, False)}
+_TMPFS_DATA = re.compile(r"^(size=[0-9]+[kmgKMG%]?|mode=[0-7]{3,4}|uid=[0-9]+|gid=[0-9]+|nr_inodes=[0-9]+[kmgKMG]?)$")
+
+
+def parse_tmpfs(text: str) -> tuple[str, int, str]:
+    """Docker's --tmpfs PATH[:OPTIONS]: nosuid, nodev and noexec unless the options say otherwise, mode 1777
+    unless given; ro/rw, (no)suid, (no)dev, (no)exec, size=, mode=, uid=, gid=, nr_inodes= understood."""
+    path, _, opts = text.partition(":")
+    path = _clean_target(path, text)
+    flags = 2 | 4 | 8
+    data = []
+    for o in filter(None, opts.split(",")):
+        if o in _TMPFS_FLAGS:
+            bit, on = _TMPFS_FLAGS[o]
+            flags = flags | bit if on else flags & ~bit
+        elif _TMPFS_DATA.match(o):
+            data.append(o)
+        else:
+            raise SpecError(f"invalid tmpfs option {o!r} in {text!r}")
+    if not any(d.startswith("mode=") for d in data):
+        data.append("mode=1777")
+    return path, flags, ",".join(data)
 
 
 def parse_cap(text: str) -> str:

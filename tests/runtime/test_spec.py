@@ -189,3 +189,24 @@ def test_cap_add_and_drop(lamina, image):
     r = lamina("run", "--rm", "--cap-add", "CAP_NOPE", image, "true")
     assert r.returncode == 125 and r.stderr.count("\n") == 1 and "NOPE" in r.stderr
     assert lamina.containers() == []
+
+
+def test_tmpfs(lamina, image):
+    """--tmpfs as Docker's: nosuid,nodev,noexec and mode 1777 by default, options applied (from mountinfo), the
+    size enforced; bad options exit 125 with nothing left."""
+    r = lamina("run", "--rm", "--network", "none", "--tmpfs", "/scratch:size=1m,mode=1770", "--tmpfs", "/run/x:exec",
+               "--read-only", image, "sh", "-c",
+               "grep ' /scratch ' /proc/self/mountinfo; grep ' /run/x ' /proc/self/mountinfo; stat -c %a /scratch;"
+               " stat -c %a /run/x; echo hi > /scratch/f && cat /scratch/f;"
+               " dd if=/dev/zero of=/scratch/big bs=1k count=2048 2>/dev/null || echo full")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    scratch, runx = lines[0].split(), lines[1].split()
+    assert set(scratch[5].split(",")) >= {"rw", "nosuid", "nodev", "noexec"}
+    assert "size=1024k" in lines[0] and "tmpfs" in scratch
+    assert "noexec" not in runx[5].split(",") and {"nosuid", "nodev"} <= set(runx[5].split(","))
+    assert lines[2:] == ["1770", "1777", "hi", "full"]
+    for bad in ("relative", "/x:bogus", "/x:size=lots", "/"):
+        r = lamina("run", "--rm", "--tmpfs", bad, image, "true")
+        assert r.returncode == 125 and r.stderr.count("\n") == 1, (bad, r.stderr)
+    assert lamina.containers() == []
