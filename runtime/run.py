@@ -246,7 +246,10 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
             c.update(add_hosts=spec.add_hosts)
             net, socks = network.join(root, cid, c.name, spec.network, spec.ip, spec.network_aliases, ports)
             c.update(net=net.to_json())
-        tmpfs = [(make_mountpoint(R, path, True), flags, data) for path, flags, data in spec.tmpfs]
+        # mounted by host root before the user namespace exists: owned by the container's root, as under Docker
+        owner = f",uid={userns[0]},gid={userns[0]}" if userns else ""
+        tmpfs = [(make_mountpoint(R, path, True), flags, data + ("" if "uid=" in data else owner))
+                 for path, flags, data in spec.tmpfs]
         etc_files = _etc_files(c, R, hostname, userns, [t for _, t, _ in binds] + [t for t, _, _ in tmpfs], net,
                                spec.add_hosts)
         binds += [(src, target, False) for src, target, _ in etc_files]
