@@ -210,3 +210,10 @@ def test_tmpfs(lamina, image):
         r = lamina("run", "--rm", "--tmpfs", bad, image, "true")
         assert r.returncode == 125 and r.stderr.count("\n") == 1, (bad, r.stderr)
     assert lamina.containers() == []
+
+
+def test_tmpfs_under_userns_belongs_to_container_root(lamina, image):
+    r = lamina("run", "--rm", "--userns", "--network", "none", "--tmpfs", "/scratch", image, "stat", "-c", "%u:%g",
+               "/scratch")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "0:0\n"
