@@ -91,7 +91,8 @@ def _nft(script: str) -> None:
 
 
 def ruleset(table: str, nets: list[ipam.Net], ports: list[tuple[Port, str]]) -> str:
-    """The whole of the store's table: NAT for published ports and outbound traffic, isolation of networks."""
+    """The whole of the store's table: NAT for published ports and outbound traffic, isolation of networks (a
+    published port is the one way from one network to another, as under Docker)."""
     dnat = []
     for p, addr in ports:
         match = f"ip daddr {p.host_ip} " if p.host_ip else ""
@@ -100,6 +101,8 @@ def ruleset(table: str, nets: list[ipam.Net], ports: list[tuple[Port, str]]) -> 
     for n in nets:
         post.append(f'ip saddr {n.subnet} oifname != "{n.bridge}" masquerade')
         post.append(f'ip saddr 127.0.0.0/8 oifname "{n.bridge}" masquerade')
+        # hairpin: a container reaching a published port through a host address must see the reply come back
+        post.append(f'ct status dnat ip saddr {n.subnet} oifname "{n.bridge}" masquerade')
         # every lamina bridge's name starts with "lamina", whichever store made it
         fwd.append(f'iifname "{n.bridge}" oifname "lamina*" oifname != "{n.bridge}" drop')
         inp.append(f'iifname "{n.bridge}" ct state established,related accept')
@@ -125,6 +128,7 @@ table ip {table} {{
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
+    ct status dnat accept
     {nl.join(fwd)}
   }}
   chain input {{
@@ -208,6 +212,7 @@ def join(root: str, cid: str, cname: str, network: str, ip: str | None, aliases:
                 net = ipam.create(st, root, ipam.DEFAULT, None, _foreign(st), user_defined=False)
             if not net.user_defined and (ip or aliases):
                 raise NetworkError("--ip and --network-alias need a user-defined network (lamina network create)")
+            _reap(root, st)
             try:
                 address = ipam.allocate(st, net, cid, cname, aliases, ip, ports)
                 ensure_bridge(net)
@@ -225,6 +230,24 @@ def join(root: str, cid: str, cname: str, network: str, ip: str | None, aliases:
         for s in socks:
             s.close()
         raise
+
+
+def _reap(root: str, st) -> None:
+    """Records of containers that are gone or dead (a killed supervisor, a host reboot) give their addresses and
+    ports back, so that they never block a new container; `rm` later finds nothing left to release."""
+    holders = {c for (c,) in st.db.execute("SELECT container FROM net_addresses UNION SELECT container FROM net_ports")}
+    for cid in holders:
+        d = state.containers_dir(root) / cid
+        try:
+            c = state.Container(d, json.loads((d / "state.json").read_text()))
+        except FileNotFoundError:
+            c = None
+        except (OSError, ValueError):
+            continue
+        if c is not None and c.status() in ("created", "running"):  # created: still starting
+            continue
+        delete_link("lmv" + cid[:12])
+        ipam.release(st, cid)
 
 
 def _foreign(st) -> list[ipaddress.IPv4Network]:

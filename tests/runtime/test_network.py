@@ -111,6 +111,8 @@ def nets():
 @pytest.fixture(autouse=True)
 def _no_network_left(lamina_root):
     """After each test, failed or not: its containers, then its user networks (their bridges) go."""
+    _VETHS_BEFORE.clear()
+    _VETHS_BEFORE.update(_links("lmv"))
     yield
     sweep(lamina_root)
     with ipam.open_store(str(lamina_root)) as st:
@@ -125,11 +127,19 @@ def nft_table(root: Path) -> str | None:
     return r.stdout if r.returncode == 0 else None
 
 
-def lamina_links(root: Path) -> list[str]:
-    prefix, _ = ipam.host_names(str(root))
+def _links(*prefixes: str) -> set[str]:
     out = ip("-o", "link", "show").stdout
-    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
-            if line.split(":")[1].strip().startswith((prefix, "lmv"))]
+    names = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+    return {n for n in names if n.startswith(prefixes)}
+
+
+_VETHS_BEFORE: set[str] = set()  # container veths (lmv…) of other stores on this host, when the test began
+
+
+def lamina_links(root: Path) -> list[str]:
+    """This store's bridges, and container veths made since the test began."""
+    prefix, _ = ipam.host_names(str(root))
+    return sorted(_links(prefix) | (_links("lmv") - _VETHS_BEFORE))
 
 
 def assert_nothing_left(root: Path) -> None:
@@ -277,8 +287,10 @@ def test_user_networks_names_and_isolation(lamina, image, nets, tmp_path):
         pytest.skip("10.196.0.0/24 is one of this host's networks")
     assert lamina("network", "create", "front", "--subnet", "10.196.0.0/24").returncode == 0
     assert lamina("network", "create", "back").returncode == 0
+    _, host_ip, _ = nets.make("hp", 3)  # a host address of the test's own, for the published port
+    port = free_port()
     r = lamina("run", "-d", "--name", "srv", "--network", "front", "--network-alias", "db", "--ip", "10.196.0.77",
-               "-v", f"{www(tmp_path)}:/www", image, "httpd", "-f", "-p", "80", "-h", "/www")
+               "-p", f"{port}:80", "-v", f"{www(tmp_path)}:/www", image, "httpd", "-f", "-p", "80", "-h", "/www")
     assert r.returncode == 0, r.stderr
     r = lamina("run", "-d", "--name", "peer", "--network", "front", "--add-host", "extra:10.1.2.3", image,
                "sleep", "120")
@@ -294,6 +306,10 @@ def test_user_networks_names_and_isolation(lamina, image, nets, tmp_path):
     assert "reached" not in r.stdout
     r = lamina.sh(image, "nc -w 3 10.196.0.77 80 </dev/null && echo reached", "--network", "bridge")
     assert "reached" not in r.stdout
+    # but its published port is open to every network, and to its own (hairpin), through a host address
+    for net in ("back", "front"):
+        r = lamina.sh(image, f"wget -q -O- http://{host_ip}:{port}/", "--network", net)
+        assert r.returncode == 0 and r.stdout == WWW, (net, r.stderr)
     # srv leaves: peer's /etc/hosts forgets it
     assert lamina("rm", "-f", "srv").returncode == 0
     hosts = lamina("exec", "peer", "cat", "/etc/hosts").stdout
@@ -345,6 +361,9 @@ def test_stop_and_crash_release_everything(lamina, image):
     os.kill(c.data["shim_pid"], 9)
     os.kill(c.data["pid"], 9)
     assert nft_table(lamina.root) is not None  # nobody cleaned up yet
+    # the dead container's port and address block no new container
+    r = lamina("run", "--rm", "-p", f"{port}:80", image, "true")
+    assert r.returncode == 0, r.stderr
     r = lamina("rm", "-f", "s2")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert_nothing_left(lamina.root)
