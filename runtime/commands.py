@@ -108,7 +108,8 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
     root = _root(ctx)
     try:
         spec = RunSpec(
-            image=image, cmd=list(cmd), name=name, env=[e for f in env_file for e in parse_env_file(f)] + parse_env(env),
+            image=image, cmd=list(cmd), name=name,
+            env=[e for f in env_file for e in parse_env_file(f)] + parse_env(env),
             workdir=workdir, entrypoint=entrypoint, cap_add=[parse_cap(x) for x in cap_add],
             cap_drop=[parse_cap(x) for x in cap_drop], tmpfs=[parse_tmpfs(t) for t in tmpfs],
             user=parse_user(user) if user is not None else None,

@@ -206,12 +206,12 @@ def join(root: str, cid: str, cname: str, network: str, ip: str | None, aliases:
     try:
         with ipam.open_store(root) as st, ipam.lock(root):
             net = ipam.get(st, network)
+            if (network == ipam.DEFAULT or (net is not None and not net.user_defined)) and (ip or aliases):
+                raise NetworkError("--ip and --network-alias need a user-defined network (lamina network create)")
             if net is None:
                 if network != ipam.DEFAULT:
                     raise NetworkError(f"network {network} not found")
                 net = ipam.create(st, root, ipam.DEFAULT, None, _foreign(st), user_defined=False)
-            if not net.user_defined and (ip or aliases):
-                raise NetworkError("--ip and --network-alias need a user-defined network (lamina network create)")
             _reap(root, st)
             try:
                 address = ipam.allocate(st, net, cid, cname, aliases, ip, ports)
@@ -339,10 +339,10 @@ def resolv_conf(text: str) -> str:
 
 
 def hosts_text(hostname: str, address: str | None, add_hosts: list[list[str]],
-               peers: list[tuple[str, str, list[str]]], own: list[str] = ()) -> str:
-    """/etc/hosts: localhost, the container's hostname on its address (on a user-defined network its name and
-    aliases too, as Docker's resolver answers them; on the default bridge the hostname only, as Docker), --add-host entries, then (on a
-    user-defined network) every other container of the network by name and alias."""
+               peers: list[tuple[str, str, list[str]]], own: tuple[str, ...] | list[str] = ()) -> str:
+    """/etc/hosts: localhost; the container's hostname on its address (on a user-defined network its name and
+    aliases too, as Docker's resolver answers them; on the default bridge the hostname only, as Docker);
+    --add-host entries; then (on a user-defined network) every other container of the network by name and alias."""
     out = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     out.append(f"{address}\t{' '.join(dict.fromkeys([hostname, *own]))}" if address else f"127.0.1.1\t{hostname}")
     out += [f"{ip}\t{host}" for host, ip in add_hosts]

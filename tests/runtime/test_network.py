@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -252,6 +251,9 @@ def test_port_in_use_and_bad_input(lamina, image):
         assert r.returncode == 125 and r.stderr.count("\n") == 1, (bad, r.stderr)
     r = lamina("run", "--rm", "--network", "none", "-p", "80", image, "true")
     assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    for opt in (["--ip", "10.88.0.9"], ["--network-alias", "x1"]):  # the default network takes neither
+        r = lamina("run", "--rm", *opt, image, "true")
+        assert r.returncode == 125 and "user-defined" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = lamina("run", "--rm", "--network", "nosuchnet", image, "true")
     assert r.returncode == 125 and "not found" in r.stderr, r.stderr
     assert lamina.containers() == []
