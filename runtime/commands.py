@@ -12,7 +12,8 @@ import time
 import click
 
 from . import lifecycle, state, volumes
-from .spec import RunSpec, SpecError, parse_env, parse_hostname, parse_limits, parse_user, parse_volume
+from .spec import (RunSpec, SpecError, parse_add_host, parse_cap, parse_env, parse_env_file, parse_hostname,
+                   parse_limits, parse_network_alias, parse_publish, parse_tmpfs, parse_user, parse_volume)
 
 
 def _root(ctx: click.Context) -> str:
@@ -64,12 +65,22 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal.")
 @click.option("--name", default=None, help="Name the container.")
 @click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable (K alone: the caller's).")
+@click.option("--env-file", multiple=True, metavar="FILE", help="Read KEY=VALUE lines (before -e applies).")
+@click.option("--entrypoint", default=None, metavar="CMD", help="Replace the image's entrypoint (and its Cmd).")
 @click.option("-w", "--workdir", default=None, metavar="DIR", help="Working directory (created if missing).")
 @click.option("-u", "--user", default=None, metavar="UID[:GID]", help="User (or NAME[:GROUP] from the image).")
 @click.option("--hostname", "-h", default=None, help="Container hostname (default: its short id).")
-@click.option("--network", "--net", default="none", type=click.Choice(["none", "host"]), show_default=True)
+@click.option("--network", "--net", default="bridge", show_default=True, metavar="bridge|none|host|NAME",
+              help="The default bridge, no network (lo only), the host's, or a network of `lamina network create`.")
+@click.option("-p", "--publish", multiple=True, metavar="[IP:][HOST:]CONTAINER[/PROTO]",
+              help="Publish a container port on the host (HOST omitted: a free port).")
+@click.option("-P", "--publish-all", is_flag=True, help="Publish every port the image exposes on free host ports.")
+@click.option("--network-alias", multiple=True, metavar="NAME", help="Another name on a user-defined network.")
+@click.option("--add-host", multiple=True, metavar="NAME:IP", help="An entry of the container's /etc/hosts.")
+@click.option("--ip", default=None, metavar="ADDRESS", help="The container's address on a user-defined network.")
 @click.option("-v", "--volume", multiple=True, metavar="SRC:DST[:ro]",
               help="Bind a host path (/SRC), a named volume (NAME) or an anonymous one (DST alone).")
+@click.option("--tmpfs", multiple=True, metavar="PATH[:OPTS]", help="Mount a tmpfs (nosuid,nodev,noexec, 1777).")
 @click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
 @click.option("-m", "--memory", default=None, metavar="SIZE", help="Memory limit, e.g. 64m.")
 @click.option("--memory-swap", default=None, metavar="SIZE", help="Memory plus swap; -1 for unlimited swap.")
@@ -78,30 +89,46 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.option("--device-read-bps", multiple=True, metavar="DEV:RATE", help="Read rate limit, e.g. /dev/sda:1mb.")
 @click.option("--device-write-bps", multiple=True, metavar="DEV:RATE", help="Write rate limit, e.g. /dev/sda:1mb.")
 @click.option("--userns", is_flag=True, help="Map container root to an unprivileged host uid range.")
+@click.option("--cap-add", multiple=True, metavar="CAP", help="Add a capability (NAME or CAP_NAME, or ALL).")
+@click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability (NAME or CAP_NAME, or ALL).")
 @click.argument("image")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: bool, name: str | None,
-            env: tuple[str, ...], workdir: str | None, user: str | None, hostname: str | None, network: str,
-            volume: tuple[str, ...], read_only: bool, memory: str | None, memory_swap: str | None, cpus: str | None,
+            env: tuple[str, ...], env_file: tuple[str, ...], entrypoint: str | None, workdir: str | None,
+            user: str | None, hostname: str | None, network: str,
+            publish: tuple[str, ...], publish_all: bool, network_alias: tuple[str, ...], add_host: tuple[str, ...],
+            ip: str | None,
+            volume: tuple[str, ...], tmpfs: tuple[str, ...], read_only: bool, memory: str | None,
+            memory_swap: str | None, cpus: str | None,
             pids_limit: int | None, device_read_bps: tuple[str, ...], device_write_bps: tuple[str, ...],
-            userns: bool, image: str, cmd: tuple[str, ...]) -> None:
+            userns: bool, cap_add: tuple[str, ...], cap_drop: tuple[str, ...], image: str,
+            cmd: tuple[str, ...]) -> None:
     """Run a command in a new container."""
     root = _root(ctx)
     try:
         spec = RunSpec(
-            image=image, cmd=list(cmd), name=name, env=parse_env(env), workdir=workdir,
+            image=image, cmd=list(cmd), name=name,
+            env=[e for f in env_file for e in parse_env_file(f)] + parse_env(env),
+            workdir=workdir, entrypoint=entrypoint, cap_add=[parse_cap(x) for x in cap_add],
+            cap_drop=[parse_cap(x) for x in cap_drop], tmpfs=[parse_tmpfs(t) for t in tmpfs],
             user=parse_user(user) if user is not None else None,
             hostname=parse_hostname(hostname) if hostname is not None else None, network=network,
             mounts=[parse_volume(v) for v in volume], read_only=read_only,
             limits=parse_limits(memory, memory_swap, cpus, pids_limit, device_read_bps, device_write_bps),
-            userns=userns, rm=rm, detach=detach, interactive=interactive, tty=tty)
+            userns=userns, rm=rm, detach=detach, interactive=interactive, tty=tty,
+            publish=[parse_publish(p) for p in publish], publish_all=publish_all,
+            network_aliases=[parse_network_alias(a) for a in network_alias],
+            add_hosts=[parse_add_host(h) for h in add_host], ip=ip)
+        if network in ("none", "host") and (publish or publish_all or network_alias or ip):
+            raise SpecError(f"conflicting options: port publishing, --ip and --network-alias need a bridge network, "
+                            f"not --network {network}")
     except SpecError as e:
         _fail(str(e))
         return
     if workdir is not None and not workdir.startswith("/"):
         _fail(f"invalid working directory {workdir!r}: it must be absolute")
-    targets = [m.target for m in spec.mounts]
+    targets = [m.target for m in spec.mounts] + [t[0] for t in spec.tmpfs]
     dup = {t for t in targets if targets.count(t) > 1}
     if dup:
         _fail(f"duplicate mount point: {sorted(dup)[0]}")

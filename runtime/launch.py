@@ -74,12 +74,14 @@ class Launch:
     network: str = "none"
     userns: tuple[int, int] | None = None        # (first host uid/gid, count) mapped from container 0
     binds: list[tuple[str, str, bool]] = field(default_factory=list)  # (host source, host target in rootfs, ro)
+    tmpfs: list[tuple[str, int, str]] = field(default_factory=list)   # --tmpfs: (host target, flags, options)
     read_only: bool = False
     cgroup_version: int = 1
     cgroup_mounts: list[tuple[str, str]] = field(default_factory=list)  # v1: (dir name, mount options)
     tty_socket: int | None = None                # -t: the init sends the master of a pty made in the container here
     winsize: bytes | None = None                 # -t: the caller's struct winsize, set before the command starts
     hold_init: bool = False                      # the command waits until the supervisor has called release_init
+    hold_net: bool = False                       # P1 waits in its new network namespace for configure_net
 
 
 # -- small helpers -------------------------------------------------------------------------------------------
@@ -149,12 +151,15 @@ class Prestart:
 
 
 def spawn(L: Launch, stdio: tuple[int, int, int], pre: Prestart,
-          release_init: Callable[[int], None] | None = None) -> tuple[int, list[dict]]:
+          release_init: Callable[[int], None] | None = None,
+          configure_net: Callable[[int], None] | None = None) -> tuple[int, list[dict]]:
     """Start the container in P1 `pre`; return (init's host pid, reports). Raises StartError if it could not be
     set up.
 
     With L.hold_init, `release_init(init_pid)` runs once the command is forked and before it execs (to take the
     init out of a limited memory cgroup, so that the OOM killer only ever chooses among the command's processes).
+    With L.hold_net, `configure_net(p1_pid)` runs once P1 has its network namespace, before P2 is forked (the
+    container's interface is made from outside, by host root: its own root may lack CAP_NET_ADMIN).
     Reports after the pid are P2's: {"started": true} once the command is exec'd, or {"error", "code"}.
     """
     pid1, go = pre.pid, pre.go
@@ -177,6 +182,16 @@ def spawn(L: Launch, stdio: tuple[int, int, int], pre: Prestart,
             _write_file(f"/proc/{pid1}/uid_map", f"0 {host} {count}\n")
             _write_file(f"/proc/{pid1}/gid_map", f"0 {host} {count}\n")
             _go(go.fileno(), b"m", reader)
+        if L.hold_net:
+            msg = json.loads(reader.readline() or b"{}")
+            if not msg.get("netns"):
+                raise StartError(msg.get("error", "container setup failed before its network"), msg.get("code", 125))
+            if configure_net is not None:
+                try:
+                    configure_net(pid1)
+                except Exception as e:  # noqa: BLE001 - netlink's errors: still lamina's own, exit 125
+                    raise StartError(f"setting up the container's network: {e}") from None
+            _go(go.fileno(), b"n", reader)
         msg = json.loads(reader.readline() or b"{}")
         if "pid" not in msg:
             raise StartError(msg.get("error", "container setup failed"), msg.get("code", 125))
@@ -262,9 +277,13 @@ def _p1(add_to_cgroup: Callable[[int], None], go: socket.socket, rep_w: int) -> 
     flags = linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWPID | linux.CLONE_NEWCGROUP
     if L.userns:
         flags |= linux.CLONE_NEWNS  # a copy owned by the new user namespace, so that its root may mount
-    if L.network == "none":
+    if L.network != "host":
         flags |= linux.CLONE_NEWNET
     linux.unshare(flags)
+    if L.hold_net:
+        _send(rep_w, {"netns": True})
+        if _read_byte(go_r) != b"n":
+            os._exit(125)
     if L.userns:
         # Mounts copied into a user namespace's mount namespace are locked, and pivot_root refuses a locked new
         # root: bind it on itself once more, then step out and back in to stand on the new, unlocked mount.
@@ -358,6 +377,8 @@ def _bind_rootfs(L: Launch) -> None:
         linux.mount(src, target, None, linux.MS_BIND | linux.MS_REC)
         if ro:
             _remount_ro(target)
+    for target, flags, data in L.tmpfs:
+        linux.mount("tmpfs", target, "tmpfs", flags, data)
     os.chdir(R)
 
 
@@ -462,7 +483,7 @@ def _init(L: Launch, rep_w: int, stdio: tuple[int, int, int], go_r: int) -> None
     _set_title(b"lamina-init")
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     _setup_mounts(L)
-    if L.network == "none":
+    if L.network != "host":
         _lo_up()
     linux.sethostname(L.hostname)
     child = [0]

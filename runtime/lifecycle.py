@@ -53,12 +53,27 @@ def wait_exit(root: str, c: state.Container, timeout: float) -> bool:
         except (OSError, ValueError):
             return True  # removed (--rm)
         if c.data.get("status") != "running":
+            _wait_cleanup(c)
             return True
         if not c.shim_alive():
             break
         time.sleep(0.02)
     _settle_dead(root, c)
     return True
+
+
+def _wait_cleanup(c: state.Container, timeout: float = 30) -> None:
+    """The supervisor records the exit, then cleans up (address, published ports, mounts) and exits: `stop` is
+    over when it is gone, so that a port is free again for the next `run -p` (as after `docker stop`)."""
+    deadline = time.monotonic() + timeout
+    while c.shim_alive() and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{c.data['shim_pid']}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return  # exited, not yet reaped by its parent (a foreground `run` of the caller's)
+        except (OSError, IndexError):
+            return
+        time.sleep(0.02)
 
 
 def _settle_dead(root: str, c: state.Container, code: int = 137) -> None:
@@ -153,15 +168,38 @@ def status_text(c: state.Container) -> str:
 
 
 def ps_rows(root: str, all_: bool) -> list[list[str]]:
-    rows = [["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]]
+    rows = [["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]]
     for c in state.list_containers(root):
         if not all_ and c.status() != "running":
             continue
         cmd = " ".join(c.data.get("argv", []))
         cmd = '"' + (cmd if len(cmd) <= 20 else cmd[:19] + "…") + '"'
         rows.append([c.id[:12], c.data.get("image", ""), cmd, _ago(c.data.get("created", time.time())) + " ago",
-                     status_text(c), c.name])
+                     status_text(c), ", ".join(_port_text(p) for p in _ports(c)), c.name])
     return rows
+
+
+def _ports(c: state.Container) -> list[dict]:
+    """A running container's published ports (a stopped one has given them back)."""
+    net = c.data.get("net")
+    return list(net.get("ports", [])) if net and c.status() == "running" else []
+
+
+def _port_text(p: dict) -> str:
+    return f"{p['host_ip'] or '0.0.0.0'}:{p['host_port']}->{p['container_port']}/{p['proto']}"
+
+
+def _network_settings(c: state.Container) -> dict:
+    net = c.data.get("net") if c.status() == "running" else None
+    if not net:
+        return {"IPAddress": "", "Gateway": "", "Ports": {}, "Networks": {}}
+    ports: dict[str, list] = {}
+    for p in _ports(c):
+        ports.setdefault(f"{p['container_port']}/{p['proto']}", []).append(
+            {"HostIp": p["host_ip"] or "0.0.0.0", "HostPort": str(p["host_port"])})
+    return {"IPAddress": net["address"], "IPPrefixLen": net["prefixlen"], "Gateway": net["gateway"], "Ports": ports,
+            "Networks": {net["network"]: {"IPAddress": net["address"], "Gateway": net["gateway"],
+                                          "Aliases": net.get("aliases", [])}}}
 
 
 def inspect(c: state.Container) -> dict:
@@ -180,5 +218,5 @@ def inspect(c: state.Container) -> dict:
                        "AutoRemove": d.get("rm", False)},
         "Mounts": d.get("mounts", []), "GraphDriver": {"Data": {"UpperDir": str(c.upper), "WorkDir": str(c.work),
                                                                  "MergedDir": str(c.rootfs)}},
-        "Cgroup": d.get("cgroup"),
+        "Cgroup": d.get("cgroup"), "NetworkSettings": _network_settings(c),
     }

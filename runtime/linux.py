@@ -49,6 +49,14 @@ CAPS = {
     "NET_BIND_SERVICE": 10, "NET_RAW": 13, "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31,
 }
 DEFAULT_CAPS = frozenset(CAPS.values())
+# Every capability by name (linux/capability.h), for --cap-add and --cap-drop.
+ALL_CAPS = {name: i for i, name in enumerate((
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER",
+    "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF",
+    "CHECKPOINT_RESTORE"))}
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine(), 155)
 _SYS_OPENAT2 = 437  # the same number on every architecture
@@ -143,6 +151,16 @@ def last_cap() -> int:
             return int(f.read())
     except OSError:
         return 40
+
+
+def bounding_set() -> frozenset[int]:
+    """This process's bounding set: what a container can be given at most (hosts may withhold some, even from root)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = int(next(line.split()[1] for line in f if line.startswith("CapBnd:")), 16)
+    except (OSError, StopIteration, ValueError):
+        return frozenset(range(last_cap() + 1))
+    return frozenset(i for i in range(64) if mask >> i & 1)
 
 
 def drop_capabilities(keep: frozenset[int] = DEFAULT_CAPS) -> None:

@@ -21,14 +21,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import cgroups, linux, rootfs, state, volumes
+from .ipam import NetworkError
 from .launch import Launch, Prestart, Process, StartError, spawn
 from .paths import EscapeError, make_mountpoint, resolve_in_root
 from .relay import Relay, copy_winsize, winsize
-from .spec import RunSpec, SpecError, VOLUME_NAME, check_config
+from .spec import RunSpec, SpecError, VOLUME_NAME, capabilities, check_config, parse_exposed
 from .users import resolve_user
 
 if TYPE_CHECKING:
     from unionfs.daemon import Standby
+
+    from .network import Attachment
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 USERNS_DEFAULT = (100000, 65536)
@@ -43,6 +46,8 @@ class Prepared:
     created_volumes: list[str] = field(default_factory=list)
     p1: Prestart | None = None      # the container's first process, already forked and in its cgroup
     memory_limited: bool = False    # -m: the init must then leave a v1 memory cgroup (see supervise)
+    net: Attachment | None = None   # bridge networks: the address, ports and veth to set up
+    port_socks: list[socket.socket] = field(default_factory=list)  # held for the container's life (network.py)
 
 
 def userns_range() -> tuple[int, int]:
@@ -67,8 +72,11 @@ def _merge_env(base: list[str], extra: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in env.items()]
 
 
-def command_line(cfg: dict, cmd: list[str]) -> list[str]:
-    """Docker's rule: Entrypoint + (CMD arguments given, else the image's Cmd)."""
+def command_line(cfg: dict, cmd: list[str], entrypoint: str | None = None) -> list[str]:
+    """Docker's rule: Entrypoint + (CMD arguments given, else the image's Cmd). `--entrypoint X` replaces the
+    image's Entrypoint with [X] and drops its Cmd (`--entrypoint ""`: no entrypoint), as Docker does."""
+    if entrypoint is not None:
+        return ([entrypoint] if entrypoint else []) + list(cmd)
     entry = list(cfg.get("Entrypoint") or [])
     return entry + (list(cmd) if cmd else list(cfg.get("Cmd") or []))
 
@@ -86,7 +94,8 @@ def _v1_mounts() -> list[tuple[str, str]]:
 
 
 def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int] | None,
-               covered: list[str]) -> list[tuple[str, str, str]]:
+               covered: list[str], net: Attachment | None = None,
+               add_hosts: list[list[str]] | None = None) -> list[tuple[str, str, str]]:
     """/etc/hostname, /etc/hosts and /etc/resolv.conf as Docker provides them: files of the container's own,
     bound over the image's, unless a user mount covers them (`covered`: the host paths of its targets, so that a
     volume on /etc, or on where a link in the image leads, counts). Returns (source, host target, container path
@@ -102,11 +111,16 @@ def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int
             resolv = f.read()
     except OSError:
         resolv = ""
-    contents = {
-        "hostname": f"{hostname}\n",
-        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n",
-        "resolv.conf": resolv,
-    }
+    hosts = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+    if net is not None or add_hosts:
+        from . import network  # noqa: PLC0415
+
+        peers = network.peers_of(str(c.dir.parent.parent), net.network, c.id) if net and net.user_defined else []
+        own = [c.name, *net.aliases] if net and net.user_defined else []
+        hosts = network.hosts_text(hostname, net.address if net else None, add_hosts or [], peers, own)
+        if net is not None:
+            resolv = network.resolv_conf(resolv)
+    contents = {"hostname": f"{hostname}\n", "hosts": hosts, "resolv.conf": resolv}
     out = []
     for name, text in contents.items():
         host = resolve_in_root(R, f"/etc/{name}", clamp=True)
@@ -134,7 +148,7 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
             raise state.conflict(spec.name, holder)
     image = rootfs.resolve(root, spec.image)
     cfg = image.config = check_config(image.config, spec.image)
-    argv = command_line(cfg, spec.cmd)
+    argv = command_line(cfg, spec.cmd, spec.entrypoint)
     if not argv:
         raise SpecError("no command specified")
     cid = state.new_id()
@@ -163,6 +177,8 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
     made_dirs: list[tuple[str, str]] = []  # (topmost created, leaf) host directories for bind sources
     mounting: rootfs.Mounting | None = None
     p1: Prestart | None = None
+    net: Attachment | None = None
+    socks: list[socket.socket] = []
     try:
         cg.create()
         try:
@@ -177,6 +193,8 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         mounting = rootfs.start_mount(root, image, str(c.upper), str(c.work), str(c.rootfs), userns, daemon)
         # v1's devices cgroup limits what may be opened; v2 would need an eBPF program, so there no node may be made.
         caps = linux.DEFAULT_CAPS if version == 1 else linux.DEFAULT_CAPS - {linux.CAPS["MKNOD"]}
+        if spec.cap_add or spec.cap_drop:
+            caps = capabilities(caps, spec.cap_add, spec.cap_drop) & linux.bounding_set()
         cgroup_mounts = _v1_mounts() if version == 1 else []
         mounting.wait()
         R = str(c.rootfs)
@@ -189,6 +207,8 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         # Resolve every target first: an escape must fail before anything is created.
         for m in spec.mounts:
             resolve_in_root(R, m.target)
+        for path, _, _ in spec.tmpfs:
+            resolve_in_root(R, path)
         resolve_in_root(R, cwd)
         binds: list[tuple[str, str, bool]] = []
         mounts_json = []
@@ -219,21 +239,38 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
             mounts_json.append({**m.to_json(), "source": vol.name})
         if cwd != "/":
             make_mountpoint(R, cwd, True)
-        etc_files = _etc_files(c, R, hostname, userns, [t for _, t, _ in binds])
+        if spec.network not in ("none", "host"):
+            from . import network  # noqa: PLC0415 - pyroute2 loads only for networked containers
+
+            ports = spec.publish + (parse_exposed(cfg) if spec.publish_all else [])
+            c.update(add_hosts=spec.add_hosts)
+            net, socks = network.join(root, cid, c.name, spec.network, spec.ip, spec.network_aliases, ports)
+            c.update(net=net.to_json())
+        # mounted by host root before the user namespace exists: owned by the container's root, as under Docker
+        owner = f",uid={userns[0]},gid={userns[0]}" if userns else ""
+        tmpfs = [(make_mountpoint(R, path, True), flags, data + ("" if "uid=" in data else owner))
+                 for path, flags, data in spec.tmpfs]
+        etc_files = _etc_files(c, R, hostname, userns, [t for _, t, _ in binds] + [t for t, _, _ in tmpfs], net,
+                               spec.add_hosts)
         binds += [(src, target, False) for src, target, _ in etc_files]
         launch = Launch(
-            rootfs=R, hostname=hostname, network=spec.network, userns=userns, binds=binds, read_only=spec.read_only,
+            rootfs=R, hostname=hostname, network=spec.network, userns=userns, binds=binds, tmpfs=tmpfs,
+            read_only=spec.read_only,
             process=Process(argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups, tty=spec.tty, caps=caps),
-            cgroup_version=version, cgroup_mounts=cgroup_mounts,
+            cgroup_version=version, cgroup_mounts=cgroup_mounts, hold_net=net is not None,
         )
         # The container's config as Docker keeps it: the image's, with the run's command, env, workdir and user.
         config = {k: v for k, v in cfg.items() if k not in ("Env", "Cmd", "WorkingDir", "User")}
         config.update(Env=_merge_env(list(cfg.get("Env") or []), spec.env), Cmd=list(spec.cmd) or cfg.get("Cmd"),
                       WorkingDir=spec.workdir or cfg.get("WorkingDir") or "", User=spec.user or cfg.get("User") or "")
+        if spec.entrypoint is not None:
+            config.update(Entrypoint=[spec.entrypoint] if spec.entrypoint else None, Cmd=list(spec.cmd) or None)
         c.update(config=config, caps=sorted(caps), mounts=mounts_json, etc_files=[t for _, _, t in etc_files],
                  env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)
-        return Prepared(c, launch, cg, image, created, p1, spec.limits.memory is not None)
+        return Prepared(c, launch, cg, image, created, p1, spec.limits.memory is not None, net, socks)
     except BaseException:
+        for s in socks:
+            s.close()
         if p1 is not None:
             p1.cancel()  # before the cgroup goes: P1 stands in it
         if mounting is not None:
@@ -260,6 +297,7 @@ def _interrupted(sig: int, _frame: object) -> None:
 
 
 def _rollback(root: str, c: state.Container, kind: str, cg: cgroups.Cgroup | None, created: list[str]) -> None:
+    _leave_network(root, c)
     if cg is not None:
         try:
             cg.remove()
@@ -277,8 +315,20 @@ def _rollback(root: str, c: state.Container, kind: str, cg: cgroups.Cgroup | Non
     state.remove_dir(c)
 
 
+def _leave_network(root: str, c: state.Container) -> None:
+    if c.data.get("net"):
+        from . import network  # noqa: PLC0415
+
+        try:
+            network.leave(root, c)
+        except Exception as e:  # noqa: BLE001 - netlink's, nft's or the store's: said, and the rest still goes
+            print(f"lamina: removing the network of {c.id[:12]}: {e}", file=sys.stderr)
+
+
 def cleanup(root: str, c: state.Container) -> None:
-    """After the init is gone: cgroup and rootfs mount away; with --rm the container and anonymous volumes too."""
+    """After the init is gone: cgroup and rootfs mount away, address and ports released, the network's veth (and
+    with its last container, the default network's bridge and rules) removed; with --rm the container and
+    anonymous volumes too."""
     cgj = c.data.get("cgroup")
     if cgj:
         cg = cgroups.from_json(cgj)
@@ -291,6 +341,7 @@ def cleanup(root: str, c: state.Container) -> None:
             cg.remove()
         except OSError:
             pass
+    _leave_network(root, c)
     try:
         # containers of older lamina versions were mounted through `lamina mount`, which held the image too
         rootfs.umount(root, c.data.get("image_kind", "dir"), str(c.rootfs), c.data.get("mount_hold", True))
@@ -361,7 +412,12 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
             release = getattr(p.cgroup, "release_from_memory", None) if p.memory_limited else None
             L.hold_init = release is not None
             pre, p.p1 = p.p1 or Prestart(p.cgroup.add), None
-            pid, reports = spawn(L, stdio, pre, release)
+            configure = None
+            if p.net is not None:
+                from .network import attach  # noqa: PLC0415
+
+                configure = lambda pid1: attach(pid1, p.net)  # noqa: E731
+            pid, reports = spawn(L, stdio, pre, release, configure)
             init_pid[0] = pid
             for sig in pending:
                 forward(sig, None)
@@ -411,6 +467,8 @@ def supervise(root: str, p: Prepared, stdio_mode: str, interactive: bool, notify
     oom = p.cgroup.oom_killed()
     c.update(status="exited", exit_code=code, oom_killed=oom, finished_at=time.time(), pid=None)
     cleanup(root, c)
+    for s in p.port_socks:
+        s.close()
     os.close(log_fd)
     return code
 
@@ -447,7 +505,7 @@ def run(root: str, spec: RunSpec, daemon: Standby | None = None) -> int:
     try:
         # detached, the container's processes belong to the shim forked below: no early P1 from here
         p = prepare(root, spec, early_p1=not spec.detach, daemon=daemon)
-    except (SpecError, rootfs.ImageNotFound, EscapeError, volumes.VolumeError) as e:
+    except (SpecError, rootfs.ImageNotFound, EscapeError, volumes.VolumeError, NetworkError) as e:
         print(f"lamina: {e}", file=sys.stderr)
         return 125
     except OSError as e:
@@ -471,7 +529,7 @@ def run(root: str, spec: RunSpec, daemon: Standby | None = None) -> int:
             logfd = os.open(p.container.dir / "shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
             os.dup2(logfd, 1)
             os.dup2(logfd, 2)
-            linux.close_fds_from(3, keep=(w,))
+            linux.close_fds_from(3, keep=(w, *(s.fileno() for s in p.port_socks)))
             supervise(root, p, "log", False, notify_fd=w)
         except BaseException as e:  # noqa: BLE001 - the shim has no caller left to raise to: shim.log gets it
             import traceback  # noqa: PLC0415

@@ -6,6 +6,7 @@ bad input fails with one line and exit 125 while nothing exists yet. Formats fol
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -13,6 +14,8 @@ import stat
 from dataclasses import dataclass, field
 
 from .cgroups import Limits
+from .ipam import Port
+from .linux import ALL_CAPS
 
 
 class SpecError(ValueError):
@@ -62,7 +65,16 @@ class RunSpec:
     workdir: str | None = None
     user: str | None = None
     hostname: str | None = None
-    network: str = "none"
+    network: str = "bridge"
+    publish: list[Port] = field(default_factory=list)
+    publish_all: bool = False
+    network_aliases: list[str] = field(default_factory=list)
+    add_hosts: list[list[str]] = field(default_factory=list)   # [name, ip]
+    ip: str | None = None
+    entrypoint: str | None = None
+    cap_add: list[str] = field(default_factory=list)     # names without CAP_, upper case, or ALL
+    tmpfs: list[tuple[str, int, str]] = field(default_factory=list)  # (container path, mount flags, options)
+    cap_drop: list[str] = field(default_factory=list)
     mounts: list[Mount] = field(default_factory=list)
     read_only: bool = False
     limits: Limits = field(default_factory=Limits)
@@ -134,6 +146,74 @@ def parse_env(items: tuple[str, ...] | list[str]) -> list[str]:
     return out
 
 
+def parse_env_file(path: str) -> list[str]:
+    """Docker's --env-file: KEY=VALUE lines taken as they are (no quotes removed), KEY alone takes the caller's
+    value, blank lines and lines starting with # skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read((1 << 20) + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"invalid env file {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    if len(text) > 1 << 20:
+        raise SpecError(f"invalid env file {path!r}: larger than 1 MiB")
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("=") or " " in line.partition("=")[0] or "\0" in line:
+            raise SpecError(f"invalid env file {path!r}: line {n}: variable {line.partition('=')[0]!r} is not a name")
+        items.append(line)
+    return parse_env(items)
+
+
+_TMPFS_FLAGS = {"ro": (1, True), "rw": (1, False), "nosuid": (2, True), "suid": (2, False), "nodev": (4, True),
+                "dev": (4, False), "noexec": (8, True), "exec": (8, False)}
+_TMPFS_DATA = re.compile(r"^(size=[0-9]+[kmgKMG%]?|mode=[0-7]{3,4}|uid=[0-9]+|gid=[0-9]+|nr_inodes=[0-9]+[kmgKMG]?)$")
+
+
+def parse_tmpfs(text: str) -> tuple[str, int, str]:
+    """Docker's --tmpfs PATH[:OPTIONS]: nosuid, nodev and noexec unless the options say otherwise, mode 1777
+    unless given; ro/rw, (no)suid, (no)dev, (no)exec, size=, mode=, uid=, gid=, nr_inodes= understood."""
+    path, _, opts = text.partition(":")
+    path = _clean_target(path, text)
+    flags = 2 | 4 | 8
+    data = []
+    for o in filter(None, opts.split(",")):
+        if o in _TMPFS_FLAGS:
+            bit, on = _TMPFS_FLAGS[o]
+            flags = flags | bit if on else flags & ~bit
+        elif _TMPFS_DATA.match(o):
+            data.append(o)
+        else:
+            raise SpecError(f"invalid tmpfs option {o!r} in {text!r}")
+    if not any(d.startswith("mode=") for d in data):
+        data.append("mode=1777")
+    return path, flags, ",".join(data)
+
+
+def parse_cap(text: str) -> str:
+    """A capability as --cap-add/--cap-drop take it: a name with or without CAP_, any case, or ALL."""
+    name = text.strip().upper()
+    name = name[4:] if name.startswith("CAP_") else name
+    if name != "ALL" and name not in ALL_CAPS:
+        raise SpecError(f"invalid capability {text!r}: unknown capability")
+    return name
+
+
+def capabilities(base: frozenset[int], add: list[str], drop: list[str]) -> frozenset[int]:
+    """Docker's rule (moby's TweakCapabilities): --cap-add ALL is every capability (that the host grants: the
+    caller intersects with its bounding set) but the dropped ones;
+    --cap-drop ALL keeps only the added ones; otherwise the default set minus the dropped, plus the added (an add
+    wins over a drop of the same name)."""
+    every = frozenset(ALL_CAPS.values())
+    if "ALL" in add:
+        return every - {ALL_CAPS[n] for n in drop if n != "ALL"}
+    if "ALL" in drop:
+        return frozenset(ALL_CAPS[n] for n in add)
+    return (base - {ALL_CAPS[n] for n in drop}) | {ALL_CAPS[n] for n in add}
+
+
 def parse_user(text: str) -> str:
     if not re.match(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$", text):
         raise SpecError(f"invalid user {text!r}: expected UID[:GID] or NAME[:GROUP]")
@@ -167,6 +247,67 @@ def check_config(cfg: object, ref: str) -> dict:
             raise SpecError(f"image {ref}: invalid config: {key} must be a string without NUL bytes, "
                             f"not {json.dumps(v)}")
     return cfg
+
+
+def _port_number(text: str, spec: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise SpecError(f"invalid port specification {spec!r}: {text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def parse_publish(spec: str) -> Port:
+    """Docker's -p: [IP:][HOST:]CONTAINER[/tcp|/udp]; HOST empty or absent: a free port."""
+    rest, _, proto = spec.partition("/")
+    proto = proto or "tcp"
+    if proto not in ("tcp", "udp"):
+        raise SpecError(f"invalid port specification {spec!r}: protocol {proto!r} (use tcp or udp)")
+    parts = rest.split(":")
+    if len(parts) > 3 or not parts[-1]:
+        raise SpecError(f"invalid port specification {spec!r}: expected [IP:][HOST:]CONTAINER[/PROTO]")
+    if any("-" in x for x in parts[-2:]):
+        raise SpecError(f"invalid port specification {spec!r}: port ranges are not supported")
+    ip = parts[0] if len(parts) == 3 else ""
+    if ip:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            raise SpecError(f"invalid port specification {spec!r}: {ip!r} is not an IP address") from None
+        if addr.version != 4:
+            raise SpecError(f"invalid port specification {spec!r}: only IPv4 host addresses are supported")
+        ip = "" if addr.is_unspecified else str(addr)
+    host = parts[-2] if len(parts) >= 2 else ""
+    return Port(proto, ip, _port_number(host, spec) if host else 0, _port_number(parts[-1], spec))
+
+
+def parse_exposed(cfg: dict) -> list[Port]:
+    """-P: the image's ExposedPorts ({"80/tcp": {}}), each on a free host port."""
+    out = []
+    for key in sorted(cfg.get("ExposedPorts") or {}):
+        try:
+            p = parse_publish(str(key))
+        except SpecError as e:
+            raise SpecError(f"image: invalid ExposedPorts entry: {e}") from None
+        out.append(Port(p.proto, "", 0, p.container_port))
+    return out
+
+
+def parse_add_host(text: str) -> list[str]:
+    name, sep, ip = text.partition(":")
+    if not sep:
+        name, sep, ip = text.partition("=")
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise SpecError(f"invalid argument {text!r} for --add-host: expected NAME:IP") from None
+    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$", name):
+        raise SpecError(f"invalid argument {text!r} for --add-host: {name!r} is not a host name")
+    return [name, ip]
+
+
+def parse_network_alias(text: str) -> str:
+    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$", text):
+        raise SpecError(f"invalid network alias {text!r}")
+    return text
 
 
 def parse_hostname(text: str) -> str:

@@ -128,3 +128,47 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 """
+
+# The runtime's networks, applied by runtime/ipam.py as a named step of its own ("network", version in
+# meta.network_schema), apart from SCHEMA_VERSION: a store of any schema version gets these tables on its first
+# networked container, and the store's own migrations never have to know about them.
+NETWORK_SCHEMA_KEY = "network_schema"
+NETWORK_SCHEMA_VERSION = 1
+NETWORK_SCHEMA = """
+-- One row per network: the default "bridge" (made on first use, removed with its last container) and the
+-- user-defined ones (`lamina network create`, removed by `network rm`). Each is a Linux bridge on the host.
+CREATE TABLE IF NOT EXISTS networks (
+    name TEXT PRIMARY KEY,          -- "bridge" or the user's name
+    id TEXT NOT NULL UNIQUE,        -- 64 hex digits, as Docker's network ids
+    subnet TEXT NOT NULL UNIQUE,    -- e.g. "10.88.0.0/16"; never overlapping a host route or another network
+    gateway TEXT NOT NULL,          -- the bridge's own address, the containers' default route
+    bridge TEXT NOT NULL UNIQUE,    -- the host interface name
+    user_defined INTEGER NOT NULL,  -- 1: name resolution between its containers, removed only by `network rm`
+    created TEXT NOT NULL           -- ISO 8601 UTC
+) WITHOUT ROWID;
+
+-- One row per address in use: the primary key makes two containers with one address impossible, however many
+-- start at once (allocation is one BEGIN IMMEDIATE transaction). Released when the container stops or is removed.
+CREATE TABLE IF NOT EXISTS net_addresses (
+    network TEXT NOT NULL,          -- networks.name
+    address TEXT NOT NULL,          -- e.g. "10.88.0.2"
+    container TEXT NOT NULL,        -- the container's id
+    name TEXT NOT NULL,             -- the container's name, for /etc/hosts of the network's other containers
+    aliases TEXT NOT NULL DEFAULT '[]', -- JSON list of --network-alias names
+    PRIMARY KEY (network, address)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS net_addresses_container ON net_addresses(container);
+
+-- Published ports (-p, -P): one row per host port and protocol in use, the source of the DNAT rules. Checked
+-- against each other under the same transaction as the address, so two containers never publish one port.
+CREATE TABLE IF NOT EXISTS net_ports (
+    container TEXT NOT NULL,        -- the container's id
+    proto TEXT NOT NULL,            -- "tcp" or "udp"
+    host_ip TEXT NOT NULL,          -- "" for every host address, else the one given in -p IP:HOST:CONTAINER
+    host_port INTEGER NOT NULL,
+    container_port INTEGER NOT NULL,
+    address TEXT NOT NULL,          -- the container's address the port leads to
+    PRIMARY KEY (proto, host_port, host_ip)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS net_ports_container ON net_ports(container);
+"""

@@ -125,3 +125,95 @@ def test_busybox_rootfs(rootdir):
     assert "root:x:0:0:" in open(f"{r}/etc/passwd").read()
     with pytest.raises(FileExistsError):
         busybox.build(r)
+
+
+def test_entrypoint_flag_follows_docker():
+    cfg = {"Entrypoint": ["/entry", "-x"], "Cmd": ["default"]}
+    assert command_line(cfg, [], "/other") == ["/other"]  # the image's Cmd goes with its entrypoint
+    assert command_line(cfg, ["a", "b"], "/other") == ["/other", "a", "b"]
+    assert command_line(cfg, ["sh"], "") == ["sh"]
+
+
+def test_env_file(tmp_path, monkeypatch):
+    from runtime.spec import parse_env_file
+
+    monkeypatch.setenv("FROM_HOST", "yes")
+    f = tmp_path / "env"
+    f.write_text("# comment\n\nA=1\n  B='quoted stays'\nFROM_HOST\nUNSET_XYZ\nC=x=y\n")
+    assert parse_env_file(str(f)) == ["A=1", "B='quoted stays'", "FROM_HOST=yes", "C=x=y"]
+    for bad in ("=x\n", "A B=1\n"):
+        f.write_text(bad)
+        with pytest.raises(SpecError):
+            parse_env_file(str(f))
+    with pytest.raises(SpecError):
+        parse_env_file(str(tmp_path / "missing"))
+
+
+def test_entrypoint_and_env_file(lamina, image, tmp_path):
+    """--entrypoint replaces the image's entrypoint and Cmd; --env-file lines apply before -e."""
+    env = tmp_path / "env"
+    env.write_text("# a comment\nA=from-file\nB=file\n")
+    r = lamina("run", "--rm", "--network", "none", "--env-file", str(env), "-e", "B=flag", "--entrypoint", "/bin/sh",
+               image, "-c", 'echo "$A $B $0"')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "from-file flag /bin/sh\n"
+    r = lamina("run", "--rm", "--env-file", str(tmp_path / "missing"), image, "true")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1 and "missing" in r.stderr
+    assert lamina.containers() == []
+
+
+def _cap_set(status: str, field: str) -> set[str]:
+    from runtime.linux import ALL_CAPS
+
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")), 16)
+    return {name for name, bit in ALL_CAPS.items() if mask >> bit & 1}
+
+
+def test_cap_add_and_drop(lamina, image):
+    """Docker's meaning, read from /proc/self/status: names with or without CAP_, any case; ALL; an add wins over
+    a drop of the same name; a bad name is one line, exit 125."""
+    def caps(*opts: str) -> set[str]:
+        r = lamina("run", "--rm", "--network", "none", *opts, image, "cat", "/proc/self/status")
+        assert r.returncode == 0, r.stderr
+        assert _cap_set(r.stdout, "CapEff") == _cap_set(r.stdout, "CapBnd")
+        return _cap_set(r.stdout, "CapEff")
+
+    default = caps()
+    assert "CHOWN" in default and "NET_ADMIN" not in default
+    assert caps("--cap-drop", "chown", "--cap-add", "CAP_NET_ADMIN") == (default - {"CHOWN"}) | {"NET_ADMIN"}
+    assert caps("--cap-drop", "ALL", "--cap-add", "kill") == {"KILL"}
+    assert caps("--cap-drop", "ALL") == set()
+    every = caps("--cap-add", "ALL", "--cap-drop", "SYS_ADMIN")
+    assert "SYS_ADMIN" not in every and {"NET_ADMIN", "SYS_PTRACE", "CHOWN"} <= every
+    assert caps("--cap-drop", "KILL", "--cap-add", "KILL") == default
+    r = lamina("run", "--rm", "--cap-add", "CAP_NOPE", image, "true")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1 and "NOPE" in r.stderr
+    assert lamina.containers() == []
+
+
+def test_tmpfs(lamina, image):
+    """--tmpfs as Docker's: nosuid,nodev,noexec and mode 1777 by default, options applied (from mountinfo), the
+    size enforced; bad options exit 125 with nothing left."""
+    r = lamina("run", "--rm", "--network", "none", "--tmpfs", "/scratch:size=1m,mode=1770", "--tmpfs", "/run/x:exec",
+               "--read-only", image, "sh", "-c",
+               "grep ' /scratch ' /proc/self/mountinfo; grep ' /run/x ' /proc/self/mountinfo; stat -c %a /scratch;"
+               " stat -c %a /run/x; echo hi > /scratch/f && cat /scratch/f;"
+               " dd if=/dev/zero of=/scratch/big bs=1k count=2048 2>/dev/null || echo full")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    scratch, runx = lines[0].split(), lines[1].split()
+    assert set(scratch[5].split(",")) >= {"rw", "nosuid", "nodev", "noexec"}
+    assert "size=1024k" in lines[0] and "tmpfs" in scratch
+    assert "noexec" not in runx[5].split(",") and {"nosuid", "nodev"} <= set(runx[5].split(","))
+    assert lines[2:] == ["1770", "1777", "hi", "full"]
+    for bad in ("relative", "/x:bogus", "/x:size=lots", "/"):
+        r = lamina("run", "--rm", "--tmpfs", bad, image, "true")
+        assert r.returncode == 125 and r.stderr.count("\n") == 1, (bad, r.stderr)
+    assert lamina.containers() == []
+
+
+def test_tmpfs_under_userns_belongs_to_container_root(lamina, image):
+    r = lamina("run", "--rm", "--userns", "--network", "none", "--tmpfs", "/scratch", image, "stat", "-c", "%u:%g",
+               "/scratch")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "0:0\n"
