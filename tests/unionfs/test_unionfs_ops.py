@@ -700,3 +700,74 @@ def test_long_listing_gives_every_entry_its_number_and_type(scratch):
     with kernel_mount([l0, l1], scratch / "k", upper, work) as k:
         # (kernel overlayfs itself reports a merged directory's upper number as d_ino without index=on)
         assert _kinds(k / "big", check_ino=False) == ours
+
+
+def _long_name_steps(root: Path) -> list:
+    """Every operation on names of 252-255 bytes (a `.wh.` prefix would not fit), over lower entries of such
+    names and new ones; each step's result or errno."""
+    n = {k: c * k for k, c in ((252, "a"), (253, "b"), (254, "c"), (255, "d"))}
+    out = []
+
+    def step(fn, *args):
+        try:
+            r = fn(*args)
+            out.append(("ok", r if isinstance(r, (int, str, list)) else None))
+        except OSError as e:
+            out.append(("err", errno.errorcode[e.errno]))
+    step(os.unlink, root / n[255])
+    step(lambda: (root / n[255]).write_text("new"))  # over its whiteout
+    step(lambda: (root / n[255]).read_text())
+    step(os.rmdir, root / "ld" / n[254])
+    step(os.mkdir, root / "ld" / n[254], 0o750)  # over its whiteout: opaque
+    step(os.listdir, root / "ld" / n[254])
+    step(os.unlink, root / n[253])
+    step(os.mkfifo, root / n[253], 0o600)
+    step(os.unlink, root / n[253])
+    step(os.mknod, root / n[253], stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    step(os.unlink, root / n[252])
+    step(os.symlink, "target", root / n[252])
+    step(os.unlink, root / n[252])
+    step(os.link, root / "small", root / n[252])
+    step(os.rename, root / "ld" / n[253], root / "ld" / n[252])  # lower file to a new name: whiteout left
+    step(os.rename, root / "ld" / n[252], root / n[253])  # over the mknod'ed node
+    step(os.chmod, root / "ld" / n[255], 0o600)
+    step(os.chown, root / "ld" / n[255], 7, 8)
+    step(os.truncate, root / "ld" / n[255], 2)
+    step(os.mkdir, root / "nd" / n[255], 0o700)
+    step(os.rename, root / "nd" / n[255], root / "ld" / n[255])  # ENOTDIR: a file is there
+    step(os.rmdir, root / "nd" / n[255])
+    step(os.mkdir, root / n[254], 0o700)
+    step(lambda: os.rename(root / n[254], root / "nd" / n[254]))
+    step(os.rmdir, root / "nd" / n[254])
+    step(lambda: sorted(os.listdir(root)))
+    step(lambda: sorted(os.listdir(root / "ld")))
+    return out
+
+
+def test_names_of_252_to_255_bytes_work_for_every_operation_as_on_kernel_overlayfs(scratch):
+    """Issue 12.3/12.4/12.6: a whiteout of such a name is a char 0/0 node, never a `.wh.` name over NAME_MAX.
+    Creating over it once failed (after removing the whiteout: the deleted lower file came back), and a rename to
+    such a name reported ENAMETOOLONG after it had happened."""
+    low = scratch / "low"
+    (low / "ld").mkdir(parents=True)
+    (low / "nd").mkdir()
+    (low / "small").write_text("s")
+    for k, c in ((252, "a"), (253, "b"), (255, "d")):
+        (low / (c * k)).write_text(f"lower {k}")
+        (low / "ld" / (c * k)).write_text(f"lower ld {k}")
+    (low / "ld" / ("c" * 254)).mkdir()
+    results, views, uppers = {}, {}, {}
+    for name, mount in (("kernel", kernel_mount), ("lamina", lamina_mount)):
+        u, w, m = scratch / f"{name}-u", scratch / f"{name}-w", scratch / f"{name}-m"
+        for d in (u, w, m):
+            d.mkdir()
+        with mount([low], m, u, w) as root:
+            results[name] = _long_name_steps(root)
+            views[name] = snapshot(root, dir_nlink=False)
+        uppers[name] = snapshot(u, dir_nlink=False, upper_view=True)
+    assert results["lamina"] == results["kernel"]
+    assert ("err", "ENAMETOOLONG") not in results["lamina"]
+    assert views["lamina"] == views["kernel"]
+    assert uppers["lamina"] == uppers["kernel"]
+    assert not any(p.rpartition("/")[2].startswith(".wh.") for p in uppers["lamina"])
+
