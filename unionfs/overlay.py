@@ -469,7 +469,8 @@ class Overlay:
             if not n.is_dir and (n.rec.nlink > 1 or n.layer == self._nlayers):
                 idx = self._index_path(n.ino)
                 if os.path.lexists(idx):
-                    os.link(idx, real)
+                    with copyup.keeping_parent_times(real):
+                        os.link(idx, real)
                     self._invalidate()
                     self._follow_copy_up(n.ino, real)
                     return real
@@ -482,7 +483,8 @@ class Overlay:
             else:
                 tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
             try:
-                os.rename(tmp, real)
+                with copyup.keeping_parent_times(real):
+                    os.rename(tmp, real)
             except BaseException:
                 copyup.discard(tmp)
                 raise

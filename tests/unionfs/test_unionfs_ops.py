@@ -771,3 +771,36 @@ def test_names_of_252_to_255_bytes_work_for_every_operation_as_on_kernel_overlay
     assert uppers["lamina"] == uppers["kernel"]
     assert not any(p.rpartition("/")[2].startswith(".wh.") for p in uppers["lamina"])
 
+
+def test_copy_up_keeps_the_times_of_the_directories_above(scratch):
+    """Issue 12.8: copying up a/b/f (by a write-open, a chmod, a truncate) leaves a and a/b with their lower
+    times, in the merged view and in the upper, as kernel overlayfs does; a new entry does change its directory."""
+    low = scratch / "low"
+    (low / "a" / "b").mkdir(parents=True)
+    for f in ("f", "g", "h"):
+        (low / "a" / "b" / f).write_text(f)
+    (low / "c").mkdir()
+    (low / "c" / "k").write_text("k")
+    for i, p in enumerate([low / "a" / "b" / "f", low / "a" / "b" / "g", low / "a" / "b" / "h", low / "c" / "k",
+                           low / "a" / "b", low / "c", low / "a"]):
+        os.utime(p, ns=(1_000_000_000_000_000_000 + i, 1_100_000_000_000_000_000 + i))
+    times = {}
+    for name, mount in (("kernel", kernel_mount), ("lamina", lamina_mount)):
+        u, w, m = scratch / f"{name}-u", scratch / f"{name}-w", scratch / f"{name}-m"
+        for d in (u, w, m):
+            d.mkdir()
+        with mount([low], m, u, w) as root:
+            with open(root / "a" / "b" / "f", "r+") as f:
+                f.write("F")
+            os.chmod(root / "a" / "b" / "g", 0o600)
+            os.truncate(root / "a" / "b" / "h", 0)
+            os.chown(root / "c" / "k", 5, 5)
+            (root / "c" / "new").write_text("n")  # a real change of c
+            seen = {p: os.lstat(root / p).st_mtime_ns for p in ("a", "a/b", "c")}
+        up = {p: os.lstat(u / p).st_mtime_ns for p in ("a", "a/b", "c")}
+        times[name] = (seen, up)
+    lower = {p: os.lstat(low / p).st_mtime_ns for p in ("a", "a/b")}
+    for name in times:
+        seen, up = times[name]
+        assert {p: seen[p] for p in lower} == lower == {p: up[p] for p in lower}, name
+        assert seen["c"] == up["c"] > 1_200_000_000_000_000_000, name
