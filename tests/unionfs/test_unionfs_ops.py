@@ -804,3 +804,33 @@ def test_copy_up_keeps_the_times_of_the_directories_above(scratch):
         seen, up = times[name]
         assert {p: seen[p] for p in lower} == lower == {p: up[p] for p in lower}, name
         assert seen["c"] == up["c"] > 1_200_000_000_000_000_000, name
+
+
+def test_chown_to_unchanged_ids_changes_ctime_and_copies_up_as_on_kernel_overlayfs(scratch):
+    """Issue 12.11: chown(path, -1, -1) changes no owner, but ctime, and kernel overlayfs copies up for it. The
+    kernel sends it as a SETATTR that sets nothing, which libfuse's high-level API answered by itself until the
+    patch scripts/build-libfuse.sh applies."""
+    from unionfs import fuse as front
+    if not front.HAS_PASSTHROUGH_API:
+        pytest.skip("lamina runs on the system's libfuse, not the one scripts/setup.sh builds and patches")
+    low = scratch / "low"
+    (low / "d").mkdir(parents=True)
+    (low / "f").write_text("f")
+    (low / "d" / "g").write_text("g")
+    seen = {}
+    for name, mount in (("kernel", kernel_mount), ("lamina", lamina_mount)):
+        u, w, m = scratch / f"{name}-u", scratch / f"{name}-w", scratch / f"{name}-m"
+        for d in (u, w, m):
+            d.mkdir()
+        with mount([low], m, u, w) as root:
+            changed = []
+            for p in ("f", "d", "d/g", "f"):  # the second time on a file already in the upper directory
+                before = os.lstat(root / p)
+                time.sleep(0.01)
+                os.chown(root / p, -1, -1, follow_symlinks=False)
+                after = os.lstat(root / p)
+                changed.append((after.st_ctime_ns > before.st_ctime_ns, (after.st_uid, after.st_gid)))
+            view = snapshot(root)
+        seen[name] = (changed, view, sorted(str(p.relative_to(u)) for p in u.rglob("*")))
+    assert seen["lamina"] == seen["kernel"]
+    assert seen["lamina"][0] == [(True, (0, 0))] * 4 and seen["lamina"][2] == ["d", "d/g", "f"]
