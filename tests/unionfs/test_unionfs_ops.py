@@ -702,6 +702,16 @@ def test_long_listing_gives_every_entry_its_number_and_type(scratch):
         assert _kinds(k / "big", check_ino=False) == ours
 
 
+@contextlib.contextmanager
+def _fresh_mount(scratch: Path, name: str, low: Path):
+    """Kernel overlayfs or lamina-fs over `low` with upper, work and mount dirs of its own: (root, upper)."""
+    u, w, m = (scratch / f"{name}-{d}" for d in "uwm")
+    for d in (u, w, m):
+        d.mkdir()
+    with (kernel_mount if name == "kernel" else lamina_mount)([low], m, u, w) as root:
+        yield root, u
+
+
 def _long_name_steps(root: Path) -> list:
     """Every operation on names of 252-255 bytes (a `.wh.` prefix would not fit), over lower entries of such
     names and new ones; each step's result or errno."""
@@ -757,11 +767,8 @@ def test_names_of_252_to_255_bytes_work_for_every_operation_as_on_kernel_overlay
         (low / "ld" / (c * k)).write_text(f"lower ld {k}")
     (low / "ld" / ("c" * 254)).mkdir()
     results, views, uppers = {}, {}, {}
-    for name, mount in (("kernel", kernel_mount), ("lamina", lamina_mount)):
-        u, w, m = scratch / f"{name}-u", scratch / f"{name}-w", scratch / f"{name}-m"
-        for d in (u, w, m):
-            d.mkdir()
-        with mount([low], m, u, w) as root:
+    for name in ("kernel", "lamina"):
+        with _fresh_mount(scratch, name, low) as (root, u):
             results[name] = _long_name_steps(root)
             views[name] = snapshot(root, dir_nlink=False)
         uppers[name] = snapshot(u, dir_nlink=False, upper_view=True)
@@ -785,11 +792,8 @@ def test_copy_up_keeps_the_times_of_the_directories_above(scratch):
                            low / "a" / "b", low / "c", low / "a"]):
         os.utime(p, ns=(1_000_000_000_000_000_000 + i, 1_100_000_000_000_000_000 + i))
     times = {}
-    for name, mount in (("kernel", kernel_mount), ("lamina", lamina_mount)):
-        u, w, m = scratch / f"{name}-u", scratch / f"{name}-w", scratch / f"{name}-m"
-        for d in (u, w, m):
-            d.mkdir()
-        with mount([low], m, u, w) as root:
+    for name in ("kernel", "lamina"):
+        with _fresh_mount(scratch, name, low) as (root, u):
             with open(root / "a" / "b" / "f", "r+") as f:
                 f.write("F")
             os.chmod(root / "a" / "b" / "g", 0o600)
@@ -818,11 +822,8 @@ def test_chown_to_unchanged_ids_changes_ctime_and_copies_up_as_on_kernel_overlay
     (low / "f").write_text("f")
     (low / "d" / "g").write_text("g")
     seen = {}
-    for name, mount in (("kernel", kernel_mount), ("lamina", lamina_mount)):
-        u, w, m = scratch / f"{name}-u", scratch / f"{name}-w", scratch / f"{name}-m"
-        for d in (u, w, m):
-            d.mkdir()
-        with mount([low], m, u, w) as root:
+    for name in ("kernel", "lamina"):
+        with _fresh_mount(scratch, name, low) as (root, u):
             changed = []
             for p in ("f", "d", "d/g", "f"):  # the second time on a file already in the upper directory
                 before = os.lstat(root / p)
