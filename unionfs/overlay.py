@@ -670,9 +670,10 @@ class Overlay:
     # ---- removal ----------------------------------------------------------------------------------------------
 
     def _whiteout_over(self, real: str, is_dir: bool = False) -> None:
-        """Replace the object at `real` (a non-directory, or a logically empty directory) by a whiteout, so that no
-        failure leaves neither: made in the work dir and renamed over it or, for a directory, exchanged with it
-        and the directory then removed (kernel overlayfs's way); a `.wh.` file is made before the object goes."""
+        """Replace the object at `real` (a non-directory, or a logically empty directory) by a whiteout such that a
+        failure leaves one of the two in place: the whiteout is made in the work dir and renamed over the object
+        or, for a directory, exchanged with it and the directory then removed (kernel overlayfs's way); a `.wh.`
+        file is made before the object goes."""
         tmp = copyup.work_name(self.work)
         made = False
         if self.w.mknod_ok:
