@@ -179,3 +179,17 @@ def test_fallback_whiteouts_of_names_too_long_for_wh_are_xattr_whiteouts(layout,
             lamina_mount([up, *layout["lowers"]], scratch / "lm") as lm:
         assert snapshot(lm, dir_nlink=False) == snapshot(k, dir_nlink=False)
         assert sorted(os.listdir(k / "d")) == names(ov, "/d")
+
+
+def test_directory_renamed_onto_a_whiteout_is_exchanged_with_it(layout):
+    """The whiteout is swapped out rather than removed first, and covers the old name where one is needed."""
+    ov = overlay(layout)
+    up = layout["upper"]
+    ov.unlink("/a")
+    ov.rename("/g", "/a")  # a lower directory: copied up with a redirect
+    assert names(ov, "/a") == ["i"] and ov.resolve("/g") is None and "g" not in names(ov, "/")
+    assert stat.S_ISCHR(os.lstat(up / "g").st_mode) and os.listdir(ov.work) == []
+    ov.mkdir("/n", 0o755, OWNER)
+    ov.unlink("/c")
+    ov.rename("/n", "/c")  # no lower part: the whiteout goes
+    assert ov.resolve("/c").is_dir and not os.path.lexists(up / "n") and os.listdir(ov.work) == []
