@@ -10,10 +10,14 @@
 # forky (testing) has 3.18; trixie's 3.17 is the fallback (passthrough, no io_uring). apt fetches and verifies the
 # source through a private configuration; the host's apt sources are not touched. Any failure leaves lamina on the
 # system's libfuse 3.14 (no passthrough) with a warning, not a broken set-up.
+# One patch (libfuse-setattr-nothing.patch): the high-level API answers a SETATTR that sets nothing, which is what
+# chown(path, -1, -1) sends, with the attributes alone; it goes to the file system's chown instead, so that ctime
+# changes (and a union copies up) as on any other file system.
 set -uo pipefail
 VENV_DIR=$1
 dest="$VENV_DIR/lib/lamina"
-RECIPE="2 forky,trixie io_uring"  # change to rebuild existing virtualenvs
+RECIPE="3 forky,trixie io_uring setattr-nothing"  # change to rebuild existing virtualenvs
+PATCH=$(cd "$(dirname "$0")" && pwd)/libfuse-setattr-nothing.patch
 [ -f "$dest/libfuse3.so.4" ] && [ "$(cat "$dest/libfuse.recipe" 2>/dev/null)" = "$RECIPE" ] && exit 0
 work=$(mktemp -d /var/tmp/lamina-libfuse.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -28,8 +32,10 @@ build() {  # $1: suite
     rm -rf "$work/src" && mkdir "$work/src" && cd "$work/src" &&
     apt-get "${apt_opts[@]}" -qq source --download-only "fuse3/$1" >/dev/null 2>&1 &&
     tar xzf fuse3_*.orig.tar.gz && src=$(echo fuse-3.*) && [ -d "$src" ] && echo "${src#fuse-}" >version &&
+    { patch -d "$src" -p1 --forward --quiet <"$PATCH" >build.log 2>&1 ||
+      echo "setup: WARNING: $(basename "$PATCH") does not apply to $src, built without it" >&2; } &&
     meson setup build "$src" -Dutils=false -Dexamples=false -Dtests=false \
-          -Dbuildtype=release --prefix=/usr >build.log 2>&1 &&
+          -Dbuildtype=release --prefix=/usr >>build.log 2>&1 &&
     ninja -C build >>build.log 2>&1
 }
 echo "setup: building libfuse from Debian's source (FUSE passthrough, io_uring) into $dest" >&2

@@ -158,7 +158,8 @@ class DirLayer:
     def _xwhiteouts(self, path: str) -> bool:
         """Whether the directory holding `path` is marked opaque=x, the only place overlayfs honours xattr
         whiteouts. Remembered per directory (a bounded map): every empty file of a layer would otherwise cost a
-        listxattr. The union never marks a directory so, and a stale True only costs that listxattr."""
+        listxattr. The union marks a directory so only where it cannot write other whiteouts, and then calls
+        `forget_xwhiteouts`; a stale True only costs that listxattr."""
         head = path.rpartition("/")[0] or "/"
         v = self._xwh.get(head)
         if v is None:
@@ -168,6 +169,9 @@ class DirLayer:
                 self._xwh.clear()
             self._xwh[head] = v
         return v
+
+    def forget_xwhiteouts(self) -> None:
+        self._xwh.clear()
 
     def lookup(self, path: str) -> Record | None:
         real = self.real(path)

@@ -27,11 +27,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from . import copyup
 from .idmap import IdMapping
 from .layers import ORIGIN_XATTR, DirLayer, Layer, Record, xattr_from_layer, xattr_to_layer
-from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, renameat2
+from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, fallback_name, renameat2
 
 _CACHE_MAX = 8192
 # Lower files resolved lately: a file is resolved again by the open that follows its lookup, rarely later (the kernel
@@ -46,6 +47,7 @@ UTIME_OMIT = (1 << 30) - 2
 _OPEN_PASS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+T = TypeVar("T")
 
 
 def _err(code: int, path: str | None = None) -> OSError:
@@ -100,6 +102,7 @@ class Overlay:
             self.upper = DirLayer(upper, name="upper")
             self.layers.append(self.upper)
             self.w = UpperWriter(upper)
+            self.w.on_xwhiteout_dir = self.upper.forget_xwhiteouts
             self.work = os.path.join(os.path.abspath(work), "work")
             self.index = os.path.join(os.path.abspath(work), "index")
             for d in (self.work, self.index):
@@ -466,7 +469,8 @@ class Overlay:
             if not n.is_dir and (n.rec.nlink > 1 or n.layer == self._nlayers):
                 idx = self._index_path(n.ino)
                 if os.path.lexists(idx):
-                    os.link(idx, real)
+                    with copyup.keeping_parent_times(real):
+                        os.link(idx, real)
                     self._invalidate()
                     self._follow_copy_up(n.ino, real)
                     return real
@@ -479,7 +483,8 @@ class Overlay:
             else:
                 tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
             try:
-                os.rename(tmp, real)
+                with copyup.keeping_parent_times(real):
+                    os.rename(tmp, real)
             except BaseException:
                 copyup.discard(tmp)
                 raise
@@ -519,30 +524,58 @@ class Overlay:
 
     # ---- creation ---------------------------------------------------------------------------------------------
 
-    def _prepare_new(self, path: str) -> tuple[str, bool]:
-        """Parent copied up and any whiteout at `path` removed; returns (real path, whether a whiteout was there)."""
+    def _prepare_new(self, path: str) -> tuple[str, str | None]:
+        """Parent copied up; returns the real path and the whiteout that covers `path` there: "node" (a char 0/0
+        or xattr whiteout in its place), "file" (a `.wh.` file beside it) or None. Nothing is removed here:
+        `_place` replaces the whiteout once the new object exists, so that a failed creation leaves it."""
         w = self._need_upper()
         self._copy_up_parent(path)
         self._forget(path)
         real = w.real(path)
-        had = False
         try:
             st = os.lstat(real)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                os.unlink(real)
-                had = True
-            elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and self.resolve(path) is None:
-                os.unlink(real)  # an xattr whiteout
-                had = True
+                return real, "node"
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0 and self.resolve(path) is None:
+                return real, "node"  # an xattr whiteout
         except FileNotFoundError:
             pass
-        head, name = real.rsplit("/", 1)
+        wh = fallback_name(real)
+        return real, "file" if wh is not None and os.path.lexists(wh) else None
+
+    def _place(self, real: str, over: str | None, make: Callable[[str], T], new_inode: bool = True) -> T:
+        """Create an object by `make(target)` at `real`, over the whiteout `_prepare_new` found. Over one in its
+        place the object is made in the work dir and then renamed over it (a directory: exchanged with it, the
+        whiteout then removed), as kernel overlayfs does: a failure anywhere leaves the whiteout."""
+        if over != "node":
+            r = make(real)
+            if over == "file":
+                self.w.clear_fallback_whiteout(real)
+            return r
+        tmp = copyup.work_name(self.work)
+        r = make(tmp)
         try:
-            os.unlink(f"{head}/.wh.{name}")
-            had = True
-        except FileNotFoundError:
-            pass
-        return real, had
+            st = os.lstat(tmp)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            pst = os.lstat(os.path.dirname(real))
+            if new_inode and pst.st_mode & stat.S_ISGID:
+                # the work dir has no set-group-ID bit: apply what creating in place would have done
+                os.chown(tmp, -1, pst.st_gid, follow_symlinks=False)
+                if is_dir:
+                    os.chmod(tmp, stat.S_IMODE(st.st_mode) | stat.S_ISGID)
+            if is_dir:
+                renameat2(tmp, real, RENAME_EXCHANGE)
+            else:
+                os.rename(tmp, real)
+        except BaseException:
+            if new_inode:
+                self.w.remove_tree(tmp)
+            else:
+                os.unlink(tmp)
+            raise
+        if is_dir:
+            self.w.remove_tree(tmp)  # the whiteout, exchanged out
+        return r
 
     def _own(self, real: str, owner: tuple[int, int], fd: int | None = None) -> None:
         """Give a new object the caller's owner (the kernel's ids, stored as their container ids)."""
@@ -565,13 +598,20 @@ class Overlay:
                 if flags & os.O_EXCL:
                     raise _err(errno.EEXIST, path)
                 return self.open(path, flags)
-            real, _ = self._prepare_new(path)
-            fd = os.open(real, (flags & _OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(mode))
+            real, over = self._prepare_new(path)
+            fds: list[int] = []
+
+            def make(target: str) -> int:
+                fds.append(os.open(target, (flags & _OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                   stat.S_IMODE(mode)))
+                return fds[0]
             try:
+                fd = self._place(real, over, make)
                 self._own(real, owner, fd)
                 ino = os.fstat(fd).st_ino
             except BaseException:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
                 raise
         self.handles[fd] = Handle(fd, ino, path, True)
         return fd
@@ -579,41 +619,38 @@ class Overlay:
     def mknod(self, path: str, mode: int, rdev: int, owner: tuple[int, int]) -> None:
         with self._mu:
             self._exists(path)
-            real, _ = self._prepare_new(path)
-            if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
-                os.close(os.open(real, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, stat.S_IMODE(mode)))
-            else:
-                os.mknod(real, mode, rdev)
+            real, over = self._prepare_new(path)
+
+            def make(target: str) -> None:
+                if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, stat.S_IMODE(mode)))
+                else:
+                    os.mknod(target, mode, rdev)
+            self._place(real, over, make)
             self._own(real, owner)
 
     def mkdir(self, path: str, mode: int, owner: tuple[int, int]) -> None:
         with self._mu:
             self._exists(path)
-            real, had_whiteout = self._prepare_new(path)
-            if had_whiteout:
-                tmp = copyup.work_name(self.work)
-                os.mkdir(tmp, stat.S_IMODE(mode))
-                try:
-                    self.w.set_opaque(tmp)
-                    os.rename(tmp, real)
-                except BaseException:
-                    self.w.remove_tree(tmp)
-                    raise
-                # the work dir never has the parent's set-group-ID bit: apply what mkdir in place would have
-                pst = os.lstat(os.path.dirname(real))
-                if pst.st_mode & stat.S_ISGID:
-                    os.chown(real, -1, pst.st_gid)
-                    os.chmod(real, stat.S_IMODE(mode) | stat.S_ISGID)
-            else:
-                os.mkdir(real, stat.S_IMODE(mode))
+            real, over = self._prepare_new(path)
+
+            def make(target: str) -> None:
+                os.mkdir(target, stat.S_IMODE(mode))
+                if over is not None:  # over a whiteout: nothing below may show through
+                    try:
+                        self.w.set_opaque(target)
+                    except BaseException:
+                        self.w.remove_tree(target)
+                        raise
+            self._place(real, over, make)
             self._own(real, owner)
             self._invalidate()
 
     def symlink(self, path: str, target: str, owner: tuple[int, int]) -> None:
         with self._mu:
             self._exists(path)
-            real, _ = self._prepare_new(path)
-            os.symlink(target, real)
+            real, over = self._prepare_new(path)
+            self._place(real, over, lambda t: os.symlink(target, t))
             self._own(real, owner)
 
     def link(self, src: str, dst: str) -> None:
@@ -623,8 +660,8 @@ class Overlay:
                 raise _err(errno.EPERM, src)
             self._exists(dst)
             sreal = self.copy_up(src, n)
-            real, _ = self._prepare_new(dst)
-            os.link(sreal, real)
+            real, over = self._prepare_new(dst)
+            self._place(real, over, lambda t: os.link(sreal, t), new_inode=False)
             self._adjust_group(n, +1)
             self._note_peer(n.ino, src)
             self._note_peer(n.ino, dst)
@@ -632,18 +669,32 @@ class Overlay:
 
     # ---- removal ----------------------------------------------------------------------------------------------
 
-    def _whiteout_over(self, real: str) -> None:
-        """Replace the non-directory at `real` by a whiteout, atomically where the kernel allows it."""
+    def _whiteout_over(self, real: str, is_dir: bool = False) -> None:
+        """Replace the object at `real` (a non-directory, or a logically empty directory) by a whiteout such that a
+        failure leaves one of the two in place: the whiteout is made in the work dir and renamed over the object
+        or, for a directory, exchanged with it and the directory then removed (kernel overlayfs's way); a `.wh.`
+        file is made before the object goes."""
+        tmp = copyup.work_name(self.work)
+        made = False
         if self.w.mknod_ok:
-            tmp = copyup.work_name(self.work)
             try:
                 os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0))
-                os.rename(tmp, real)
-                return
+                made = True
             except PermissionError:
                 self.w.mknod_ok = False
-        os.unlink(real)
-        self.w.make_whiteout_at(real)
+        if not made:
+            if fallback_name(real) is not None:
+                self.w.make_whiteout_at(real)
+                self.w.remove_tree(real)
+                return
+            self.w.make_xattr_whiteout(real, tmp)
+        try:
+            renameat2(tmp, real, RENAME_EXCHANGE if is_dir else 0)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        if is_dir:
+            self.w.remove_tree(tmp)
 
     def unlink(self, path: str) -> None:
         if _split(path)[1] in self._hidden:
@@ -690,13 +741,15 @@ class Overlay:
                 raise _err(errno.ENOTEMPTY, path)
             lower = self._lower_positive(path)
             real = w.real(path)
-            if self._in_upper(n):
+            if self._in_upper(n) and lower:
+                self._whiteout_over(real, is_dir=True)
+            elif self._in_upper(n):
                 w.clear_dir(real)
                 os.rmdir(real)
             else:
                 self._copy_up_parent(path)
-            if lower:
-                w.make_whiteout_at(real)
+                if lower:
+                    w.make_whiteout_at(real)
             self._invalidate()
 
     # ---- rename -----------------------------------------------------------------------------------------------
@@ -775,16 +828,22 @@ class Overlay:
         sreal = self._prepare_move(old, src)
         self._copy_up_parent(new)
         dreal = w.real(new)
+        swap = False
         if dst is not None and self._in_upper(dst) and dst.is_dir:
             w.clear_dir(dreal)
-        else:
+        elif src.is_dir and dst is None:
             try:
-                st = os.lstat(dreal)
-                if src.is_dir and stat.S_ISCHR(st.st_mode):
-                    os.unlink(dreal)
+                swap = not stat.S_ISDIR(os.lstat(dreal).st_mode)  # a whiteout where the directory goes
             except FileNotFoundError:
                 pass
-        if old_lower and w.mknod_ok:
+        if swap:
+            # exchanged rather than removed first, so that a failure leaves the whiteout (kernel overlayfs's way)
+            renameat2(sreal, dreal, RENAME_EXCHANGE)
+            if old_lower and stat.S_ISCHR(os.lstat(sreal).st_mode):
+                old_lower = False  # that whiteout now covers the old name
+            else:
+                os.unlink(sreal)
+        elif old_lower and w.mknod_ok:
             try:
                 renameat2(sreal, dreal, RENAME_WHITEOUT)
                 old_lower = False

@@ -1,8 +1,11 @@
 """Writes kernel overlayfs's on-disk format into the upper directory: whiteouts, opaque and redirect markers.
 
 Whiteouts are char 0/0 device nodes (the kernel form); where mknod is refused (an unprivileged daemon, a filesystem
-without device nodes) an empty `.wh.<name>` file is written instead, as fuse-overlayfs does. Reading every form is
-`layers.DirLayer`'s job. `renameat2` comes from libc via ctypes because Python's os module lacks it.
+without device nodes) an empty `.wh.<name>` file is written instead, as fuse-overlayfs does, and for a name too long
+for that prefix (over 251 bytes) the kernel's xattr whiteout: an empty file of the name itself carrying
+`overlay.whiteout`, in a directory marked `overlay.opaque=x` (trusted.* where allowed, else user.*, the namespace
+of the kernel's `userxattr` mode). Reading every form is `layers.DirLayer`'s job. `renameat2` comes from libc via
+ctypes because Python's os module lacks it.
 """
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable
 
-from .layers import WH_PREFIX, WH_OPQ
+from .layers import OPAQUE_XATTRS, WH_PREFIX, WH_OPQ
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -22,6 +26,15 @@ REDIRECT_XATTR = "trusted.overlay.redirect"
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _AT_FDCWD = -100
+NAME_MAX = 255
+
+
+def fallback_name(real: str) -> str | None:
+    """The `.wh.<name>` path for the whiteout of `real`, None where that name would exceed NAME_MAX."""
+    head, _, name = real.rpartition("/")
+    if len(os.fsencode(name)) + len(WH_PREFIX) > NAME_MAX:
+        return None
+    return f"{head}/{WH_PREFIX}{name}"
 
 
 def renameat2(old: str, new: str, flags: int = 0) -> None:
@@ -39,26 +52,63 @@ class UpperWriter:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.mknod_ok = True
+        # called once a directory is marked as holding xattr whiteouts (readers cache which directories are)
+        self.on_xwhiteout_dir: Callable[[], None] | None = None
 
     def real(self, path: str) -> str:
         return self.root if path == "/" else self.root + path
 
     def make_whiteout_at(self, real: str) -> None:
-        """Create a whiteout at `real` (which must not exist); falls back to `.wh.<name>`."""
+        """Create a whiteout at `real` (which must not exist); falls back to `.wh.<name>`, then to an xattr
+        whiteout."""
         if self.mknod_ok:
             try:
                 os.mknod(real, stat.S_IFCHR | 0o000, os.makedev(0, 0))
                 return
             except PermissionError:
                 self.mknod_ok = False
-        head, _, name = real.rpartition("/")
-        fd = os.open(f"{head}/{WH_PREFIX}{name}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o000)
-        os.close(fd)
+        wh = fallback_name(real)
+        if wh is not None:
+            os.close(os.open(wh, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o000))
+            return
+        self.make_xattr_whiteout(real)
+
+    def make_xattr_whiteout(self, real: str, at: str | None = None) -> None:
+        """An empty file at `real` marked as a whiteout, its directory marked as holding such (kernel 6.7+). With
+        `at` (a work dir path) the file is made there, for the caller to move to `real`."""
+        at = at or real
+        os.close(os.open(at, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o000))
+        try:
+            ns = self._set_xattr_marker(at, "overlay.whiteout", b"")
+            head = real.rpartition("/")[0]
+            try:
+                present = set(os.listxattr(head))
+            except OSError:
+                present = set()
+            if not present.intersection(OPAQUE_XATTRS):  # already marked x, or opaque (y): nothing below shows
+                os.setxattr(head, f"{ns}.overlay.opaque", b"x")
+                if self.on_xwhiteout_dir is not None:
+                    self.on_xwhiteout_dir()
+        except BaseException:
+            os.unlink(at)
+            raise
+
+    @staticmethod
+    def _set_xattr_marker(real: str, name: str, value: bytes) -> str:
+        """Set trusted.`name`, else (without CAP_SYS_ADMIN) user.`name`; returns the namespace used."""
+        try:
+            os.setxattr(real, f"trusted.{name}", value, follow_symlinks=False)
+            return "trusted"
+        except PermissionError:
+            os.setxattr(real, f"user.{name}", value, follow_symlinks=False)
+            return "user"
 
     def clear_fallback_whiteout(self, real: str) -> None:
-        head, _, name = real.rpartition("/")
+        wh = fallback_name(real)
+        if wh is None:
+            return  # no such name can exist
         try:
-            os.unlink(f"{head}/{WH_PREFIX}{name}")
+            os.unlink(wh)
         except FileNotFoundError:
             pass
 

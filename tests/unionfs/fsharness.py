@@ -23,6 +23,8 @@ BIN = Path(sys.executable).parent
 LAMINA_FS = str(BIN / "lamina-fs")
 INTERNAL_XATTRS = ("trusted.overlay.origin", "trusted.overlay.impure", "trusted.overlay.uuid",
                    "trusted.overlay.nlink", "trusted.lamina.")
+# mtimes before this (2017) are compared exactly (set so by tests, in lower layers); later ones only as "new"
+RECENT_NS = 1_500_000_000 * 10**9
 
 
 def tmpdir(prefix: str = "lamina-ufs-") -> Path:
@@ -125,10 +127,12 @@ def xattrs(path: str, internal: bool = False) -> dict[str, bytes]:
     return out
 
 
-def describe(path: str, *, dir_nlink: bool = True, upper_view: bool = False) -> tuple:
+def describe(path: str, *, dir_nlink: bool = True, upper_view: bool = False, mtimes: bool = False) -> tuple:
     st = os.lstat(path)
     fmt = stat.S_IFMT(st.st_mode)
     d: dict = {"mode": oct(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
+    if mtimes:
+        d["mtime"] = st.st_mtime_ns if st.st_mtime_ns < RECENT_NS else "new"
     if fmt == stat.S_IFREG:
         with open(path, "rb") as f:
             d["sha"] = hashlib.sha256(f.read()).hexdigest()[:16]
@@ -152,8 +156,10 @@ def describe(path: str, *, dir_nlink: bool = True, upper_view: bool = False) -> 
     return tuple(sorted(d.items()))
 
 
-def snapshot(root: Path, *, dir_nlink: bool = True, upper_view: bool = False, check_ino: bool = False) -> dict:
-    """Every path below `root` with its description. `check_ino` also asserts readdir's d_ino equals st_ino."""
+def snapshot(root: Path, *, dir_nlink: bool = True, upper_view: bool = False, check_ino: bool = False,
+             mtimes: bool = False) -> dict:
+    """Every path below `root` with its description. `check_ino` also asserts readdir's d_ino equals st_ino;
+    `mtimes` adds modification times (see RECENT_NS)."""
     out: dict[str, tuple] = {}
     stack = [""]
     while stack:
@@ -167,7 +173,7 @@ def snapshot(root: Path, *, dir_nlink: bool = True, upper_view: bool = False, ch
             if check_ino:
                 st_ino = os.lstat(p).st_ino
                 assert de.inode() == st_ino, f"{r}: d_ino {de.inode()} != st_ino {st_ino}"
-            out[r] = describe(p, dir_nlink=dir_nlink, upper_view=upper_view)
+            out[r] = describe(p, dir_nlink=dir_nlink, upper_view=upper_view, mtimes=mtimes)
             if de.is_dir(follow_symlinks=False):
                 stack.append(r)
     return out

@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+from fsharness import kernel_mount, lamina_mount, snapshot
 from unionfs.copyup import copy_data
 from unionfs.layers import DirLayer
 from unionfs.overlay import Overlay
@@ -119,3 +120,76 @@ def test_copy_data_is_exact(scratch):
     with open(src, "rb") as s, open(dst, "wb") as d:
         copy_data(s.fileno(), d.fileno(), len(payload))
     assert dst.read_bytes() == payload
+
+
+def test_failed_creation_over_a_whiteout_leaves_the_whiteout(layout):
+    """Issue 12.3: a creation that fails must not have removed the whiteout first (the deleted file came back)."""
+    ov = overlay(layout)
+    up = layout["upper"]
+    ov.unlink("/a")
+    for fail in (lambda: ov.symlink("/a", "t" * 5000, OWNER),  # ENAMETOOLONG: a target over PATH_MAX
+                 lambda: ov.mknod("/a", stat.S_IFDIR | 0o755, 0, OWNER)):  # mknod(2) makes no directory
+        with pytest.raises(OSError):
+            fail()
+        assert ov.resolve("/a") is None and stat.S_ISCHR(os.lstat(up / "a").st_mode)
+    ov.w.mknod_ok = False  # the `.wh.` form of an unprivileged daemon
+    ov.unlink("/b")
+    with pytest.raises(OSError):
+        ov.symlink("/b", "t" * 5000, OWNER)
+    assert ov.resolve("/b") is None and (up / ".wh.b").is_file()
+    assert os.listdir(ov.work) == []
+
+
+def test_fallback_whiteouts_of_names_too_long_for_wh_are_xattr_whiteouts(layout, scratch):
+    """Issue 12.6: where mknod is refused, a name of 252-255 bytes is hidden by the kernel's xattr whiteout (an
+    empty file of that name, its directory marked opaque=x), which lamina and kernel overlayfs read back."""
+    l2 = layout["lowers"][2]
+    long = {k: c * k for k, c in ((252, "h"), (253, "k"), (254, "m"), (255, "l"))}
+    for k in (252, 253, 255):
+        (l2 / long[k]).write_text(str(k))
+        (l2 / "d" / long[k]).write_text(str(k))
+    (l2 / long[254]).mkdir()
+    ov = overlay(layout)
+    ov.w.mknod_ok = False
+    up = layout["upper"]
+    ov.unlink("/" + long[255])
+    assert os.getxattr(up / long[255], "trusted.overlay.whiteout") == b""
+    assert os.getxattr(up, "trusted.overlay.opaque") == b"x"
+    assert ov.resolve("/" + long[255]) is None and long[255] not in names(ov, "/")
+    ov.rmdir("/" + long[254])
+    ov.rename("/d/" + long[253], "/d/" + long[252])  # the old name gets one; the new one replaces a lower file
+    ov.unlink("/d/" + long[255])
+    ov.rename("/" + long[252], "/" + long[253])
+    assert names(ov, "/d") == sorted(["sub", "v", "w", "x", "y", long[252]])
+    assert ov.resolve("/d/" + long[253]) is None and ov.resolve("/" + long[252]) is None
+    fd = ov.create("/" + long[255], 0o644, os.O_WRONLY, OWNER)  # over the xattr whiteout
+    os.write(fd, b"new")
+    ov.release(fd)
+    ov.mkdir("/" + long[254], 0o755, OWNER)
+    assert names(ov, "/" + long[254]) == []
+    assert not any(len(os.fsencode(n)) > 255 for _, _, fs in os.walk(up) for n in fs)
+    view = {p: ov.resolve(p) is not None for p in ["/" + v for v in long.values()] +
+            ["/d/" + v for v in long.values()]}
+    assert view == {"/" + long[252]: False, "/" + long[253]: True, "/" + long[254]: True, "/" + long[255]: True,
+                    "/d/" + long[252]: True, "/d/" + long[253]: False, "/d/" + long[254]: False,
+                    "/d/" + long[255]: False}
+    (scratch / "k").mkdir()
+    (scratch / "lm").mkdir()
+    with kernel_mount([up, *layout["lowers"]], scratch / "k") as k, \
+            lamina_mount([up, *layout["lowers"]], scratch / "lm") as lm:
+        assert snapshot(lm, dir_nlink=False) == snapshot(k, dir_nlink=False)
+        assert sorted(os.listdir(k / "d")) == names(ov, "/d")
+
+
+def test_directory_renamed_onto_a_whiteout_is_exchanged_with_it(layout):
+    """The whiteout is swapped out rather than removed first, and covers the old name where one is needed."""
+    ov = overlay(layout)
+    up = layout["upper"]
+    ov.unlink("/a")
+    ov.rename("/g", "/a")  # a lower directory: copied up with a redirect
+    assert names(ov, "/a") == ["i"] and ov.resolve("/g") is None and "g" not in names(ov, "/")
+    assert stat.S_ISCHR(os.lstat(up / "g").st_mode) and os.listdir(ov.work) == []
+    ov.mkdir("/n", 0o755, OWNER)
+    ov.unlink("/c")
+    ov.rename("/n", "/c")  # no lower part: the whiteout goes
+    assert ov.resolve("/c").is_dir and not os.path.lexists(up / "n") and os.listdir(ov.work) == []

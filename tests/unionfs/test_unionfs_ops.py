@@ -700,3 +700,138 @@ def test_long_listing_gives_every_entry_its_number_and_type(scratch):
     with kernel_mount([l0, l1], scratch / "k", upper, work) as k:
         # (kernel overlayfs itself reports a merged directory's upper number as d_ino without index=on)
         assert _kinds(k / "big", check_ino=False) == ours
+
+
+@contextlib.contextmanager
+def _fresh_mount(scratch: Path, name: str, low: Path):
+    """Kernel overlayfs or lamina-fs over `low` with upper, work and mount dirs of its own: (root, upper)."""
+    u, w, m = (scratch / f"{name}-{d}" for d in "uwm")
+    for d in (u, w, m):
+        d.mkdir()
+    with (kernel_mount if name == "kernel" else lamina_mount)([low], m, u, w) as root:
+        yield root, u
+
+
+def _long_name_steps(root: Path) -> list:
+    """Every operation on names of 252-255 bytes (a `.wh.` prefix would not fit), over lower entries of such
+    names and new ones; each step's result or errno."""
+    n = {k: c * k for k, c in ((252, "a"), (253, "b"), (254, "c"), (255, "d"))}
+    out = []
+
+    def step(fn, *args):
+        try:
+            r = fn(*args)
+            out.append(("ok", r if isinstance(r, (int, str, list)) else None))
+        except OSError as e:
+            out.append(("err", errno.errorcode[e.errno]))
+    step(os.unlink, root / n[255])
+    step(lambda: (root / n[255]).write_text("new"))  # over its whiteout
+    step(lambda: (root / n[255]).read_text())
+    step(os.rmdir, root / "ld" / n[254])
+    step(os.mkdir, root / "ld" / n[254], 0o750)  # over its whiteout: opaque
+    step(os.listdir, root / "ld" / n[254])
+    step(os.unlink, root / n[253])
+    step(os.mkfifo, root / n[253], 0o600)
+    step(os.unlink, root / n[253])
+    step(os.mknod, root / n[253], stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    step(os.unlink, root / n[252])
+    step(os.symlink, "target", root / n[252])
+    step(os.unlink, root / n[252])
+    step(os.link, root / "small", root / n[252])
+    step(os.rename, root / "ld" / n[253], root / "ld" / n[252])  # lower file to a new name: whiteout left
+    step(os.rename, root / "ld" / n[252], root / n[253])  # over the mknod'ed node
+    step(os.chmod, root / "ld" / n[255], 0o600)
+    step(os.chown, root / "ld" / n[255], 7, 8)
+    step(os.truncate, root / "ld" / n[255], 2)
+    step(os.mkdir, root / "nd" / n[255], 0o700)
+    step(os.rename, root / "nd" / n[255], root / "ld" / n[255])  # ENOTDIR: a file is there
+    step(os.rmdir, root / "nd" / n[255])
+    step(os.mkdir, root / n[254], 0o700)
+    step(lambda: os.rename(root / n[254], root / "nd" / n[254]))
+    step(os.rmdir, root / "nd" / n[254])
+    step(lambda: sorted(os.listdir(root)))
+    step(lambda: sorted(os.listdir(root / "ld")))
+    return out
+
+
+def test_names_of_252_to_255_bytes_work_for_every_operation_as_on_kernel_overlayfs(scratch):
+    """Issue 12.3/12.4/12.6: a whiteout of such a name is a char 0/0 node, never a `.wh.` name over NAME_MAX.
+    Creating over it once failed (after removing the whiteout: the deleted lower file came back), and a rename to
+    such a name reported ENAMETOOLONG after it had happened."""
+    low = scratch / "low"
+    (low / "ld").mkdir(parents=True)
+    (low / "nd").mkdir()
+    (low / "small").write_text("s")
+    for k, c in ((252, "a"), (253, "b"), (255, "d")):
+        (low / (c * k)).write_text(f"lower {k}")
+        (low / "ld" / (c * k)).write_text(f"lower ld {k}")
+    (low / "ld" / ("c" * 254)).mkdir()
+    results, views, uppers = {}, {}, {}
+    for name in ("kernel", "lamina"):
+        with _fresh_mount(scratch, name, low) as (root, u):
+            results[name] = _long_name_steps(root)
+            views[name] = snapshot(root, dir_nlink=False)
+        uppers[name] = snapshot(u, dir_nlink=False, upper_view=True)
+    assert results["lamina"] == results["kernel"]
+    assert ("err", "ENAMETOOLONG") not in results["lamina"]
+    assert views["lamina"] == views["kernel"]
+    assert uppers["lamina"] == uppers["kernel"]
+    assert not any(p.rpartition("/")[2].startswith(".wh.") for p in uppers["lamina"])
+
+
+def test_copy_up_keeps_the_times_of_the_directories_above(scratch):
+    """Issue 12.8: copying up a/b/f (by a write-open, a chmod, a truncate) leaves a and a/b with their lower
+    times, in the merged view and in the upper, as kernel overlayfs does; a new entry does change its directory."""
+    low = scratch / "low"
+    (low / "a" / "b").mkdir(parents=True)
+    for f in ("f", "g", "h"):
+        (low / "a" / "b" / f).write_text(f)
+    (low / "c").mkdir()
+    (low / "c" / "k").write_text("k")
+    for i, p in enumerate([low / "a" / "b" / "f", low / "a" / "b" / "g", low / "a" / "b" / "h", low / "c" / "k",
+                           low / "a" / "b", low / "c", low / "a"]):
+        os.utime(p, ns=(1_000_000_000_000_000_000 + i, 1_100_000_000_000_000_000 + i))
+    times = {}
+    for name in ("kernel", "lamina"):
+        with _fresh_mount(scratch, name, low) as (root, u):
+            with open(root / "a" / "b" / "f", "r+") as f:
+                f.write("F")
+            os.chmod(root / "a" / "b" / "g", 0o600)
+            os.truncate(root / "a" / "b" / "h", 0)
+            os.chown(root / "c" / "k", 5, 5)
+            (root / "c" / "new").write_text("n")  # a real change of c
+            seen = {p: os.lstat(root / p).st_mtime_ns for p in ("a", "a/b", "c")}
+        up = {p: os.lstat(u / p).st_mtime_ns for p in ("a", "a/b", "c")}
+        times[name] = (seen, up)
+    lower = {p: os.lstat(low / p).st_mtime_ns for p in ("a", "a/b")}
+    for name in times:
+        seen, up = times[name]
+        assert {p: seen[p] for p in lower} == lower == {p: up[p] for p in lower}, name
+        assert seen["c"] == up["c"] > 1_200_000_000_000_000_000, name
+
+
+def test_chown_to_unchanged_ids_changes_ctime_and_copies_up_as_on_kernel_overlayfs(scratch):
+    """Issue 12.11: chown(path, -1, -1) changes no owner, but ctime, and kernel overlayfs copies up for it. The
+    kernel sends it as a SETATTR that sets nothing, which libfuse's high-level API answered by itself until the
+    patch scripts/build-libfuse.sh applies."""
+    from unionfs import fuse as front
+    if not front.HAS_PASSTHROUGH_API:
+        pytest.skip("lamina runs on the system's libfuse, not the one scripts/setup.sh builds and patches")
+    low = scratch / "low"
+    (low / "d").mkdir(parents=True)
+    (low / "f").write_text("f")
+    (low / "d" / "g").write_text("g")
+    seen = {}
+    for name in ("kernel", "lamina"):
+        with _fresh_mount(scratch, name, low) as (root, u):
+            changed = []
+            for p in ("f", "d", "d/g", "f"):  # the second time on a file already in the upper directory
+                before = os.lstat(root / p)
+                time.sleep(0.01)
+                os.chown(root / p, -1, -1, follow_symlinks=False)
+                after = os.lstat(root / p)
+                changed.append((after.st_ctime_ns > before.st_ctime_ns, (after.st_uid, after.st_gid)))
+            view = snapshot(root)
+        seen[name] = (changed, view, sorted(str(p.relative_to(u)) for p in u.rglob("*")))
+    assert seen["lamina"] == seen["kernel"]
+    assert seen["lamina"][0] == [(True, (0, 0))] * 4 and seen["lamina"][2] == ["d", "d/g", "f"]
