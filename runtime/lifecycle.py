@@ -202,15 +202,25 @@ def _network_settings(c: state.Container) -> dict:
                                           "Aliases": net.get("aliases", [])}}}
 
 
+def rfc3339(t: float | None) -> str:
+    """A time as Docker's inspect writes it (Go's RFC3339Nano, UTC); Go's zero time for a moment that never came."""
+    if t is None:
+        return "0001-01-01T00:00:00Z"
+    secs, frac = divmod(round(t * 1e9), 10**9)
+    digits = f"{frac:09d}".rstrip("0")
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + (f".{digits}" if digits else "") + "Z"
+
+
 def inspect(c: state.Container) -> dict:
     st = c.status()
     d = c.data
     return {
         "Id": c.id, "Name": "/" + c.name, "Image": d.get("image"), "Path": (d.get("argv") or [""])[0],
-        "Args": (d.get("argv") or [])[1:], "Created": d.get("created"),
+        "Args": (d.get("argv") or [])[1:], "Created": rfc3339(d.get("created")),
         "State": {"Status": st, "Running": st == "running", "Pid": d.get("pid") or 0,
                   "ExitCode": d.get("exit_code", 0), "OOMKilled": bool(d.get("oom_killed")),
-                  "Error": d.get("error", ""), "StartedAt": d.get("started_at"), "FinishedAt": d.get("finished_at")},
+                  "Error": d.get("error", ""), "StartedAt": rfc3339(d.get("started_at")),
+                  "FinishedAt": rfc3339(d.get("finished_at"))},
         "Config": {"Hostname": d.get("hostname"), "Tty": d.get("tty", False), "Image": d.get("image"),
                    **(d.get("config") or {"Env": d.get("env"), "Cmd": d.get("argv"), "WorkingDir": d.get("cwd"),
                                           "User": d.get("user")})},

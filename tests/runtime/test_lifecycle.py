@@ -1,15 +1,17 @@
 """Exit codes, signals, the init's reaping, and ps/logs/stop/kill/rm/exec/diff on real containers."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from runtime import state
+from runtime import lifecycle, state
 
 from .conftest import cgroup_dirs, mounts_under
 
@@ -101,6 +103,18 @@ def test_stop_kills_after_timeout(lamina, image):
     assert lamina("stop", "-t", "1", "stubborn").returncode == 0
     info = json.loads(lamina("inspect", "stubborn").stdout)[0]
     assert info["State"]["ExitCode"] == 137 and info["State"]["OOMKilled"] is False
+    # times as Docker writes them (RFC 3339, UTC, up to nanoseconds), in order
+    rfc3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z"
+    times = [info["Created"], info["State"]["StartedAt"], info["State"]["FinishedAt"]]
+    assert all(re.fullmatch(rfc3339, t) for t in times), times
+    parsed = [dt.datetime.fromisoformat(t) for t in times]
+    assert parsed == sorted(parsed)
+
+
+def test_inspect_of_a_container_never_started_says_go_zero_time():
+    assert lifecycle.rfc3339(None) == "0001-01-01T00:00:00Z"
+    assert lifecycle.rfc3339(0.5) == "1970-01-01T00:00:00.5Z"
+    assert lifecycle.rfc3339(1_700_000_000.0) == "2023-11-14T22:13:20Z"
 
 
 def test_kill_sends_signal(lamina, image):
