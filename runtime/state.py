@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.holds import hold, release
+from store.holds import hold, releasing
 from store.root import Store
 
 from .paths import private_dir, remove_tree
@@ -225,8 +225,5 @@ def find(root: str | Path, ref: str) -> Container:
 
 
 def remove_dir(c: Container) -> None:
-    remove_tree(c.dir)
-    # Released after the directory is gone: a crash in between leaves a stale hold (an image kept), never a
-    # container whose image gc may take.
-    with Store(str(c.dir.parent.parent)) as st:
-        release(st, f"container:{c.id}")
+    with Store(str(c.dir.parent.parent)) as st, releasing(st, f"container:{c.id}"):
+        remove_tree(c.dir)

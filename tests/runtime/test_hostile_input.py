@@ -183,6 +183,24 @@ def test_run_with_a_read_only_index(lamina, image):
     assert r.returncode == 0, r.stderr
 
 
+def test_rm_with_a_read_only_index_keeps_the_container(lamina, image):
+    """rm removed the container's directory, then failed to release its image in the store: a stale hold left
+    and the container gone."""
+    assert lamina("run", "--network", "none", "--name", "kept", image, "true").returncode == 0
+    index = str(lamina.root / "index.db")
+    subprocess.run(["mount", "--bind", index, index], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", index], check=True)
+        r = lamina("rm", "kept")
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "cannot be written" in r.stderr, r.stderr
+        assert "kept" in lamina("ps", "-a").stdout
+    finally:
+        subprocess.run(["umount", index], check=True)
+    assert lamina("rm", "kept").returncode == 0
+    assert "kept" not in lamina("ps", "-a").stdout
+    assert lamina("rmi", image).returncode == 0  # no hold left behind
+
+
 def test_exec_user_is_looked_up_in_the_container(lamina, image_dir):
     """exec -u NAME reads the container's /etc/passwd through /proc/PID/root (realpath made that the host's /)."""
     with open(image_dir / "etc/passwd", "a") as f:
