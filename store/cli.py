@@ -144,7 +144,7 @@ def load_cmd(store: Store, source: str, quiet: bool) -> None:
     from .reader import load_image, resolve
     update, close = progress_bar(None, "load")
     try:
-        ids = import_source(store, source, progress=update if update and not quiet else None)
+        ids = import_source(store, source, progress=update if update and not quiet else None, archive_only=True)
     finally:
         close()
     for i in ids:

@@ -21,7 +21,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from .archives import LAYER_TYPES, Blobs, LayerRef, host_arch, is_archive_dir, looks_like_archive, read_images
 from .dirtar import write_dir_tar
-from .entries import split
+from .entries import mtime_to_db, split
 from .errors import BadInput, NotFound
 from .ingest import (P_GID, P_IMPLICIT, P_KIND, P_LEADER, P_LINK, P_MODE, P_MTIME, P_OBJ, P_OPAQUE, P_RDEV,
                      P_SIZE, P_UID, P_XATTRS, LayerData, ingest_tar)
@@ -128,8 +128,8 @@ def _insert_layer(db, data: LayerData) -> None:
             parent, name = split(path)
             leader = r[P_LEADER] or None
             n = nlink.get(leader or path, 1)
-            yield (ino_of[path], layer_id, parent, name, r[P_KIND], r[P_MODE], r[P_UID], r[P_GID], r[P_MTIME],
-                   r[P_SIZE], r[P_OBJ], r[P_LINK], r[P_RDEV], ino_of[leader] if leader else None, n,
+            yield (ino_of[path], layer_id, parent, name, r[P_KIND], r[P_MODE], r[P_UID], r[P_GID],
+                   mtime_to_db(r[P_MTIME]), r[P_SIZE], r[P_OBJ], r[P_LINK], r[P_RDEV], ino_of[leader] if leader else None, n,
                    r[P_XATTRS], r[P_OPAQUE], r[P_IMPLICIT])
 
     db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows())
@@ -138,7 +138,10 @@ def _insert_layer(db, data: LayerData) -> None:
 # -- sources ------------------------------------------------------------------------------------------------------
 
 def _iso_ns(ns: int) -> str:
-    return dt.datetime.fromtimestamp(ns // 1_000_000_000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # a file may be dated in any 64-bit second; a config's date is RFC 3339, years 0001-9999
+    sec = min(max(ns // 1_000_000_000, -62135596800), 253402300799)
+    t = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=sec)
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _new_config(layer: LayerData, created_by: str, changes: dict) -> bytes:
@@ -158,11 +161,13 @@ def _new_config(layer: LayerData, created_by: str, changes: dict) -> bytes:
 class Source:
     """Detects what SOURCE is and feeds it to an Importer."""
 
-    def __init__(self, importer: Importer, path: str, tags: list[str], changes: dict) -> None:
+    def __init__(self, importer: Importer, path: str, tags: list[str], changes: dict,
+                 archive_only: bool = False) -> None:
         self.imp = importer
         self.path = path
         self.tags = tags
         self.changes = changes
+        self.archive_only = archive_only  # `load`: an image archive, not a tar or directory to make one of
 
     def run(self) -> None:
         p = self.path
@@ -192,11 +197,17 @@ class Source:
         cfg = _new_config(layer, created_by, self.changes)
         self.imp.images.append(ImageSpec(cfg, [layer.diff_id], self.tags))
 
+    def _not_archive(self, name: str) -> None:
+        if self.archive_only:
+            raise BadInput(f"{name}: not an image archive (an OCI layout or a docker save archive)")
+
     def _layer_tar(self, f: BinaryIO, name: str) -> None:
+        self._not_archive(name)
         data = self.imp.add_layer_stream(f)
         self._single_image(data, f"lamina import {os.path.basename(name)}")
 
     def _directory(self, p: str) -> None:
+        self._not_archive(p)
         tmp = f"{self.imp.staging}/dir.tar"
         try:
             with open(tmp, "wb") as out:
@@ -266,9 +277,9 @@ def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags
 
 
 def import_source(store: Store, source: str, tag: str | None = None, changes: dict | None = None,
-                  progress: Callable[[int], None] | None = None) -> list[str]:
+                  progress: Callable[[int], None] | None = None, archive_only: bool = False) -> list[str]:
     tags = [normalize_ref(tag)] if tag else []
     imp = Importer(store, progress)
     with imp.session():
-        Source(imp, source, tags, changes or {}).run()
+        Source(imp, source, tags, changes or {}, archive_only).run()
         return imp.commit()

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import tarfile
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal
 from typing import BinaryIO, Callable
 
 from .entries import BLOCK, CHAR, DIR, FIFO, FILE, KIND_TO_IFMT, SYMLINK, WHITEOUT, split
 from .errors import BadInput
 from .objects import SMALL, ObjectStager
-from .tarsplit import SkeletonWriter, TarStream
+from .tarsplit import HEADERS_MAX, SkeletonWriter, StrictTarInfo, TarStream, show
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
@@ -37,36 +38,85 @@ _KIND_NAMES = {FILE: "file", DIR: "directory", SYMLINK: "symlink", CHAR: "charac
  P_IMPLICIT) = range(13)
 
 
+# What the kernel takes: a path argument of PATH_MAX bytes with its NUL, names of NAME_MAX bytes, 32-bit ids (the
+# last, (uid_t)-1, meaning "no change" to chown), 64-bit seconds, xattr values of XATTR_SIZE_MAX bytes. A layer
+# path (relative to the layer's root) or symlink target beyond these could never be made or used by a container;
+# refused, they also bound the index: a 16,000-component name in a 40 KB tar made 550 MB of parent rows.
+PATH_MAX = 4096
+NAME_MAX = 255
+ID_MAX = 2**32 - 2
+TIME_MIN, TIME_MAX = -(2**63), 2**63 - 1
+XATTR_SIZE_MAX = 65536
+# PAX header records hold decimal numbers ("mtime" with a fraction); anything else is refused, as Go's archive/tar
+# (which docker and podman use) refuses it, rather than read as 0 as Python's tarfile does.
+_PAX_INT = re.compile(r"[+-]?[0-9]{1,30}")
+_PAX_TIME = re.compile(r"[+-]?[0-9]{1,30}(?:\.[0-9]*)?")
 def normalize(name: str, what: str = "path") -> str:
-    """Tar member name -> absolute layer path ('/' is the root). Refuses absolute and escaping names."""
+    """Tar member name -> absolute layer path ('/' is the root). Refuses absolute and escaping names, and names
+    the kernel could not take (longer than PATH_MAX, a component longer than NAME_MAX)."""
     if name.startswith("/"):
-        raise BadInput(f"absolute {what} in layer: {name!r}")
+        raise BadInput(f"absolute {what} in layer: {show(name)}")
+    if len(name) >= PATH_MAX * 4:  # cannot fit in PATH_MAX bytes whatever it holds: spare splitting it
+        raise BadInput(f"{what} longer than PATH_MAX ({PATH_MAX} bytes) in layer: {show(name)}")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise BadInput(f"{what} escapes the layer: {name!r}")
+        raise BadInput(f"{what} escapes the layer: {show(name)}")
     try:
         joined = "/".join(parts)
-        joined.encode("utf-8")
+        size = len(joined.encode("utf-8"))
     except UnicodeEncodeError:
-        raise BadInput(f"non-UTF-8 {what} in layer: {name!r}") from None
+        raise BadInput(f"non-UTF-8 {what} in layer: {show(name)}") from None
+    if size >= PATH_MAX:
+        raise BadInput(f"{what} longer than PATH_MAX ({PATH_MAX} bytes) in layer: {show(name)} ({size} bytes)")
+    if size > NAME_MAX and any(len(p.encode("utf-8")) > NAME_MAX for p in parts):
+        raise BadInput(f"{what} has a name longer than NAME_MAX ({NAME_MAX} bytes) in layer: {show(name)}")
     return "/" + joined
 
 
+def _pax_int(ti: tarfile.TarInfo, key: str) -> None:
+    raw = ti.pax_headers.get(key)
+    if raw is not None and not _PAX_INT.fullmatch(raw):
+        raise BadInput(f"{show(ti.name)}: bad PAX {key} {show(raw)}")
+
+
 def _mtime_ns(ti: tarfile.TarInfo) -> int:
+    """The exact time in nanoseconds: PAX `mtime` (decimal seconds, any sign and fraction) over the header's."""
     raw = ti.pax_headers.get("mtime")
     if raw is not None:
-        try:
-            return int(Decimal(raw) * 1_000_000_000)
-        except InvalidOperation:
-            raise BadInput(f"{ti.name}: bad PAX mtime {raw!r}") from None
+        if not _PAX_TIME.fullmatch(raw):
+            raise BadInput(f"{show(ti.name)}: bad PAX mtime {show(raw)}")
+        t = Decimal(raw)
+        if not TIME_MIN <= t < TIME_MAX + 1:
+            raise BadInput(f"{show(ti.name)}: PAX mtime {show(raw)} is outside 64-bit seconds")
+        return int(t.scaleb(9).to_integral_value(ROUND_FLOOR))  # a timespec's: the second below, then ns
+    if not TIME_MIN <= ti.mtime <= TIME_MAX:
+        raise BadInput(f"{show(ti.name)}: mtime {ti.mtime} is outside 64-bit seconds")
     return int(ti.mtime) * 1_000_000_000
+
+
+def _check_numbers(ti: tarfile.TarInfo) -> None:
+    """Owners, device numbers and sizes within what the kernel (and the index's 64-bit integers) can hold."""
+    for key in ("uid", "gid", "size"):
+        _pax_int(ti, key)
+    for what, v in (("uid", ti.uid), ("gid", ti.gid)):
+        if not 0 <= v <= ID_MAX:
+            raise BadInput(f"{show(ti.name)}: {what} {v} is outside 0-{ID_MAX}")
+    for what, v in (("major", ti.devmajor), ("minor", ti.devminor)):
+        if not 0 <= v < 2**32:
+            raise BadInput(f"{show(ti.name)}: device {what} {v} is outside 32 bits")
+    if not 0 <= ti.size <= TIME_MAX:
+        raise BadInput(f"{show(ti.name)}: size {ti.size} is out of range")
 
 
 def _xattrs(ti: tarfile.TarInfo) -> str | None:
     found = {}
     for k, v in ti.pax_headers.items():
         if k.startswith("SCHILY.xattr."):
-            found[k[len("SCHILY.xattr."):]] = v.encode("utf-8", "surrogateescape").hex()
+            name = k[len("SCHILY.xattr."):]
+            value = v.encode("utf-8", "surrogateescape")
+            if not 0 < len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX or len(value) > XATTR_SIZE_MAX:
+                raise BadInput(f"{show(ti.name)}: xattr {show(name)} has a name or value the kernel refuses")
+            found[name] = value.hex()
     return json.dumps(found, sort_keys=True) if found else None
 
 
@@ -142,6 +192,32 @@ class _Layer:
         row[P_OPAQUE] = 1
 
 
+TRAILER_MAX = 16 << 20
+
+
+def _next(tf: tarfile.TarFile, stream: TarStream) -> tarfile.TarInfo | None:
+    """The next member, within bounds, or None at a proper end (end-of-archive blocks, or the input's end)."""
+    stream.limit(HEADERS_MAX, f"a member's headers exceed {HEADERS_MAX >> 20} MiB")
+    try:
+        ti = tf.next()
+    except tarfile.ReadError as e:
+        raise BadInput(f"corrupt or truncated tar: {e}") from None
+    except EOFError:
+        raise BadInput("tar is truncated") from None
+    finally:
+        stream.limit(None)
+    if ti is None:
+        _check_end(stream)
+    return ti
+
+
+def _check_end(stream: TarStream) -> None:
+    if stream.last_block.count(0) != len(stream.last_block):
+        # tarfile ends the archive at a header it cannot read (bad checksum, cut short) as if it were the end;
+        # the members after it would be lost without a word
+        raise BadInput(f"corrupt or truncated tar header at byte {stream.pos - len(stream.last_block)}")
+
+
 def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], None] | None = None) -> LayerData:
     """Reads an uncompressed tar stream to its end; stages its objects; returns its rows and identities."""
     skel_path = f"{stager.staging}/skeleton-{id(src)}"
@@ -150,24 +226,24 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
     with open(skel_path, "wb") as skel_file:
         skel = SkeletonWriter(skel_file)
         stream = TarStream(src, skel)
+        stream.limit(HEADERS_MAX, f"a member's headers exceed {HEADERS_MAX >> 20} MiB")
         try:
-            tf = tarfile.open(fileobj=stream, mode="r:", encoding="utf-8", errors="surrogateescape")
+            tf = tarfile.open(fileobj=stream, mode="r:", encoding="utf-8", errors="surrogateescape",
+                              tarinfo=StrictTarInfo)
         except tarfile.ReadError as e:
             raise BadInput(f"not a valid tar: {e}") from None
         except EOFError:
             raise BadInput("tar is truncated") from None
+        if tf.firstmember is None:
+            _check_end(stream)
         seen_pos = 0
         while True:
-            try:
-                ti = tf.next()
-            except tarfile.ReadError as e:
-                raise BadInput(f"corrupt or truncated tar: {e}") from None
-            except EOFError:
-                raise BadInput("tar is truncated") from None
+            ti = _next(tf, stream)
             if ti is None:
                 break
             member = ti.name
             path = normalize(member)
+            _check_numbers(ti)
             base = path.rsplit("/", 1)[1]
             kind = _TYPES.get(ti.type)
             if ti.type == tarfile.LNKTYPE:
@@ -215,10 +291,14 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
                 content_size += ti.size
             elif kind == SYMLINK:
                 try:
-                    ti.linkname.encode("utf-8")
+                    size = len(ti.linkname.encode("utf-8"))
                 except UnicodeEncodeError:
                     # refused as non-UTF-8 paths are (normalize): the index keeps text
-                    raise BadInput(f"non-UTF-8 symlink target in layer: {member} -> {ti.linkname!r}") from None
+                    raise BadInput(f"non-UTF-8 symlink target in layer: {show(member)} -> "
+                                   f"{show(ti.linkname)}") from None
+                if size >= PATH_MAX:
+                    raise BadInput(f"symlink target longer than PATH_MAX ({PATH_MAX} bytes) in layer: "
+                                   f"{show(member)}")
                 row[P_LINK] = ti.linkname
             elif kind in (CHAR, BLOCK):
                 row[P_RDEV] = os.makedev(ti.devmajor, ti.devminor)
@@ -226,7 +306,7 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
             if progress is not None:
                 progress(stream.pos - seen_pos)
                 seen_pos = stream.pos
-        stream.drain()
+        stream.drain(TRAILER_MAX)
         skel.close()
     tarsplit = stager.add_file(skel_path)
     os.unlink(skel_path)
