@@ -21,10 +21,8 @@ from typing import BinaryIO, Callable, Iterator
 
 from .archives import LAYER_TYPES, Blobs, LayerRef, host_arch, is_archive_dir, looks_like_archive, read_images
 from .dirtar import write_dir_tar
-from .entries import mtime_to_db, split
 from .errors import BadInput, NotFound
-from .ingest import (P_GID, P_IMPLICIT, P_KIND, P_LEADER, P_LINK, P_MODE, P_MTIME, P_OBJ, P_OPAQUE, P_RDEV,
-                     P_SIZE, P_UID, P_XATTRS, LayerData, ingest_tar)
+from .ingest import LayerData, ingest_tar
 from .objects import ObjectStager
 from .refs import normalize_ref
 from .root import Store
@@ -114,25 +112,10 @@ class Importer:
 def _insert_layer(db, data: LayerData) -> None:
     cur = db.execute(
         "INSERT INTO layers(diff_id, size, content_size, tarsplit, n_entries, created) VALUES (?,?,?,?,?,?)",
-        (data.diff_id, data.size, data.content_size, data.tarsplit, len(data.rows), now_iso()))
+        (data.diff_id, data.size, data.content_size, data.tarsplit, data.n_entries, now_iso()))
     layer_id = cur.lastrowid
     (base,) = db.execute("SELECT coalesce(max(ino), 0) + 1 FROM entries").fetchone()
-    ino_of = {path: base + i for i, path in enumerate(data.rows)}
-    nlink: dict[str, int] = {}
-    for row in data.rows.values():
-        if row[P_LEADER]:
-            nlink[row[P_LEADER]] = nlink.get(row[P_LEADER], 1) + 1
-
-    def rows():
-        for path, r in data.rows.items():
-            parent, name = split(path)
-            leader = r[P_LEADER] or None
-            n = nlink.get(leader or path, 1)
-            yield (ino_of[path], layer_id, parent, name, r[P_KIND], r[P_MODE], r[P_UID], r[P_GID],
-                   mtime_to_db(r[P_MTIME]), r[P_SIZE], r[P_OBJ], r[P_LINK], r[P_RDEV], ino_of[leader] if leader else None, n,
-                   r[P_XATTRS], r[P_OPAQUE], r[P_IMPLICIT])
-
-    db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows())
+    db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", data.entry_rows(layer_id, base))
 
 
 # -- sources ------------------------------------------------------------------------------------------------------
@@ -149,7 +132,7 @@ def _new_config(layer: LayerData, created_by: str, changes: dict) -> bytes:
     not the clock, so importing the same content with the same changes twice gives the same image id (docker
     import stamps the current time and makes a new image each time; a content-addressed store should not)."""
     diff_ids = [layer.diff_id]
-    t = _iso_ns(max((r[P_MTIME] for r in layer.rows.values()), default=0))
+    t = _iso_ns(layer.max_mtime_ns)
     cfg = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}
     cfg.update(changes)
     config = {"created": t, "architecture": host_arch(), "os": "linux", "config": cfg,

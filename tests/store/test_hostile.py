@@ -6,11 +6,15 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import sqlite3
+import subprocess
 import tarfile
+import tempfile
 
 import pytest
 
 from store.reader import open_store
+from tests.conftest import BIN
 from tests.store.conftest import make_tar, sha256, ti
 from tests.store.test_bad_input import check_refused, seeded  # noqa: F401 (fixture)
 
@@ -56,7 +60,9 @@ BAD = {
     "uid-minus-1": (lambda: make_tar([pax("f", uid="4294967295")]), "uid 4294967295 is outside"),
     "uid-not-a-number": (lambda: make_tar([pax("f", uid="12abc")]), "bad PAX uid"),
     "device-major-2^40": (lambda: make_tar([(ti("c", tarfile.CHRTYPE, devmajor=2**40), None)],
-                                           tarfile.GNU_FORMAT), "device major"),
+                                           tarfile.GNU_FORMAT), "device 1099511627776:0 is beyond"),
+    "device-2^32-1:2^32-1": (lambda: make_tar([(ti("b", tarfile.BLKTYPE, devmajor=2**32 - 1, devminor=2**32 - 1),
+                                                None)], tarfile.GNU_FORMAT), "is beyond Linux's"),
     # malformed GNU sparse maps (formats 0.1, 1.0, 0.0 and the old GNU 'S' header)
     "sparse-0.1-not-numbers": (lambda: make_tar([pax("f", **{"GNU.sparse.map": "0,x", "GNU.sparse.size": "9"})]),
                                "malformed GNU sparse map"),
@@ -204,3 +210,50 @@ def test_header_fields_roundtrip_in_base256(lamina, tmp_path):
     with open_store(str(lamina.root)) as s:
         img = s.image("b256")
         assert s.reader().lookup(img.layer_ids[0], "/f").mtime_ns == 10_413_792_000 * 10**9
+
+
+def run_measured(lamina, *args: str, stdin=None) -> tuple[int, str, int]:
+    """Runs `lamina ARGS`; returns (exit status, stderr, the process's peak RSS in bytes, from wait4)."""
+    env = dict(os.environ, LAMINA_ROOT=str(lamina.root))
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen([str(BIN / "lamina"), *map(str, args)], env=env, stdin=stdin,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            _, status, usage = os.wait4(p.pid, 0)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return p.returncode, err.read().decode(errors="replace"), usage.ru_maxrss * 1024
+
+
+IMPORT_RSS_BUDGET = 120 << 20
+
+
+def test_many_entries_in_bounded_memory(lamina, tmp_path):
+    """Issue #11.8: 200,000 empty files (a 1.2 MB gzip) took 223 MB; the rows now wait in a scratch SQLite file
+    and tarfile no longer keeps every member, so the import stays within a fixed budget (62 MB measured; 1M
+    entries: 932 MB -> 63 MB)."""
+    p = tmp_path / "many.tar.gz"
+    with gzip.open(p, "wb", compresslevel=1) as g, tarfile.open(fileobj=g, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for i in range(200_000):
+            tf.addfile(tarfile.TarInfo(f"d{i // 1000}/f{i}"))
+    rc, err, rss = run_measured(lamina, "import", p, "-t", "many")
+    assert rc == 0, err
+    assert rss < IMPORT_RSS_BUDGET, f"peak RSS {rss >> 20} MiB"
+    with open_store(str(lamina.root)) as s:
+        img = s.image("many")
+        r = s.reader()
+        assert len(r.children(img.layer_ids[0], "/d199")) == 1000
+        assert r.lookup(img.layer_ids[0], "/d7/f7999").size == 0
+
+
+def test_root_member_makes_no_second_root(lamina, tmp_path):
+    """A tar's own "./" entry is the layer's root: it added a stray directory row (parent '/', name '')."""
+    (tmp_path / "t.tar").write_bytes(make_tar([(ti("./", tarfile.DIRTYPE), None), (ti("./a"), b"a")]))
+    lamina("import", tmp_path / "t.tar")
+    db = sqlite3.connect(lamina.root / "index.db")
+    assert db.execute("SELECT parent, name, implicit FROM entries WHERE name = ''").fetchall() == [("", "", 0)]
+    db.close()
