@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
 HIDDEN_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
@@ -60,7 +60,7 @@ def write_dir_tar(root: str, out: BinaryIO, overlay_upper: bool = False,
             else:
                 tf.addfile(ti)
 
-        def walk(dirpath: str, arcdir: str) -> None:
+        def listing(dirpath: str, arcdir: str) -> Iterator[str]:
             try:
                 names = sorted(os.listdir(dirpath))
             except OSError as e:
@@ -68,6 +68,12 @@ def write_dir_tar(root: str, out: BinaryIO, overlay_upper: bool = False,
             if overlay_upper and _is_opaque(dirpath) and arcdir:
                 opq = tarfile.TarInfo(arcdir + "/.wh..wh..opq")
                 tf.addfile(opq)
+            return iter(names)
+
+        # A stack of open listings rather than recursion: a tree may be as deep as the kernel allows
+        stack = [(root, "", listing(root, ""))]
+        while stack:
+            dirpath, arcdir, names = stack[-1]
             for name in names:
                 if overlay_upper and name == ".wh..wh..opq":
                     continue
@@ -86,8 +92,9 @@ def write_dir_tar(root: str, out: BinaryIO, overlay_upper: bool = False,
                     continue
                 add(path, arc, st)
                 if stat.S_ISDIR(st.st_mode):
-                    walk(path, arc)
-
-        walk(root, "")
+                    stack.append((path, arc, listing(path, arc)))
+                    break
+            else:
+                stack.pop()
     finally:
         tf.close()
