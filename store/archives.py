@@ -72,7 +72,10 @@ class _BoundedFile(io.FileIO):
 
 def open_tar(path: str) -> tarfile.TarFile:
     """An archive tar, read with tarfile within bounds (strict sparse maps, no unbounded read)."""
-    return tarfile.open(fileobj=_BoundedFile(path), mode="r:", tarinfo=StrictTarInfo)
+    try:
+        return tarfile.open(fileobj=_BoundedFile(path), mode="r:", tarinfo=StrictTarInfo)
+    except (ValueError, OverflowError) as e:
+        raise BadInput(f"{path}: malformed tar header: {e}") from None
 
 
 class Blobs:
@@ -84,11 +87,14 @@ class Blobs:
         self.names: dict[str, tarfile.TarInfo] = {}
         if os.path.isfile(src):
             self.tar = open_tar(src)
-            while (m := self.tar.next()) is not None:
-                self.tar.members.clear()  # tarfile keeps every member; only names are looked up here
-                self.names[m.name.lstrip("./") if m.name.startswith("./") else m.name] = m
-                if len(self.names) > MEMBERS_MAX:
-                    raise BadInput(f"{src}: more than {MEMBERS_MAX} members: not an image archive")
+            try:
+                while (m := self.tar.next()) is not None:
+                    self.tar.members.clear()  # tarfile keeps every member; only names are looked up here
+                    self.names[m.name.lstrip("./") if m.name.startswith("./") else m.name] = m
+                    if len(self.names) > MEMBERS_MAX:
+                        raise BadInput(f"{src}: more than {MEMBERS_MAX} members: not an image archive")
+            except (ValueError, OverflowError) as e:  # what tarfile lets out of a malformed header
+                raise BadInput(f"{src}: malformed tar header: {e}") from None
 
     def exists(self, name: str) -> bool:
         if self.tar is not None:

@@ -317,6 +317,8 @@ def _next(tf: tarfile.TarFile, stream: TarStream) -> tarfile.TarInfo | None:
         raise BadInput(f"corrupt or truncated tar: {e}") from None
     except EOFError:
         raise BadInput("tar is truncated") from None
+    except (ValueError, OverflowError) as e:  # what else tarfile lets out of a malformed header
+        raise BadInput(f"malformed tar header at byte {tf.offset}: {e}") from None
     finally:
         stream.limit(None)
     if ti is None:
@@ -347,6 +349,8 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
             raise BadInput(f"not a valid tar: {e}") from None
         except EOFError:
             raise BadInput("tar is truncated") from None
+        except (ValueError, OverflowError) as e:
+            raise BadInput(f"malformed tar header: {e}") from None
         if tf.firstmember is None:
             _check_end(stream)
         seen_pos = 0

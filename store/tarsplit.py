@@ -196,8 +196,14 @@ class TarStream(io.RawIOBase):
 
 
 class StrictTarInfo(tarfile.TarInfo):
-    """tarfile's member, with GNU sparse maps read strictly: tarfile lets a malformed number escape as a bare
-    ValueError, and reads a version 1.0 map in quadratic time for as long as the input claims entries."""
+    """tarfile's member, with GNU sparse maps and sizes read strictly: tarfile lets a malformed number escape as a
+    bare ValueError, and reads a version 1.0 map in quadratic time for as long as the input claims entries."""
+
+    def _apply_pax_info(self, pax_headers, encoding, errors):  # type: ignore[override]
+        for key in ("GNU.sparse.size", "GNU.sparse.realsize"):  # tarfile's int() of these raised ValueError
+            if key in pax_headers:
+                _sparse_numbers([pax_headers[key]], self)
+        super()._apply_pax_info(pax_headers, encoding, errors)
 
     def _proc_gnusparse_01(self, next, pax_headers):  # type: ignore[override]
         next.sparse = _sparse_pairs(pax_headers["GNU.sparse.map"].split(","), next)

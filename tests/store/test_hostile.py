@@ -8,6 +8,8 @@ import io
 import os
 import sqlite3
 import subprocess
+import signal
+import sys
 import tarfile
 import tempfile
 
@@ -212,21 +214,38 @@ def test_header_fields_roundtrip_in_base256(lamina, tmp_path):
         assert s.reader().lookup(img.layer_ids[0], "/f").mtime_ns == 10_413_792_000 * 10**9
 
 
-def run_measured(lamina, *args: str, stdin=None) -> tuple[int, str, int]:
-    """Runs `lamina ARGS`; returns (exit status, stderr, the process's peak RSS in bytes, from wait4)."""
+# Runs a command as its child and writes the child's peak RSS (KiB, from wait4) to the file argv[1]. The measured
+# process must be a child of a small one: ru_maxrss keeps the high-water mark from before exec, and a process
+# forked from pytest starts with pytest's resident set.
+_RSS_SHIM = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
+def run_measured(lamina, *args: str, stdin=None, timeout: float = 300) -> tuple[int, str, int]:
+    """Runs `lamina ARGS`; returns (exit status, stderr, its peak RSS in bytes)."""
     env = dict(os.environ, LAMINA_ROOT=str(lamina.root))
-    with tempfile.TemporaryFile() as err:
-        p = subprocess.Popen([str(BIN / "lamina"), *map(str, args)], env=env, stdin=stdin,
-                             stdout=subprocess.DEVNULL, stderr=err)
+    with tempfile.TemporaryDirectory() as tmp:
+        rss_file = os.path.join(tmp, "rss")
+        p = subprocess.Popen([sys.executable, "-c", _RSS_SHIM, rss_file, str(BIN / "lamina"), *map(str, args)],
+                             env=env, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
         try:
-            _, status, usage = os.wait4(p.pid, 0)
-        except BaseException:
-            p.kill()
-            p.wait()
-            raise
-        p.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        return p.returncode, err.read().decode(errors="replace"), usage.ru_maxrss * 1024
+            _, err = p.communicate(timeout=timeout)
+        finally:
+            if p.returncode is None:
+                os.killpg(p.pid, signal.SIGKILL)  # the shim and lamina under it
+                p.wait()
+        with open(rss_file) as f:
+            rss = int(f.read()) * 1024
+    return p.returncode, err.decode(errors="replace"), rss
 
 
 IMPORT_RSS_BUDGET = 120 << 20
