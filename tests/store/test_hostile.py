@@ -297,3 +297,20 @@ def test_import_directory_1100_levels_deep(lamina, tmp_path):
     finally:
         os.close(fd)
         subprocess.run(["rm", "-rf", str(tmp_path / "deep")], check=True)  # shutil.rmtree recurses too deep
+
+
+def test_runs_of_zeros_stored_as_holes(lamina, tmp_path):
+    """Issue #12.13 (the store's part): a 64 MiB file of zeros with a little data took 64 MiB in objects/;
+    its zero runs are now holes, and the layer still round-trips byte for byte."""
+    data = b"head" + bytes(32 << 20) + b"middle" + bytes(32 << 20) + b"tail"
+    tar = make_tar([(ti("sparse"), data)])
+    (tmp_path / "t.tar").write_bytes(tar)
+    lamina("import", tmp_path / "t.tar", "-t", "sparse")
+    (obj,) = [o for o in lamina.objects() if os.path.getsize(o) == len(data)]
+    assert os.stat(obj).st_blocks * 512 < 1 << 20, os.stat(obj).st_blocks
+    with open(obj, "rb") as f:
+        assert f.read() == data
+    lamina("save", "sparse", "-o", tmp_path / "out.tar")
+    with tarfile.open(tmp_path / "out.tar") as tf:
+        assert sha256(tar) in {sha256(tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()}
+    lamina.assert_clean()
