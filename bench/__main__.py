@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--only NAME…] [--out DIR]`: install peers, probe contenders, run, report."""
+"""`python -m bench [--quick] [--only NAME…] [--out DIR]`: install peers, probe contenders, run, report.
+`python -m bench dedup`: the storage dedup report (bench/dedup.py)."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,10 @@ def render(out: Path, publish: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dedup"]:  # the storage dedup report: a corpus and an analysis, no mounts
+        from bench.dedup import main as dedup_main
+        return dedup_main(argv[1:])
     a = parse(argv)
     if a.render:
         return render(a.render, a.publish)

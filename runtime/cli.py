@@ -18,7 +18,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms) b
 if TYPE_CHECKING:
     import click
 
-PACKAGES = ("store.cli", "unionfs.cli", "runtime.commands")
+PACKAGES = ("store.cli", "unionfs.cli", "registry.cli", "runtime.commands")
 
 
 def group(packages: tuple[str, ...] = PACKAGES) -> click.Group:
@@ -59,7 +59,54 @@ def background_mount(argv: list[str]) -> bool:
     return i < len(argv) and not any(a in ("-f", "--foreground", "-h", "--help") for a in argv[i + 1:])
 
 
+def _die_of_sigpipe() -> None:
+    """The reader of our output went away (`lamina images | head -1`): end as docker and coreutils do, killed by
+    SIGPIPE, silently (not `lamina: Broken pipe`, exit 1)."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # nothing left to flush into the closed pipe at exit
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+
+
+def _index_path(argv: list[str]) -> str:
+    import os  # noqa: PLC0415
+
+    from store.root import default_root  # noqa: PLC0415
+    root = None
+    for i, a in enumerate(argv):
+        if a == "--root" and i + 1 < len(argv):
+            root = argv[i + 1]
+        elif a.startswith("--root="):
+            root = a[len("--root="):]
+        if root is not None or not a.startswith("-"):
+            break
+    return os.path.abspath(os.path.join(root or default_root(), "index.db"))
+
+
 def main() -> None:
+    stdout = sys.stdout
+    try:
+        _main()
+    except BrokenPipeError:
+        _die_of_sigpipe()
+    except Exception as e:
+        sqlite3 = sys.modules.get("sqlite3")
+        if sqlite3 is None or not isinstance(e, sqlite3.Error):
+            raise
+        # The store's index failed under a command that does not expect it (damaged, read-only, full): one line.
+        from store.root import index_error  # noqa: PLC0415
+        sys.stderr.write(f"lamina: {index_error(_index_path(sys.argv[1:]), e)}\n")
+        sys.exit(1)
+    except SystemExit:
+        if sys.stdout is not stdout:  # click's own answer to EPIPE: stdout wrapped to silence its flush, exit 1
+            _die_of_sigpipe()
+        raise
+
+
+def _main() -> None:
     standby = None
     if background_mount(sys.argv[1:]):
         from unionfs.storemount import standby_store_mount  # noqa: PLC0415

@@ -219,6 +219,10 @@ def rm_cmd(ctx: click.Context, force: bool, containers: tuple[str, ...]) -> None
         except (state.NotFound, lifecycle.LifecycleError) as e:
             click.echo(f"lamina: {e}", err=True)
             bad = 1
+        except OSError as e:  # e.g. a mount left on its tree: refused, and said in one line
+            click.echo(f"lamina: removing container {ref}: {e.strerror or e}"
+                       f"{': ' + str(e.filename) if e.filename else ''}", err=True)
+            bad = 1
     sys.exit(bad)
 
 
@@ -237,7 +241,8 @@ def exec_cmd(ctx: click.Context, interactive: bool, tty: bool, env: tuple[str, .
     from . import cgroups  # noqa: PLC0415
     from .launch import Process, StartError, join  # noqa: PLC0415
     from .linux import DEFAULT_CAPS  # noqa: PLC0415
-    from .run import _merge_env, resolve_user  # noqa: PLC0415
+    from .run import _merge_env
+    from .users import resolve_user  # noqa: PLC0415
 
     root = _root(ctx)
     c = _find(root, container)
@@ -297,7 +302,12 @@ def wait_cmd(ctx: click.Context, containers: tuple[str, ...]) -> None:
 @click.pass_context
 def diff_cmd(ctx: click.Context, container: str) -> None:
     """List the paths the container added (A), changed (C) or deleted (D)."""
-    for kind, path in lifecycle.diff(_find(_root(ctx), container)):
+    try:
+        rows = lifecycle.diff(_find(_root(ctx), container))
+    except (lifecycle.LifecycleError, OSError) as e:
+        _fail(str(e), 1)
+        return
+    for kind, path in rows:
         click.echo(f"{kind} {path}")
 
 
@@ -334,14 +344,16 @@ def inspect_cmd(ctx: click.Context, containers: tuple[str, ...]) -> None:
             out.append(lifecycle.inspect(state.find(root, ref)))
         except state.NotFound:
             # As `docker inspect`: a name that is no container may be an image.
-            from store.errors import StoreError  # noqa: PLC0415 - only here: keeps `lamina run` from loading it
+            from store.errors import NotFound, StoreError  # noqa: PLC0415 - only here: `lamina run` never loads it
             from store.images import inspect as image_inspect  # noqa: PLC0415
             from store.root import Store  # noqa: PLC0415
             try:
                 out.append(image_inspect(Store(root), ref))
-            except StoreError:
+            except NotFound:
                 click.echo(f"lamina: no such object: {ref}", err=True)
                 bad = 1
+            except StoreError as e:  # a store that cannot be opened (lost or damaged index) is no missing image
+                _fail(str(e), 1)
     click.echo(json.dumps(out, indent=4))
     sys.exit(bad)
 

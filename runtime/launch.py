@@ -44,7 +44,6 @@ READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trig
 NS_FILES = (("user", linux.CLONE_NEWUSER), ("ipc", linux.CLONE_NEWIPC), ("uts", linux.CLONE_NEWUTS),
             ("net", linux.CLONE_NEWNET), ("pid", linux.CLONE_NEWPID), ("cgroup", linux.CLONE_NEWCGROUP),
             ("mnt", linux.CLONE_NEWNS))
-_LOCKABLE = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | 1024 | 2048  # noatime, nodiratime
 
 
 class StartError(Exception):
@@ -335,8 +334,7 @@ def _mount_sys(R: str, L: Launch) -> None:
 
 
 def _remount_ro(path: str) -> None:
-    keep = os.statvfs(path).f_flag & _LOCKABLE  # flags locked by a user namespace must be kept
-    linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | keep)
+    linux.remount(path, linux.MS_RDONLY)  # the other flags kept: a user namespace locks them
 
 
 def _bind_rootfs(L: Launch) -> None:
@@ -347,10 +345,15 @@ def _bind_rootfs(L: Launch) -> None:
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
     linux.mount(R, R, None, linux.MS_BIND | linux.MS_REC)
-    if L.cgroup_version == 2:
-        # No devices cgroup on v2 (it takes an eBPF program): device nodes an image carries must not open.
-        keep = os.statvfs(R).f_flag & _LOCKABLE
-        linux.mount(None, R, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_NODEV | keep)
+    # The host's mount is nosuid,nodev (rootfs.Mounting). The container keeps nosuid: its processes run with
+    # no_new_privs, under which a setuid bit grants nothing anyway, while a host user sharing a uid with one of
+    # them could reach the bits through /proc/PID/root. Device nodes: on v1 the devices cgroup decides what the
+    # container may open (Docker's rules), so nodev is lifted here; v2 has no devices cgroup (it takes an eBPF
+    # program), so there it stays and no node an image carries opens.
+    if L.cgroup_version == 1:
+        linux.remount(R, clear=linux.MS_NODEV)
+    else:
+        linux.remount(R, add=linux.MS_NODEV)
     for src, target, ro in L.binds:
         linux.mount(src, target, None, linux.MS_BIND | linux.MS_REC)
         if ro:

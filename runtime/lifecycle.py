@@ -9,7 +9,8 @@ import os
 import signal
 import stat
 import time
-from typing import Callable
+
+from store.errors import StoreError
 
 from . import state
 
@@ -109,77 +110,24 @@ def remove(root: str, c: state.Container, force: bool = False) -> None:
     remove_container(root, c)
 
 
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
 def diff(c: state.Container) -> list[tuple[str, str]]:
     """(kind, path) for the container layer as `docker diff`: A added, C changed, D deleted; sorted by path."""
-    lower = c.data.get("image_path") if c.data.get("image_kind") == "dir" else None
-    if lower is not None:
-        return _diff(c, lambda rel: os.path.lexists(os.path.join(lower, rel.lstrip("/"))))
+    from .commit import layer_changes  # noqa: PLC0415 - `lamina run` loads the runtime only after forking its FS daemon
+
     try:
-        from store.reader import open_store  # noqa: PLC0415
-        st = open_store(str(c.dir.parent.parent))
-    except Exception:  # noqa: BLE001 - without the store every path counts as changed: nothing is hidden
-        return _diff(c, lambda rel: True)
-    with st:
-        try:
-            has = _store_lookup(c, st)
-        except Exception:  # noqa: BLE001 - the image is gone from the store: the same
-            has = lambda rel: True  # noqa: E731
-        return _diff(c, has)
-
-
-def _diff(c: state.Container, in_lower: Callable[[str], bool]) -> list[tuple[str, str]]:
-    upper = str(c.upper)
-    out: list[tuple[str, str]] = []
-
+        with layer_changes(str(c.dir.parent.parent), c) as chs:
+            out = [(ch.kind, ch.path, ch.rec) for ch in chs if ch.path != "/"]
+    except StoreError as e:
+        raise LifecycleError(f"container {c.id[:12]}: {e}") from None
     hidden = set(c.data.get("etc_files", []))  # mount points of lamina's own /etc files, as Docker hides them
-    for dirpath, dirnames, filenames in os.walk(upper):
-        for name in sorted(dirnames + filenames):
-            full = os.path.join(dirpath, name)
-            rel = "/" + os.path.relpath(full, upper)
-            try:
-                st = os.lstat(full)
-            except OSError:
-                continue
-            if rel in hidden and stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                continue
-            if _is_whiteout(st):
-                out.append(("D", rel))
-            elif in_lower(rel):
-                out.append(("C", rel))
-            else:
-                out.append(("A", rel))
+    out = [(k, p, r) for k, p, r in out
+           if not (p in hidden and r is not None and stat.S_ISREG(r.mode) and r.size == 0)]
     out.sort(key=lambda t: t[1])
     # A directory copied up only to hold those mount points is not a change either.
     holders = {os.path.dirname(h) for h in hidden}
-    visible = [p for _, p in out]
-    return [(k, p) for k, p in out
+    visible = [p for _, p, _ in out]
+    return [(k, p) for k, p, _ in out
             if not (k == "C" and p in holders and not any(v.startswith(p + "/") for v in visible))]
-
-
-def _store_lookup(c: state.Container, st) -> Callable[[str], bool]:
-    """Whether the image holds a path: the topmost layer that mentions it decides (a whiteout hides it)."""
-    from store.entries import WHITEOUT  # noqa: PLC0415 - the store is optional for directory images
-
-    img, reader = st.image(c.data.get("image_id") or c.data["image"]), st.reader()
-
-    def has(rel: str) -> bool:
-        for layer in reversed(img.layer_ids):
-            e = reader.lookup(layer, rel)
-            if e is not None:
-                return e.kind != WHITEOUT
-            parent = os.path.dirname(rel)
-            while parent not in ("/", ""):
-                p = reader.lookup(layer, parent)
-                if p is not None and p.opaque:
-                    return False
-                parent = os.path.dirname(parent)
-        return False
-
-    return has
 
 
 def _ago(t: float) -> str:

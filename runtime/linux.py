@@ -51,6 +51,9 @@ CAPS = {
 DEFAULT_CAPS = frozenset(CAPS.values())
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine(), 155)
+_SYS_OPENAT2 = 437  # the same number on every architecture
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
 
 
 def _check(ret: int, what: str, path: str | None = None) -> int:
@@ -78,12 +81,33 @@ def mount(source: str | None, target: str, fstype: str | None = None, flags: int
     _check(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)), "mount", target)
 
 
+# statvfs's f_flag bits for these are the MS_ values; a bind remount must repeat them or it clears them.
+_PER_MOUNT = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | 1024 | 2048  # noatime, nodiratime
+
+
+def remount(path: str, add: int = 0, clear: int = 0) -> None:
+    """Change the flags of the mount at `path` (this mount only, not its filesystem), keeping the others."""
+    flags = (os.statvfs(path).f_flag & _PER_MOUNT | add) & ~clear
+    mount(None, path, None, MS_BIND | MS_REMOUNT | flags)
+
+
 def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_b(target), ctypes.c_int(flags)), "umount", target)
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(ctypes.c_long(_SYS_PIVOT_ROOT), _b(new_root), _b(put_old)), "pivot_root", new_root)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2): open `path` below `dirfd` under the `resolve` rules (RESOLVE_IN_ROOT: as if chrooted there)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    return _check(_libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), _b(path), ctypes.byref(how),
+                                ctypes.c_size_t(ctypes.sizeof(how))), "openat2", path)
 
 
 def sethostname(name: str) -> None:
@@ -122,7 +146,7 @@ def last_cap() -> int:
 
 
 def drop_capabilities(keep: frozenset[int] = DEFAULT_CAPS) -> None:
-    """Limit the bounding set to `keep` and set effective, permitted and inheritable to it; clear ambient."""
+    """Limit the bounding set to `keep` and set effective and permitted to it; clear inheritable and ambient."""
     drop_bounding(keep)
     set_capabilities(keep)
 
@@ -139,7 +163,8 @@ def drop_bounding(keep: frozenset[int]) -> None:
 
 
 def set_capabilities(keep: frozenset[int]) -> None:
-    """Effective, permitted and inheritable sets to `keep` (only lowering is possible); ambient cleared."""
+    """Effective and permitted sets to `keep` (only lowering is possible); inheritable and ambient emptied, as
+    Docker and podman leave them: an inheritable capability would pass to a program whose file grants it."""
     try:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError:
@@ -151,7 +176,7 @@ def set_capabilities(keep: frozenset[int]) -> None:
     data = (_CapData * 2)()
     for i in range(2):
         word = (mask >> (32 * i)) & 0xFFFFFFFF
-        data[i].effective = data[i].permitted = data[i].inheritable = word
+        data[i].effective = data[i].permitted = word
     _check(_libc.capset(ctypes.byref(hdr), data), "capset")
 
 

@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from unionfs.daemon import Standby, Starting
 
 
+# The host's mount of a container's root filesystem honours neither the image's setuid bits nor its device nodes:
+# the container's own mount of it (runtime.launch) decides what the container may use, and a host user must get
+# nothing from it even given a path (the directories above are private too: paths.private_dir).
+HOST_FLAGS = linux.MS_NOSUID | linux.MS_NODEV
+
+
 class ImageNotFound(LookupError):
     pass
 
@@ -57,20 +63,25 @@ def resolve(root: str, ref: str) -> Image:
             img = st.image(ref)
     except Exception as e:  # the store raises its own errors with a one-line message
         raise ImageNotFound(f"unable to find image {ref!r}: {e}") from None
-    cfg = dict((img.config or {}).get("config") or {})
+    cfg = img.config.get("config") if isinstance(img.config, dict) else img.config  # checked by spec.check_config
     return Image(ref=ref, kind="store", config=cfg, id=img.id, layer_ids=list(img.layer_ids))
 
 
 class Mounting:
     """A root filesystem being mounted: `wait` returns once it is ready, or raises OSError."""
 
-    def __init__(self, ref: str, starting: Starting | None = None) -> None:
+    def __init__(self, ref: str, target: str, starting: Starting | None = None) -> None:
         self.ref = ref
+        self.target = target
         self._starting = starting
 
     def wait(self) -> None:
-        if self._starting is not None and self._starting.wait() != 0:
-            raise OSError(f"mounting {self.ref}: {self._starting.error}")
+        if self._starting is None:
+            return
+        starting, self._starting = self._starting, None
+        if starting.wait() != 0:
+            raise OSError(f"mounting {self.ref}: {starting.error}")
+        linux.remount(self.target, HOST_FLAGS)
 
 
 def standby(ref: str) -> Standby | None:
@@ -98,8 +109,8 @@ def start_mount(root: str, image: Image, upper: str, work: str, target: str,
     directory) as the image's root too."""
     if image.kind == "dir":
         opts = f"lowerdir={image.path},upperdir={upper},workdir={work}"
-        linux.mount("overlay", target, "overlay", 0, opts)
-        return Mounting(image.ref)
+        linux.mount("overlay", target, "overlay", HOST_FLAGS, opts)
+        return Mounting(image.ref, target)
     from unionfs.storemount import start_store_mount  # noqa: PLC0415 - runtime -> unionfs, the allowed direction
     from unionfs.idmap import IdMapping  # noqa: PLC0415
 
@@ -107,7 +118,7 @@ def start_mount(root: str, image: Image, upper: str, work: str, target: str,
     if userns is not None:
         spec = f"0:0:1:0:{userns[0]}:{userns[1]}"
         idmap = IdMapping.parse(spec, spec)
-    return Mounting(image.ref, start_store_mount(root, image.layer_ids, target, upper, work, idmap=idmap,
+    return Mounting(image.ref, target, start_store_mount(root, image.layer_ids, target, upper, work, idmap=idmap,
                                                  standby=daemon))
 
 

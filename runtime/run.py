@@ -24,7 +24,8 @@ from . import cgroups, linux, rootfs, state, volumes
 from .launch import Launch, Prestart, Process, StartError, spawn
 from .paths import EscapeError, make_mountpoint, resolve_in_root
 from .relay import Relay, copy_winsize, winsize
-from .spec import RunSpec, SpecError, VOLUME_NAME
+from .spec import RunSpec, SpecError, VOLUME_NAME, check_config
+from .users import resolve_user
 
 if TYPE_CHECKING:
     from unionfs.daemon import Standby
@@ -58,47 +59,6 @@ def userns_range() -> tuple[int, int]:
     return USERNS_DEFAULT
 
 
-def _read_db(rootdir: str, path: str) -> list[list[str]]:
-    try:
-        with open(resolve_in_root(rootdir, path)) as f:
-            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
-    except (OSError, EscapeError):
-        return []
-
-
-def resolve_user(rootdir: str, user: str) -> tuple[int, int, list[int], str]:
-    """(uid, gid, supplementary groups, home) for Docker's -u forms: UID, NAME, UID:GID, NAME:GROUP."""
-    name, _, group = user.partition(":")
-    passwd = _read_db(rootdir, "/etc/passwd")
-    groups = _read_db(rootdir, "/etc/group")
-    home = "/"
-    if name.isdigit():
-        uid = int(name)
-        row = next((r for r in passwd if len(r) >= 6 and r[2] == name), None)
-    else:
-        row = next((r for r in passwd if len(r) >= 6 and r[0] == name), None)
-        if row is None:
-            raise SpecError(f"unable to find user {name}: no matching entries in passwd file")
-        uid = int(row[2])
-    gid = int(row[3]) if row else 0
-    if row:
-        home = row[5] or "/"
-    if group:
-        if group.isdigit():
-            gid = int(group)
-        else:
-            g = next((r for r in groups if len(r) >= 3 and r[0] == group), None)
-            if g is None:
-                raise SpecError(f"unable to find group {group}: no matching entries in group file")
-            gid = int(g[2])
-    supp = []
-    if row:
-        for g in groups:
-            if len(g) >= 4 and row[0] in g[3].split(","):
-                supp.append(int(g[2]))
-    return uid, gid, sorted({gid, *supp}), home
-
-
 def _merge_env(base: list[str], extra: list[str]) -> list[str]:
     env: dict[str, str] = {}
     for e in base + extra:
@@ -126,13 +86,17 @@ def _v1_mounts() -> list[tuple[str, str]]:
 
 
 def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int] | None,
-               user_targets: set[str]) -> list[tuple[str, str, str]]:
+               covered: list[str]) -> list[tuple[str, str, str]]:
     """/etc/hostname, /etc/hosts and /etc/resolv.conf as Docker provides them: files of the container's own,
-    bound over the image's, unless the user mounts something there (or on /etc). Returns (source, host target,
-    container path)."""
-    etc = resolve_in_root(R, "/etc")
-    if not os.path.isdir(etc):
-        return []
+    bound over the image's, unless a user mount covers them (`covered`: the host paths of its targets, so that a
+    volume on /etc, or on where a link in the image leads, counts). Returns (source, host target, container path
+    of the mount point). As podman: an image's link there is followed inside the rootfs (a `..` above its root
+    stays at the root, as in the container), the missing parents of its target are made there, and nothing is
+    ever written outside it."""
+    realroot = os.path.realpath(R)
+    etc = resolve_in_root(R, "/etc", clamp=True)
+    if os.path.lexists(etc) and not os.path.isdir(etc):
+        return []  # an image whose /etc is no directory gets none of them
     try:
         with open("/etc/resolv.conf") as f:
             resolv = f.read()
@@ -145,13 +109,15 @@ def _etc_files(c: state.Container, R: str, hostname: str, userns: tuple[int, int
     }
     out = []
     for name, text in contents.items():
-        if "/etc" in user_targets or f"/etc/{name}" in user_targets:
+        host = resolve_in_root(R, f"/etc/{name}", clamp=True)
+        if any(host == t or host.startswith(t + "/") for t in covered):
             continue
         src = c.dir / name
         src.write_text(text)
         if userns:
             os.chown(src, userns[0], userns[0])
-        out.append((str(src), make_mountpoint(R, f"/etc/{name}", False), f"/etc/{name}"))
+        target = make_mountpoint(R, f"/etc/{name}", False, clamp=True)
+        out.append((str(src), target, "/" + os.path.relpath(target, realroot)))
     return out
 
 
@@ -163,16 +129,16 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
     if spec.name is not None:
         if not VOLUME_NAME.match(spec.name):
             raise SpecError(f"invalid container name {spec.name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
-        if any(c.name == spec.name for c in state.list_containers(root)):
-            raise SpecError(f'Conflict. The container name "/{spec.name}" is already in use')
+        holder = next((c for c in state.list_containers(root) if c.name == spec.name), None)
+        if holder is not None:  # early, before the image is looked up; state.create decides for good
+            raise state.conflict(spec.name, holder)
     image = rootfs.resolve(root, spec.image)
-    cfg = image.config
+    cfg = image.config = check_config(image.config, spec.image)
     argv = command_line(cfg, spec.cmd)
     if not argv:
         raise SpecError("no command specified")
     cid = state.new_id()
     hostname = spec.hostname or cid[:12]
-    name = spec.name or state.random_name(root)
     user = spec.user or cfg.get("User") or "0"
     version = cgroups.detect_version()
     cg = cgroups.for_container(f"lamina-{cid}")
@@ -182,7 +148,7 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         signal.signal(sig, _interrupted)
     try:
         c = state.create(root, cid, {
-            "name": name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
+            "name": spec.name, "image": image.ref, "image_kind": image.kind, "image_path": image.path,
             "image_id": image.id, "argv": argv, "hostname": hostname, "rm": spec.rm, "status": "created",
             "mounts": [m.to_json() for m in spec.mounts], "network": spec.network, "userns": spec.userns,
             "user": user, "tty": spec.tty,
@@ -253,7 +219,7 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
             mounts_json.append({**m.to_json(), "source": vol.name})
         if cwd != "/":
             make_mountpoint(R, cwd, True)
-        etc_files = _etc_files(c, R, hostname, userns, {m.target for m in spec.mounts})
+        etc_files = _etc_files(c, R, hostname, userns, [t for _, t, _ in binds])
         binds += [(src, target, False) for src, target, _ in etc_files]
         launch = Launch(
             rootfs=R, hostname=hostname, network=spec.network, userns=userns, binds=binds, read_only=spec.read_only,

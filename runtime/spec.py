@@ -6,6 +6,7 @@ bad input fails with one line and exit 125 while nothing exists yet. Formats fol
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -18,17 +19,27 @@ class SpecError(ValueError):
     """Bad user input; the message is shown as is."""
 
 
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?$", re.I)
+_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)(?:i?b)?$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 MIN_MEMORY = 6 << 20  # Docker's minimum
+MAX_SIZE = (1 << 63) - 1  # Docker's sizes are int64; a cgroup file takes no more
+MAX_ID = (1 << 31) - 1  # podman's bound for uids and gids: 2^32-1 is -1 to setresuid, and 0 modulo a 32-bit id map
 
 
 def parse_size(text: str, what: str) -> int:
     m = _SIZE.match(text.strip())
     if not m:
         raise SpecError(f"invalid {what} {text!r}: expected a size such as 512k, 64m or 1g")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    # In integers (a float overflows at 400 digits; the decimal module costs `run` ~10 ms to import), the integer
+    # part's length bounded first (int() refuses 4,300 digits) and the fraction cut below a byte's worth.
+    whole, _, frac = m.group(1).partition(".")
+    unit = _UNITS[m.group(2).lower()]
+    frac = frac[:20]
+    n = MAX_SIZE + 1 if len(whole) > 24 else int(whole) * unit + (int(frac or "0") * unit) // 10 ** len(frac)
+    if n > MAX_SIZE:
+        raise SpecError(f"invalid {what} {text!r}: larger than the largest size, {MAX_SIZE} bytes")
+    return n
 
 
 @dataclass
@@ -126,7 +137,36 @@ def parse_env(items: tuple[str, ...] | list[str]) -> list[str]:
 def parse_user(text: str) -> str:
     if not re.match(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$", text):
         raise SpecError(f"invalid user {text!r}: expected UID[:GID] or NAME[:GROUP]")
+    for part in text.split(":"):
+        if part.isdigit() and int(part) > MAX_ID:
+            raise SpecError(f"invalid user {text!r}: uids and gids must be in range 0-{MAX_ID}")
     return text
+
+
+def check_config(cfg: object, ref: str) -> dict:
+    """The image config's `config` object, checked for what `run` takes from it: a bad type or a NUL byte would
+    otherwise surface only as the command failing to start (a silent 127), or as a traceback."""
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise SpecError(f"image {ref}: invalid config: not an object")
+    for key in ("Entrypoint", "Cmd", "Env"):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise SpecError(f"image {ref}: invalid config: {key} must be a list of strings, not {json.dumps(v)}")
+        if any("\0" in x for x in v):
+            raise SpecError(f"image {ref}: invalid config: {key} holds a NUL byte")
+    for e in cfg.get("Env") or []:
+        if e.startswith("="):
+            raise SpecError(f"image {ref}: invalid config: environment variable {e!r} has no name")
+    for key in ("User", "WorkingDir"):
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, str) or "\0" in v):
+            raise SpecError(f"image {ref}: invalid config: {key} must be a string without NUL bytes, "
+                            f"not {json.dumps(v)}")
+    return cfg
 
 
 def parse_hostname(text: str) -> str:
@@ -159,7 +199,7 @@ def parse_limits(memory: str | None, memory_swap: str | None, cpus: str | None, 
                             f"{ncpu} CPUs available")
         lim.cpus = n
     if pids is not None:
-        if pids < -1:
+        if pids < -1 or pids > MAX_SIZE:
             raise SpecError(f"invalid pids-limit {pids}: use a positive number, or 0 or -1 for unlimited")
         lim.pids = pids
     lim.read_bps = [parse_device_rate(t, "device-read-bps") for t in read_bps]

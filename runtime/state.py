@@ -6,15 +6,18 @@ writer leaves the previous one.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from store.holds import hold, release
 from store.root import Store
+
+from .paths import private_dir, remove_tree
+from .spec import SpecError
 
 _ADJ = ("admiring", "brave", "calm", "dreamy", "eager", "focused", "gallant", "happy", "jolly", "keen", "lucid",
         "modest", "nifty", "quirky", "relaxed", "serene", "tender", "upbeat", "vibrant", "zealous")
@@ -24,6 +27,14 @@ _NOUN = ("archimedes", "babbage", "curie", "darwin", "euler", "fermi", "gauss", 
 
 class NotFound(LookupError):
     pass
+
+
+class NameConflict(SpecError):
+    pass
+
+
+class StoreRefused(SpecError):
+    """The store would not record the container's hold on its image (its caller removes the record)."""
 
 
 def containers_dir(root: str | Path) -> Path:
@@ -135,8 +146,7 @@ def new_id() -> str:
     return _token(32)
 
 
-def random_name(root: str | Path) -> str:
-    taken = {c.name for c in list_containers(root)}
+def _free_name(taken: set[str]) -> str:
     for _ in range(100):
         n = f"{_pick(_ADJ)}_{_pick(_NOUN)}"
         if n not in taken:
@@ -144,17 +154,44 @@ def random_name(root: str | Path) -> str:
     return f"lamina_{_token(4)}"
 
 
+def conflict(name: str, holder: Container) -> NameConflict:
+    return NameConflict(f'Conflict. The container name "/{name}" is already in use by container "{holder.id}". '
+                        f'You have to remove (or rename) that container to be able to reuse that name.')
+
+
 def create(root: str | Path, cid: str, data: dict) -> Container:
-    d = containers_dir(root) / cid
-    d.mkdir(parents=True)
-    for sub in ("upper", "work", "rootfs"):
-        (d / sub).mkdir()
-    c = Container(d, dict(data, id=cid, created=time.time(), status="created"))
-    c.save()
+    """Record a new container; its name (data["name"], a random free one if None) is reserved atomically: of two
+    creations with one name at once, one makes the container and the other gets NameConflict."""
+    base = containers_dir(root)
+    private_dir(base)  # every container's layer and root filesystem are below: see private_dir
+    d = base / cid
+    # The name check and the record's creation under one lock: without it two `run --name x` at once both saw x
+    # free. Held only for this, so concurrent runs still prepare side by side.
+    lock = os.open(base / ".names.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        others = list_containers(root)
+        name = data.get("name") or _free_name({c.name for c in others})
+        holder = next((c for c in others if c.name == name), None)
+        if holder is not None:
+            raise conflict(name, holder)
+        d.mkdir()
+        # 0711, not 0700: under --userns the container's first process, no longer host root, steps from its root
+        # filesystem up to here and back (runtime.launch); containers/ above still keeps every host user out.
+        os.chmod(d, 0o711)
+        for sub in ("upper", "work", "rootfs"):
+            (d / sub).mkdir()
+        c = Container(d, dict(data, name=name, id=cid, created=time.time(), status="created"))
+        c.save()
+    finally:
+        os.close(lock)
     if data.get("image_id"):
         # The store keeps an image a container uses (gc spares it; rmi needs -f), until the container is removed.
-        with Store(str(root)) as st:
-            hold(st, f"container:{cid}", data["image_id"])
+        try:
+            with Store(str(root)) as st:
+                hold(st, f"container:{cid}", data["image_id"])
+        except Exception as e:  # noqa: BLE001 - sqlite3's or the store's errors: e.g. a read-only index
+            raise StoreRefused(f"recording the container in the store at {root}: {e}") from None
     return c
 
 
@@ -188,9 +225,7 @@ def find(root: str | Path, ref: str) -> Container:
 
 
 def remove_dir(c: Container) -> None:
-    shutil.rmtree(c.dir, ignore_errors=True)
-    if c.dir.exists():
-        shutil.rmtree(c.dir)
+    remove_tree(c.dir)
     # Released after the directory is gone: a crash in between leaves a stale hold (an image kept), never a
     # container whose image gc may take.
     with Store(str(c.dir.parent.parent)) as st:

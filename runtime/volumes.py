@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
+from .paths import private_dir, remove_tree
 from .spec import VOLUME_NAME
 
 
@@ -72,6 +72,7 @@ def create(root: str | Path, name: str | None = None, anonymous: bool = False) -
     v = Volume(root, name)
     if v.exists():
         return v
+    private_dir(volumes_dir(root))  # a pre-filled volume holds the image's setuid files: see private_dir
     v.data.mkdir(parents=True, exist_ok=True)
     v._save({"name": name, "created": time.time(), "prefilled": False, "anonymous": anonymous})
     return v
@@ -106,4 +107,4 @@ def remove(root: str | Path, name: str, force: bool = False) -> None:
     used = users(root, name)
     if used and not force:
         raise VolumeError(f"remove {name}: volume is in use by container(s) {', '.join(used)}")
-    shutil.rmtree(v.dir)
+    remove_tree(v.dir)

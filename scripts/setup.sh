@@ -6,7 +6,8 @@ LAMINA_TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export LAMINA_TOP
 APT_PACKAGES=(python3 python3-venv python3-dev gcc fuse3 libfuse3-3 libfuse2 busybox-static zstd
               skopeo umoci podman runc fuse-overlayfs unionfs-fuse iproute2 util-linux attr tar
-              dpkg-dev meson ninja-build pkg-config liburing-dev libnuma-dev)
+              dpkg-dev meson ninja-build pkg-config liburing-dev libnuma-dev docker-registry apache2-utils
+              debootstrap)
 need=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")

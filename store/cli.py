@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
 import json
+import os
 import shlex
+import sqlite3
 import sys
 from typing import Callable
 
 import click
 
 from .errors import StoreError
-from .root import Store
+from .root import Store, default_root, index_error
 
 
 def fail(msg: str, code: int = 1) -> None:
@@ -25,12 +28,19 @@ def store_command(fn: Callable) -> Callable:
     @functools.wraps(fn)
     @click.pass_context
     def wrapper(ctx: click.Context, *args, **kwargs):
+        root = (ctx.obj or {}).get("root")
         try:
-            store = Store((ctx.obj or {}).get("root"))
+            store = Store(root)
             return fn(store, *args, **kwargs)
         except StoreError as e:
             fail(str(e))
+        except sqlite3.Error as e:
+            fail(str(index_error(os.path.abspath(os.path.join(root or default_root(), "index.db")), e)))
+        except BrokenPipeError:
+            raise  # the reader went away (`lamina images | head -1`): runtime/cli.py ends quietly
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # an import names its store itself; this is `save`'s file
+                fail(f"no space left on {e.filename or 'device'}")
             fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     return wrapper
 
@@ -44,22 +54,43 @@ def human(n: int) -> str:
     return f"{n}B"
 
 
-def ago(iso: str) -> str:
-    """docker's (go-units) human durations: '3 minutes ago', '2 weeks ago', '3 years ago'."""
+def ago(iso: str, now: dt.datetime | None = None) -> str:
+    """docker's CREATED column: go-units' HumanDuration of (now - created) + ' ago'. Like docker, a time in the
+    future (a clock behind the image's) reads 'Less than a second ago'."""
     try:
         t = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=dt.timezone.utc)
     except ValueError:
         return iso or "N/A"
-    s = (dt.datetime.now(dt.timezone.utc) - t).total_seconds()
-    h = s / 3600
-    if s < 1:
-        return "Less than a second ago"
-    for limit, value, unit in ((60, s, "seconds"), (3600, s / 60, "minutes"), (48 * 3600, h, "hours"),
-                               (14 * 86400, h / 24, "days"), (60 * 86400, h / 24 / 7, "weeks"),
-                               (730 * 86400, h / 24 / 30, "months")):
-        if s < limit:
-            return f"{int(value)} {unit} ago"
-    return f"{int(h / 24 / 365)} years ago"
+    d = ((now or dt.datetime.now(dt.timezone.utc)) - t).total_seconds()
+    return human_duration(d) + " ago"
+
+
+def human_duration(d: float) -> str:
+    """go-units' HumanDuration (docker/go-units duration.go), for d seconds."""
+    seconds, minutes, hours = int(d), int(d / 60), int(d / 3600 + 0.5)
+    if seconds < 1:
+        return "Less than a second"
+    if seconds == 1:
+        return "1 second"
+    if seconds < 60:
+        return f"{seconds} seconds"
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(d / 3600) // 24 // 365} years"
 
 
 def table(rows: list[list[str]], headers: list[str]) -> None:
@@ -140,17 +171,15 @@ def import_cmd(store: Store, source: str, tag: str | None, changes: tuple[str, .
 @store_command
 def load_cmd(store: Store, source: str, quiet: bool) -> None:
     """Load images from an archive, as `docker load -i` does (`import` takes every other kind of source too)."""
-    from .importer import import_source
-    from .reader import load_image, resolve
+    from .importer import import_images
     update, close = progress_bar(None, "load")
     try:
-        ids = import_source(store, source, progress=update if update and not quiet else None, archive_only=True)
+        loaded = import_images(store, source, progress=update if update and not quiet else None, archive_only=True)
     finally:
         close()
-    for i in ids:
-        tags = load_image(store, resolve(store, i)).tags
-        for t in tags or [i]:
-            click.echo(f"Loaded image: {t}" if tags else f"Loaded image ID: {i}")
+    for image_id, tags in loaded:  # the archive's own tags, not every name the store has for the image
+        for t in tags or [image_id]:
+            click.echo(f"Loaded image: {t}" if tags else f"Loaded image ID: {image_id}")
 
 
 @click.command("save")
@@ -295,4 +324,73 @@ def fsck_cmd(store: Store, repair: bool, quick: bool) -> None:
         sys.exit(1)
 
 
-COMMANDS = [import_cmd, load_cmd, save_cmd, images_cmd, tag_cmd, rmi_cmd, history_cmd, df_cmd, gc_cmd, fsck_cmd]
+@click.command("dedup")
+@click.argument("images", nargs=-1)
+@click.option("--all", "all_images", is_flag=True, help="Every image in the store.")
+@click.option("--strategy", "strategies", multiple=True, metavar="NAME",
+              help="layer, file, fixed-4k, fixed-64k, cdc-16k, cdc-64k (repeatable; default all).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option("--db", "db_path", metavar="FILE", help="Append the results to this SQLite database.")
+@click.option("--chart", metavar="FILE.png", help="Draw stored bytes and shared-bytes heatmaps (needs matplotlib).")
+@click.option("--compress/--no-compress", default=True, show_default=True,
+              help="Also measure zstd (and gzip for layer tars) sizes: the slow part.")
+@store_command
+def dedup_cmd(store: Store, images: tuple[str, ...], all_images: bool, strategies: tuple[str, ...], fmt: str,
+              db_path: str | None, chart: str | None, compress: bool) -> None:
+    """What layer, file, fixed-block and content-defined-chunk dedup would store for IMAGES.
+
+    IMAGES are names or ids in the store, or archives / OCI layouts given as paths, which are imported into a
+    temporary store of their own (the store is left untouched) and analysed there.
+    """
+    import os
+    import tempfile
+    from .dedup import STRATEGIES
+    if all_images == bool(images):
+        fail("name images, or give --all (not both)", 2)
+    paths = [i for i in images if os.path.exists(i)]
+    tmp = None
+    if paths:
+        if len(paths) != len(images):
+            fail("give images in the store or paths to archives, not both", 2)
+        from .importer import import_source
+        tmp = tempfile.TemporaryDirectory(prefix="lamina-dedup-")
+    try:
+        if tmp is not None:
+            store = Store(tmp.name)
+            images = tuple(i for p in paths for i in import_source(store, p))
+        _dedup(store, images, all_images, strategies or STRATEGIES, fmt, db_path, chart, compress)
+    finally:
+        if tmp is not None:
+            store.close()
+            tmp.cleanup()
+
+
+def _dedup(store: Store, images: tuple[str, ...], all_images: bool, strategies: tuple[str, ...], fmt: str,
+           db_path: str | None, chart: str | None, compress: bool) -> None:
+    from . import dedup_report as rep
+    from .dedup import analyse, select_images
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(desc="dedup", unit="B", unit_scale=True, leave=False)
+    try:
+        imgs = select_images(store, list(images), all_images)
+        a = analyse(store, imgs, strategies, compress, progress=bar.update if bar else None,
+                    total=(lambda n: (setattr(bar, "total", n), bar.refresh())) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if db_path:
+        rep.write_db(a, store, db_path)
+    if chart:
+        rep.chart(a, chart)
+    if fmt == "json":
+        click.echo(json.dumps(rep.to_json(a), indent=2))
+    elif fmt == "csv":
+        click.echo(rep.to_csv(a), nl=False)
+    else:
+        click.echo(rep.to_table(a))
+
+
+COMMANDS = [import_cmd, load_cmd, save_cmd, images_cmd, tag_cmd, rmi_cmd, history_cmd, df_cmd, gc_cmd, fsck_cmd,
+            dedup_cmd]

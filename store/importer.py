@@ -9,11 +9,13 @@ untouched, and the staged or moved objects are removed by recovery (store/root.p
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
 import os
 import shutil
+import sqlite3
 import tarfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,11 +23,11 @@ from typing import BinaryIO, Callable, Iterator
 
 from .archives import LAYER_TYPES, Blobs, LayerRef, host_arch, is_archive_dir, looks_like_archive, read_images
 from .dirtar import write_dir_tar
-from .errors import BadInput, NotFound
+from .errors import BadInput, NotFound, StoreError
 from .ingest import LayerData, ingest_tar
 from .objects import ObjectStager
 from .refs import normalize_ref
-from .root import Store
+from .root import Store, index_error
 from .streams import GZIP_MAGIC, ZSTD_MAGIC, HashingReader, decompressed
 
 
@@ -51,24 +53,47 @@ class Importer:
 
     @contextmanager
     def session(self) -> Iterator["Importer"]:
+        """The import's registration and staging area. Any failure leaves the store as it was: a full disk or an
+        index that cannot be written is reported as one StoreError naming it, and objects already moved into
+        objects/ for a commit that failed are removed by recovery once this importer's lock is released."""
         st = self.store
-        with st.shared():
-            with st.write() as db:
-                cur = db.execute("INSERT INTO imports(pid, started, staging) VALUES (?, ?, '')",
-                                 (os.getpid(), now_iso()))
-                self.id = cur.lastrowid
-                rel = f"tmp/import-{self.id}"
-                db.execute("UPDATE imports SET staging=? WHERE id=?", (rel, self.id))
-            self.staging = str(st.root / rel)
-            os.makedirs(self.staging)
-            self.stager = ObjectStager(st, self.staging)
-            try:
-                yield self
-            finally:
-                self.stager.close()
-                shutil.rmtree(self.staging, ignore_errors=True)
-                with st.write() as db:
-                    db.execute("DELETE FROM imports WHERE id=?", (self.id,))
+        self.stager = None
+        clean = False
+        try:
+            with st.shared():
+                with _store_errors(st):
+                    with st.write() as db:
+                        cur = db.execute("INSERT INTO imports(pid, started, staging) VALUES (?, ?, '')",
+                                         (os.getpid(), now_iso()))
+                        self.id = cur.lastrowid
+                        rel = f"tmp/import-{self.id}"
+                        db.execute("UPDATE imports SET staging=? WHERE id=?", (rel, self.id))
+                self.staging = str(st.root / rel)
+                try:
+                    with _store_errors(st):
+                        os.makedirs(self.staging)
+                        self.stager = ObjectStager(st, self.staging)
+                        yield self
+                    clean = True
+                finally:
+                    if self.stager is not None:
+                        self.stager.close()
+                    # Objects moved into objects/ and never committed: recovery removes them (below).
+                    if clean or not os.path.exists(f"{self.staging}/linked.json"):
+                        shutil.rmtree(self.staging, ignore_errors=True)
+                        try:
+                            with st.write() as db:
+                                db.execute("DELETE FROM imports WHERE id=?", (self.id,))
+                        except sqlite3.Error:
+                            clean = False  # the row stays for recovery; the error that brought us here matters
+                        else:
+                            clean = True
+        finally:
+            if not clean:
+                try:
+                    st.recover()
+                except (StoreError, sqlite3.Error, OSError):
+                    pass  # left to the next open, gc or fsck, which recover first
 
     def have_layer(self, diff_id: str) -> bool:
         if diff_id in self.layers:
@@ -109,6 +134,19 @@ class Importer:
         return ids
 
 
+@contextmanager
+def _store_errors(store: Store) -> Iterator[None]:
+    """A full disk or a failing index, anywhere in an import, as one StoreError that says so."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise index_error(store.db_path, e) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StoreError(f"no space left on {store.root} ({e.filename or e.strerror})") from None
+
+
 def _insert_layer(db, data: LayerData) -> None:
     cur = db.execute(
         "INSERT INTO layers(diff_id, size, content_size, tarsplit, n_entries, created) VALUES (?,?,?,?,?,?)",
@@ -116,6 +154,7 @@ def _insert_layer(db, data: LayerData) -> None:
     layer_id = cur.lastrowid
     (base,) = db.execute("SELECT coalesce(max(ino), 0) + 1 FROM entries").fetchone()
     db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", data.entry_rows(layer_id, base))
+    db.executemany("INSERT INTO skeleton_objects VALUES (?, ?)", [(layer_id, h) for h in data.unnamed_objects()])
 
 
 # -- sources ------------------------------------------------------------------------------------------------------
@@ -196,6 +235,8 @@ class Source:
             with open(tmp, "wb") as out:
                 write_dir_tar(p, out)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # writing the staging copy, not reading the source
             raise BadInput(f"{p}: {e.strerror or e}") from None
         with open(tmp, "rb") as f:
             data = self.imp.add_layer_stream(f)
@@ -208,41 +249,55 @@ class Source:
             raise BadInput(f"{self.path} holds {len(images)} images: -t applies to exactly one")
         for img in images:
             for layer, want in zip(img.layers, img.diff_ids):
-                if not self.imp.have_layer(want):
-                    self._archive_layer(b, layer, want)
+                self._archive_layer(b, layer, want)
             self.imp.images.append(ImageSpec(img.config, img.diff_ids, self.tags or img.tags))
 
     def _archive_layer(self, b: Blobs, layer: LayerRef, want: str) -> None:
+        """Reads one layer blob and checks it against its descriptor and DiffID. A layer the store already holds
+        is not stored again, but its blob is checked all the same: an archive with a corrupt, empty or missing
+        blob is refused whatever the store holds, as a fresh store refuses it."""
         desc = layer.desc
         mt = desc.get("mediaType")
         if mt is not None and mt not in LAYER_TYPES:
             raise BadInput(f"layer {desc.get('digest', layer.name)}: unknown media type {mt!r}")
         blob_name = layer.name if layer.name is not None else b.blob_name(desc.get("digest", ""))
+        known = self.imp.have_layer(want)
         with b.open(blob_name) as raw:
             h = HashingReader(raw)
-            data = self.imp.add_layer_stream(io.BufferedReader(h, 1 << 20))  # type: ignore[arg-type]
+            src = io.BufferedReader(h, 1 << 20)  # type: ignore[arg-type]
+            diff_id = _diff_id(src) if known else self.imp.add_layer_stream(src).diff_id
             digest = h.finish()
         if "digest" in desc and digest != desc["digest"]:
             raise BadInput(f"layer blob {desc['digest']} does not match its digest (got {digest})")
         if "size" in desc and h.n != desc["size"]:
             raise BadInput(f"layer blob {desc.get('digest')} has {h.n} bytes, manifest says {desc['size']}")
-        if data.diff_id != want:
-            raise BadInput(f"layer {desc.get('digest', layer.name)}: DiffID {data.diff_id} does not match "
+        if diff_id != want:
+            raise BadInput(f"layer {desc.get('digest', layer.name)}: DiffID {diff_id} does not match "
                            f"config {want}")
 
 
-def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags: list[str] | None = None,
-                 exclude: frozenset[str] = frozenset(), config: dict | None = None) -> str:
-    """A new image: the parent image plus one layer made from an overlayfs upper directory (its 0/0 whiteouts and
-    opaque markers become OCI whiteouts). `config`, when given, replaces the parent's runtime config (Env, Cmd,
-    WorkingDir...), as docker commit writes the container's. This is `lamina commit`. Returns the new image id."""
+def _diff_id(src: BinaryIO) -> str:
+    """The DiffID of a (possibly compressed) layer blob, read to its end without storing anything."""
+    sha = hashlib.sha256()
+    f = decompressed(src)
+    while chunk := f.read(1 << 20):
+        sha.update(chunk)
+    return "sha256:" + sha.hexdigest()
+
+
+def commit_layer(store: Store, parent_id: str, write: Callable[[BinaryIO], None], created_by: str,
+                 tags: list[str] | None = None, config: dict | None = None) -> str:
+    """A new image: the parent image plus one layer, the tar `write` writes into the file it is given (for
+    `lamina commit`, `unionfs.changes.write_layer` of a container's upper directory). `config`, when given, replaces
+    the parent's runtime config (Env, Cmd, WorkingDir...), as docker commit writes the container's. Returns the new
+    image id."""
     from .reader import load_image
     parent = load_image(store, parent_id)
     imp = Importer(store)
     with imp.session():
-        tmp = f"{imp.staging}/upper.tar"
+        tmp = f"{imp.staging}/layer.tar"
         with open(tmp, "wb") as out:
-            write_dir_tar(upper, out, overlay_upper=True, exclude=exclude)
+            write(out)
         with open(tmp, "rb") as f:
             data = imp.add_layer_stream(f)
         os.unlink(tmp)
@@ -260,9 +315,18 @@ def commit_layer(store: Store, parent_id: str, upper: str, created_by: str, tags
 
 
 def import_source(store: Store, source: str, tag: str | None = None, changes: dict | None = None,
-                  progress: Callable[[int], None] | None = None, archive_only: bool = False) -> list[str]:
+                  progress: Callable[[int], None] | None = None) -> list[str]:
+    return [image_id for image_id, _ in import_images(store, source, tag, changes, progress)]
+
+
+def import_images(store: Store, source: str, tag: str | None = None, changes: dict | None = None,
+                  progress: Callable[[int], None] | None = None,
+                  archive_only: bool = False) -> list[tuple[str, list[str]]]:
+    """Imports SOURCE; returns each image's id with the tags this import gave it (-t, or the archive's own).
+    `archive_only` (load): SOURCE must be an image archive, not a tar or directory to make an image of."""
     tags = [normalize_ref(tag)] if tag else []
     imp = Importer(store, progress)
     with imp.session():
         Source(imp, source, tags, changes or {}, archive_only).run()
-        return imp.commit()
+        ids = imp.commit()
+    return [(image_id, img.tags) for image_id, img in zip(ids, imp.images)]

@@ -15,7 +15,7 @@ import re
 import sqlite3
 import stat
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 from typing import BinaryIO, Callable, Iterator
 
@@ -138,6 +138,8 @@ class LayerData:
     rows_db: str
     n_entries: int
     max_mtime_ns: int
+    # Contents the skeleton holds that no row names: whiteout files' (store/schema.py, skeleton_objects)
+    skeleton_objects: set[str] = field(default_factory=set, repr=False)
 
     def entry_rows(self, layer_id: int, first_ino: int) -> Iterator[tuple]:
         """The layer's `entries` rows in tar order, numbered from `first_ino`: hardlinks name their leader's number
@@ -151,6 +153,20 @@ class LayerData:
                 yield (base + r[0], layer_id, *r[1:12], base + r[12] if r[12] else None, *r[13:])
         finally:
             db.close()
+
+    def unnamed_objects(self) -> set[str]:
+        """The skeleton's objects that no row names (see `skeleton_objects`)."""
+        out = set(self.skeleton_objects)
+        hashes = sorted(out)
+        db = sqlite3.connect(self.rows_db)
+        try:
+            for i in range(0, len(hashes), 500):
+                part = hashes[i:i + 500]
+                out.difference_update(h for (h,) in db.execute(
+                    f"SELECT DISTINCT obj FROM r WHERE obj IN ({','.join('?' * len(part))})", part))
+        finally:
+            db.close()
+        return out
 
 
 # The scratch table: one row per path as `entries` will hold it, in tar order (seq); `leader` is the seq of the
@@ -231,8 +247,10 @@ class _Layer:
         self.db.execute("UPDATE r SET opaque=1 WHERE seq=?", (seq,))
 
     def ensure_parents(self, path: str, member: str) -> None:
+        if path == "/":
+            return  # the root entry ("./") has no parent
         parent = split(path)[0]
-        if parent in self.dirs or path == "/":
+        if parent in self.dirs:
             return
         missing = []
         while (row := self.get(parent)) is None:
@@ -338,6 +356,7 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
     skel_path = f"{stager.staging}/skeleton-{id(src)}"
     layer = _Layer(f"{stager.staging}/rows-{next(_layer_seq)}.db")
     content_size = 0
+    unnamed: set[str] = set()
     with open(skel_path, "wb") as skel_file:
         skel = SkeletonWriter(skel_file)
         stream = TarStream(src, skel)
@@ -374,6 +393,8 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
                     obj = stager.add_chunks(stream.payload(ti.size))
                 skel.payload(obj, ti.size)
             if base.startswith(WH_PREFIX) and path != "/":
+                if kind == FILE:
+                    unnamed.add(obj)
                 parent = split(path)[0]
                 if base == WH_OPAQUE:
                     layer.opaque(parent, member)
@@ -420,4 +441,5 @@ def ingest_tar(src: BinaryIO, stager: ObjectStager, progress: Callable[[int], No
     if progress is not None:
         progress(stream.pos - seen_pos)
     return LayerData(diff_id="sha256:" + stream.sha.hexdigest(), size=stream.pos, content_size=content_size,
-                     tarsplit=tarsplit, rows_db=layer.path, n_entries=layer.n, max_mtime_ns=layer.max_mtime)
+                     tarsplit=tarsplit, rows_db=layer.path, n_entries=layer.n, max_mtime_ns=layer.max_mtime,
+                     skeleton_objects=unnamed)

@@ -24,6 +24,7 @@ _IMAGE_OBJECTS = """
     SELECT DISTINCT il.image_id, e.object FROM image_layers il JOIN entries e ON e.layer_id = il.layer_id
         WHERE e.object IS NOT NULL
     UNION SELECT il.image_id, l.tarsplit FROM image_layers il JOIN layers l ON l.id = il.layer_id
+    UNION SELECT il.image_id, so.object FROM image_layers il JOIN skeleton_objects so ON so.layer_id = il.layer_id
 """
 
 
@@ -74,8 +75,22 @@ def gc(store: Store) -> dict:
     """Drops images with neither tag nor holder, layers no image uses and objects no layer uses, then stray files
     under objects/."""
     with store.exclusive():
+        damage = index_damage(store)
+        if damage:
+            raise Corrupt(f"{damage}: gc would go by it; restore index.db from a backup")
         store.recover_locked()
         return _gc_locked(store)
+
+
+def index_damage(store: Store) -> str | None:
+    """What SQLite's quick_check finds wrong with the index, in one line; None when it is sound. gc and fsck
+    decide from the index what to delete, so they run it first (every other command meets damage only where
+    it reads)."""
+    found = [r for (r,) in store.db.execute("PRAGMA quick_check").fetchall()]
+    if found == ["ok"]:
+        return None
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"index {store.db_path} is damaged: {found[0]}{more}"
 
 
 def _gc_locked(store: Store) -> dict:
@@ -90,11 +105,11 @@ def _gc_locked(store: Store) -> dict:
         dead_layers = [lid for (lid,) in db.execute(
             "SELECT id FROM layers WHERE id NOT IN (SELECT layer_id FROM image_layers)")]
         for lid in dead_layers:
-            db.execute("DELETE FROM entries WHERE layer_id=?", (lid,))
-            db.execute("DELETE FROM layers WHERE id=?", (lid,))
+            _delete_layer(db, lid)
         dead = db.execute("""SELECT hash, size FROM objects WHERE
             hash NOT IN (SELECT object FROM entries WHERE object IS NOT NULL)
-            AND hash NOT IN (SELECT tarsplit FROM layers)""").fetchall()
+            AND hash NOT IN (SELECT tarsplit FROM layers)
+            AND hash NOT IN (SELECT object FROM skeleton_objects)""").fetchall()
         db.executemany("DELETE FROM objects WHERE hash=?", [(h,) for h, _ in dead])
     freed = 0
     for h, size in dead:
@@ -109,6 +124,11 @@ def _gc_locked(store: Store) -> dict:
         os.unlink(p)
     return {"images": len(dead_images), "layers": len(dead_layers), "objects": len(dead) + len(strays),
             "bytes": freed}
+
+
+def _delete_layer(db, lid: int) -> None:
+    for table, key in (("entries", "layer_id"), ("skeleton_objects", "layer_id"), ("layers", "id")):
+        db.execute(f"DELETE FROM {table} WHERE {key}=?", (lid,))
 
 
 def _stray_files(store: Store) -> list[str]:
@@ -134,6 +154,9 @@ class FsckReport:
 def fsck(store: Store, repair: bool = False, verify_layers: bool = True) -> FsckReport:
     """Re-hashes every object, checks every reference, and (by default) rebuilds every layer to its DiffID."""
     with store.exclusive():
+        damage = index_damage(store)
+        if damage:  # nothing the index says can be trusted, nor repaired from it
+            return FsckReport(problems=[f"{damage}: restore it from a backup"])
         store.recover_locked()
         return _Fsck(store, repair).run(verify_layers)
 
@@ -154,9 +177,6 @@ class _Fsck:
         self.references()
         if self.repair and self.bad_layers:
             self.drop_damaged()
-        (ok,) = self.db.execute("PRAGMA quick_check").fetchone()
-        if ok != "ok":
-            self.rep.problems.append(f"index: {ok}")
         return self.rep
 
     def problem(self, msg: str, layer: tuple[int, str] | None = None) -> None:
@@ -185,9 +205,10 @@ class _Fsck:
     def layers(self, verify: bool) -> None:
         db = self.db
         for lid, diff_id, n in db.execute(
-                "SELECT e.layer_id, l.diff_id, count(DISTINCT e.object) FROM entries e JOIN layers l "
-                "ON l.id = e.layer_id WHERE e.object IS NOT NULL AND e.object NOT IN (SELECT hash FROM objects) "
-                "GROUP BY e.layer_id").fetchall():
+                "SELECT u.layer_id, l.diff_id, count(DISTINCT u.object) FROM (SELECT layer_id, object FROM entries "
+                "WHERE object IS NOT NULL UNION ALL SELECT layer_id, object FROM skeleton_objects) u "
+                "JOIN layers l ON l.id = u.layer_id WHERE u.object NOT IN (SELECT hash FROM objects) "
+                "GROUP BY u.layer_id").fetchall():
             self.problem(f"layer {diff_id}: refers to {n} unknown objects", (lid, diff_id))
         for lid, diff_id, n in db.execute(
                 "SELECT e.layer_id, l.diff_id, count(*) FROM entries e JOIN layers l ON l.id = e.layer_id "
@@ -202,9 +223,11 @@ class _Fsck:
             if db.execute("SELECT 1 FROM objects WHERE hash=?", (tarsplit,)).fetchone() is None:
                 self.problem(f"layer {diff_id}: unknown tar skeleton object {tarsplit}", (lid, diff_id))
                 continue
+            marks = ','.join('?' * len(bad))
             uses_bad = (tarsplit in self.bad_objects) + (db.execute(
-                f"SELECT count(*) FROM entries WHERE layer_id=? AND object IN ({','.join('?' * len(bad))})",
-                (lid, *bad)).fetchone()[0] if bad else 0)
+                f"SELECT count(*) FROM (SELECT object FROM entries WHERE layer_id=? AND object IN ({marks}) "
+                f"UNION ALL SELECT object FROM skeleton_objects WHERE layer_id=? AND object IN ({marks}))",
+                (lid, *bad, lid, *bad)).fetchone()[0] if bad else 0)
             if uses_bad:
                 self.problem(f"layer {diff_id}: uses {uses_bad} damaged objects", (lid, diff_id))
             elif verify:
@@ -212,9 +235,14 @@ class _Fsck:
 
     def rebuild(self, lid: int, diff_id: str, tarsplit: str, size: int) -> None:
         sha, n = hashlib.sha256(), 0
+        used: set[str] = set()
+
+        def open_object(h: str):
+            used.add(h)
+            return self.store.open_object(h)
         try:
             with self.store.open_object(tarsplit) as skel:
-                for chunk in reassemble(skel, self.store.open_object):
+                for chunk in reassemble(skel, open_object):
                     sha.update(chunk)
                     n += len(chunk)
         except (Corrupt, OSError) as e:
@@ -222,6 +250,21 @@ class _Fsck:
             return
         if "sha256:" + sha.hexdigest() != diff_id or n != size:
             self.problem(f"layer {diff_id}: rebuilds to sha256:{sha.hexdigest()} ({n} bytes)", (lid, diff_id))
+            return
+        self.unrecorded(lid, diff_id, used)
+
+    def unrecorded(self, lid: int, diff_id: str, used: set[str]) -> None:
+        """Objects the layer's skeleton uses that the index does not tie to the layer: gc would delete them."""
+        used -= {o for (o,) in self.db.execute(
+            "SELECT object FROM entries WHERE layer_id=? AND object IS NOT NULL "
+            "UNION SELECT object FROM skeleton_objects WHERE layer_id=?", (lid, lid))}
+        if not used:
+            return
+        self.problem(f"layer {diff_id}: its tar skeleton uses {len(used)} objects the index does not record")
+        if self.repair:
+            with self.store.write() as w:
+                w.executemany("INSERT OR IGNORE INTO skeleton_objects VALUES (?, ?)", [(lid, h) for h in used])
+            self.rep.repaired.append(f"recorded {len(used)} objects of layer {diff_id}")
 
     def references(self) -> None:
         db = self.db
@@ -258,8 +301,7 @@ class _Fsck:
                                                (lid,)).fetchall():
                 self.drop_image(image_id)
             with self.store.write() as w:
-                w.execute("DELETE FROM entries WHERE layer_id=?", (lid,))
-                w.execute("DELETE FROM layers WHERE id=?", (lid,))
+                _delete_layer(w, lid)
             self.rep.repaired.append(f"removed damaged layer {diff_id}")
         with self.store.write() as w:
             w.executemany("DELETE FROM objects WHERE hash=?", [(h,) for h in self.bad_objects])

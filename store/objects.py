@@ -227,3 +227,20 @@ class ObjectStager:
 
     def close(self) -> None:
         os.close(self._spool)
+
+    def absorb(self, other: "ObjectStager") -> None:
+        """Takes over the objects another stager of the same import staged (a layer read on another thread), so
+        that one `publish` and one recovery list cover them all. `other` is closed and emptied."""
+        for h, size in other.new.items():
+            if h in self.new or self._existing(h) is not None:
+                mine = self._staged(h) if h in self.new else self.store.object_path(h)
+                if not same_files(other._staged(h), mine):
+                    raise BadInput(f"two different contents share XXH3-128 {h}: refusing a hash collision")
+                continue
+            os.rename(other._staged(h), self._staged(h))
+            self.new[h] = size
+        for _, _, data in other.inline_rows():
+            self.add_bytes(data)
+        other.new.clear()
+        other.inline.clear()
+        other.close()

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .errors import StoreError
+from .errors import Corrupt, StoreError
 from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 
@@ -50,6 +50,30 @@ def inline_data(conn: sqlite3.Connection, h: str) -> bytes | None:
     return None if row is None or row[0] is None else bytes(row[0])
 
 
+def _full(path: str) -> bool:
+    """Whether the filesystem holding path has (almost) no free block left: SQLite reports a write that ran out
+    of space in its WAL or shared-memory file as a mere I/O error."""
+    try:
+        st = os.statvfs(os.path.dirname(path))
+    except OSError:
+        return False
+    return st.f_bfree * st.f_frsize < (64 << 10)
+
+
+def index_error(db_path: str, e: sqlite3.Error) -> StoreError:
+    """The one-line error for an SQLite failure on the index, named by its cause."""
+    name = getattr(e, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return Corrupt(f"index {db_path} is damaged ({e}): restore it from a backup")
+    if name in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE") or (name.startswith("SQLITE_IOERR") and _full(db_path)):
+        return StoreError(f"no space left on {os.path.dirname(db_path)} (index.db: {e})")
+    if name.startswith("SQLITE_READONLY"):
+        return StoreError(f"index {db_path} cannot be written ({e})")
+    if name.startswith("SQLITE_CANTOPEN"):
+        return StoreError(f"index {db_path} cannot be opened ({e})")
+    return StoreError(f"index {db_path}: {e}")
+
+
 class Store:
     """A store root on disk. Cheap to open; one instance per process is enough (connections are per thread)."""
 
@@ -63,6 +87,13 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
+        try:
+            # Private, an existing store too (CVE-2021-41091): below lie containers' root filesystems and layers,
+            # with images' setuid-root files and device nodes that no host user may reach.
+            if self.root.stat().st_mode & 0o077:
+                os.chmod(self.root, 0o700)
+        except OSError:
+            pass  # not ours to change (another user's store opened to read): its owner's open does it
         self._local = threading.local()
         os.close(os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._init_schema()
@@ -95,13 +126,35 @@ class Store:
         self.close()
 
     def _version(self) -> int | None:
+        """The index's schema version; None for an index with no tables yet (a new store)."""
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.OperationalError:  # no meta table: a new store
+        except sqlite3.DatabaseError as e:
+            if str(e) != "no such table: meta":
+                raise index_error(self.db_path, e) from None
+            if self.db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None:
+                raise StoreError(f"index {self.db_path} is not a lamina index (it has no schema version)") from None
             return None
         return None if row is None else int(row[0])
 
+    def _has_objects(self) -> bool:
+        with os.scandir(self.objects_dir) as subdirs:
+            for d in subdirs:
+                if d.is_dir(follow_symlinks=False) and any(os.scandir(d.path)):
+                    return True
+        return False
+
     def _init_schema(self) -> None:
+        try:
+            fresh = os.stat(self.db_path).st_size == 0
+        except FileNotFoundError:
+            fresh = True
+        # A new store has no index and no objects. An index lost while objects remain (deleted, truncated to
+        # zero bytes) must not be taken for a new one: gc would delete every object no index row names.
+        if fresh and self._has_objects():
+            state = "empty" if os.path.exists(self.db_path) else "missing"
+            raise StoreError(f"store {self.root}: index.db is {state} but objects/ holds contents: refusing to "
+                             "treat it as a new store (restore index.db from a backup)")
         version = self._version()
         if version == SCHEMA_VERSION:
             return  # the common case costs one read and never waits for a writer
@@ -112,6 +165,8 @@ class Store:
             import sqlite_utils  # noqa: PLC0415
             sqlite_utils.Database(self.db).enable_wal()
         with self.write():
+            if version is not None and self._version() == SCHEMA_VERSION:
+                return  # migrated by another process while this one waited for the write lock
             for v in range((version or SCHEMA_VERSION) + 1, SCHEMA_VERSION + 1):
                 for stmt in MIGRATIONS.get(v, []):
                     self.db.execute(stmt)
@@ -120,7 +175,24 @@ class Store:
             for stmt in code.split(";"):
                 if stmt.strip():
                     self.db.execute(stmt)
+            if version is not None and version < 3:
+                self._fill_skeleton_objects()
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _fill_skeleton_objects(self) -> None:
+        """Schema 3: record, for every stored layer, the objects its skeleton uses that no entry names (older
+        lamina's gc deleted them). A skeleton that cannot be read is left for fsck to report."""
+        from .tarsplit import payloads  # noqa: PLC0415 - zstandard, for this one-time step only
+        db = self.db
+        for lid, tarsplit in db.execute("SELECT id, tarsplit FROM layers").fetchall():
+            named = {o for (o,) in db.execute("SELECT object FROM entries WHERE layer_id=? AND object IS NOT NULL",
+                                              (lid,))}
+            try:
+                with self.open_object(tarsplit) as skel:
+                    extra = set(payloads(skel)) - named
+            except (StoreError, OSError):
+                continue
+            db.executemany("INSERT OR IGNORE INTO skeleton_objects VALUES (?, ?)", [(lid, h) for h in extra])
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -129,10 +201,16 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite rolls back by itself after some errors (a full disk): a ROLLBACK then would fail and hide
+            # the error that matters.
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
-        db.execute("COMMIT")
 
     # -- locking ----------------------------------------------------------------------------------------------
     @contextmanager

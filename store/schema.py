@@ -14,12 +14,13 @@ confirmed byte for byte before two contents are merged.
 """
 from __future__ import annotations
 
-# Migrations from older schema versions, applied in order by store/root.py.
+# Migrations from older schema versions, applied in order by store/root.py before SCHEMA's CREATE TABLEs.
+# Version 3 adds skeleton_objects (created by SCHEMA), which store/root.py then fills from every layer's skeleton.
 MIGRATIONS = {
     2: ["ALTER TABLE objects ADD COLUMN data BLOB"],
 }
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Contents of up to one filesystem block are kept in the index (objects.data), not as files.
 INLINE_MAX = 4096
 
@@ -73,6 +74,17 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS entries_path ON entries(layer_id, parent, name);
 CREATE INDEX IF NOT EXISTS entries_object ON entries(object) WHERE object IS NOT NULL;
+
+-- Objects a layer's tar skeleton interleaves as file content that none of its entries names: the contents of
+-- whiteout files (`.wh.x`, `.wh..wh..opq` and aufs's `.wh..wh.*`), which become whiteouts and opaque flags, not
+-- entries. The layer cannot be rebuilt without them, so gc keeps them as it keeps entries' objects. Written with
+-- the layer's rows at import; schema 3 filled it for older layers by reading their skeletons.
+CREATE TABLE IF NOT EXISTS skeleton_objects (
+    layer_id INTEGER NOT NULL,      -- layers.id
+    object TEXT NOT NULL,           -- objects.hash
+    PRIMARY KEY (layer_id, object)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS skeleton_objects_object ON skeleton_objects(object);
 
 -- One row per image. The config is kept byte for byte so that its sha256 stays the image id.
 CREATE TABLE IF NOT EXISTS images (

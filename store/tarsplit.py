@@ -76,9 +76,8 @@ def _exact(f: BinaryIO, n: int) -> bytes:
     return data
 
 
-def reassemble(skeleton: BinaryIO, open_object: Callable[[str], BinaryIO],
-               chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Yields the layer tar's bytes, reading payloads through `open_object(hash)`."""
+def _records(skeleton: BinaryIO) -> Iterator[tuple[bytes, bytes, int]]:
+    """The skeleton's records in order: (b"R", raw bytes, 0) or (b"P", 16-byte hash, size)."""
     f = zstandard.ZstdDecompressor().stream_reader(skeleton, read_across_frames=True)
     if _exact(f, 4) != MAGIC:
         raise Corrupt("not a lamina tar skeleton")
@@ -86,22 +85,39 @@ def reassemble(skeleton: BinaryIO, open_object: Callable[[str], BinaryIO],
         tag = _exact(f, 1)
         if tag == b"R":
             (n,) = struct.unpack("<I", _exact(f, 4))
-            yield _exact(f, n)
+            yield tag, _exact(f, n), 0
         elif tag == b"P":
             rec = _exact(f, 24)
-            obj, (size,) = rec[:16].hex(), struct.unpack("<Q", rec[16:])
-            with open_object(obj) as o:
-                left = size
-                while left:
-                    data = o.read(min(chunk, left))
-                    if not data:
-                        raise Corrupt(f"object {obj} is shorter than its {size} bytes")
-                    left -= len(data)
-                    yield data
+            yield tag, rec[:16], struct.unpack("<Q", rec[16:])[0]
         elif tag == b"E":
             return
         else:
             raise Corrupt("tar skeleton has an unknown record")
+
+
+def payloads(skeleton: BinaryIO) -> Iterator[str]:
+    """The objects (hex hashes) whose contents the skeleton interleaves, in order, repeats included."""
+    for tag, data, _ in _records(skeleton):
+        if tag == b"P":
+            yield data.hex()
+
+
+def reassemble(skeleton: BinaryIO, open_object: Callable[[str], BinaryIO],
+               chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Yields the layer tar's bytes, reading payloads through `open_object(hash)`."""
+    for tag, data, size in _records(skeleton):
+        if tag == b"R":
+            yield data
+            continue
+        obj = data.hex()
+        with open_object(obj) as o:
+            left = size
+            while left:
+                got = o.read(min(chunk, left))
+                if not got:
+                    raise Corrupt(f"object {obj} is shorter than its {size} bytes")
+                left -= len(got)
+                yield got
 
 
 class TarStream(io.RawIOBase):

@@ -116,6 +116,19 @@ def test_no_new_privs_and_docker_default_capabilities(lamina, image):
         assert fields[k] == want, k  # moby's default set
 
 
+@pytest.mark.parametrize("user", ["0", "1000:100"])
+def test_inheritable_capabilities_are_empty(lamina, image, user):
+    """As Docker and podman: nothing inheritable, in `run` and in `exec`, for root and for any other user."""
+    r = lamina("run", "-d", "--name", "capinh", "-u", user, image, "sh", "-c",
+               "grep -E '^Cap(Inh|Amb):' /proc/self/status; sleep 600")
+    assert r.returncode == 0, r.stderr
+    ex = _ok(lamina("exec", "capinh", "grep", "-E", "^Cap(Inh|Amb):", "/proc/self/status"))
+    assert lamina("stop", "-t", "0", "capinh").returncode == 0
+    for out in (lamina("logs", "capinh").stdout, ex):
+        assert dict(line.split(":\t") for line in out.splitlines()) == {"CapInh": "0000000000000000",
+                                                                        "CapAmb": "0000000000000000"}, out
+
+
 def test_non_root_user_has_no_capabilities(lamina, image):
     out = _ok(lamina.sh(image, "id -u; id -g; grep CapEff /proc/self/status", "-u", "1000:100"))
     assert out.split()[:2] == ["1000", "100"]
