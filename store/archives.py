@@ -246,7 +246,10 @@ def _from_descriptor(b: Blobs, desc: dict, docker_tags: dict, depth: int = 0):
         raise BadInput(f"config {cdesc.get('digest')}: unknown media type {cdesc.get('mediaType')!r}")
     cfg = b.blob(cdesc)
     tags = docker_tags.get(cdesc["digest"]) or _ref_tags(ref)
-    return [(cfg, [LayerRef(d, None) for d in man.get("layers", [])], tags)]
+    layers = man.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(d, dict) for d in layers):
+        raise BadInput(f"manifest {desc.get('digest')}: layers is not a list of descriptors")
+    return [(cfg, [LayerRef(d, None) for d in layers], tags)]
 
 
 def _docker_tags(b: Blobs) -> dict[str, list[str]]:

@@ -314,3 +314,10 @@ def test_runs_of_zeros_stored_as_holes(lamina, tmp_path):
     with tarfile.open(tmp_path / "out.tar") as tf:
         assert sha256(tar) in {sha256(tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()}
     lamina.assert_clean()
+
+
+def test_manifest_layers_not_descriptors(seeded, tmp_path):
+    """Found by the fuzz test: a manifest whose layers are [null] ended in an AttributeError traceback."""
+    from tests.store.test_fuzz import build_archive, build_tar
+    (tmp_path / "a.tar").write_bytes(build_archive(build_tar([], gnu=False), "manifest", [None], 0))
+    check_refused(seeded, tmp_path / "a.tar", "layers is not a list of descriptors")
