@@ -5,6 +5,7 @@ and names, checking every digest it reads; storing the layers is the importer's 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ from typing import BinaryIO, Iterator
 
 from .errors import BadInput
 from .refs import normalize_ref
+from .tarsplit import StrictTarInfo, show
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -52,6 +54,30 @@ class ArchiveImage:
     tags: list[str]
 
 
+# An image archive's index, manifests and configs are small; containers/image reads at most 4 MiB of each.
+JSON_MAX = 4 << 20
+# Members of an archive kept in memory while reading it: a few per image and layer in any real archive.
+MEMBERS_MAX = 1 << 16
+# No single read of an archive tar is larger (tarfile reads a PAX header or long name whole, at the size the
+# header claims).
+_READ_MAX = 16 << 20
+
+
+class _BoundedFile(io.FileIO):
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0 or n > _READ_MAX:
+            raise BadInput(f"{self.name}: an archive member's header claims more than {_READ_MAX >> 20} MiB")
+        return super().read(n)
+
+
+def open_tar(path: str) -> tarfile.TarFile:
+    """An archive tar, read with tarfile within bounds (strict sparse maps, no unbounded read)."""
+    try:
+        return tarfile.open(fileobj=_BoundedFile(path), mode="r:", tarinfo=StrictTarInfo)
+    except (ValueError, OverflowError) as e:
+        raise BadInput(f"{path}: malformed tar header: {e}") from None
+
+
 class Blobs:
     """Read access to a layout or archive, directory or tar alike."""
 
@@ -60,9 +86,15 @@ class Blobs:
         self.tar: tarfile.TarFile | None = None
         self.names: dict[str, tarfile.TarInfo] = {}
         if os.path.isfile(src):
-            self.tar = tarfile.open(src, mode="r:")
-            for m in self.tar.getmembers():
-                self.names[m.name.lstrip("./") if m.name.startswith("./") else m.name] = m
+            self.tar = open_tar(src)
+            try:
+                while (m := self.tar.next()) is not None:
+                    self.tar.members.clear()  # tarfile keeps every member; only names are looked up here
+                    self.names[m.name.lstrip("./") if m.name.startswith("./") else m.name] = m
+                    if len(self.names) > MEMBERS_MAX:
+                        raise BadInput(f"{src}: more than {MEMBERS_MAX} members: not an image archive")
+            except (ValueError, OverflowError) as e:  # what tarfile lets out of a malformed header
+                raise BadInput(f"{src}: malformed tar header: {e}") from None
 
     def exists(self, name: str) -> bool:
         if self.tar is not None:
@@ -90,13 +122,13 @@ class Blobs:
 
     def read(self, name: str) -> bytes:
         with self.open(name) as f:
-            return f.read()
+            data = f.read(JSON_MAX + 1)
+        if len(data) > JSON_MAX:
+            raise BadInput(f"{name} is larger than {JSON_MAX >> 20} MiB: not an image index, manifest or config")
+        return data
 
     def json(self, name: str, data: bytes | None = None):
-        try:
-            return json.loads(data if data is not None else self.read(name))
-        except ValueError as e:
-            raise BadInput(f"{name} is not valid JSON: {e}") from None
+        return parse_json(name, data if data is not None else self.read(name))
 
     def blob_name(self, digest: str) -> str:
         algo, _, hexd = digest.partition(":")
@@ -112,6 +144,15 @@ class Blobs:
         return data
 
 
+def parse_json(name: str, data: bytes):
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise BadInput(f"{name} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadInput(f"{name}: JSON nested too deeply") from None
+
+
 _ARCHIVE_TOP = re.compile(r"^(?:\./)?(?:oci-layout|index\.json|manifest\.json|repositories|blobs(?:/.*)?|"
                           r"[0-9a-f]{64}(?:\.json|\.tar|/.*)?)/?$")
 _MARKERS = ("index.json", "oci-layout", "manifest.json")
@@ -125,11 +166,11 @@ def looks_like_archive(path: str) -> bool:
     """Whether a tar's first member is one an image archive starts with, as opposed to a root filesystem's
     ("./", "bin/"...). Saves reading every header of a large layer twice."""
     try:
-        with tarfile.open(path, mode="r:") as tf:
+        with open_tar(path) as tf:
             first = tf.next()
             while first is not None and first.name in (".", "./"):
                 first = tf.next()
-    except (tarfile.ReadError, EOFError):
+    except (tarfile.ReadError, EOFError, BadInput):
         return True  # let the full open report what is wrong
     return first is not None and bool(_ARCHIVE_TOP.match(first.name))
 
@@ -152,7 +193,7 @@ def read_images(b: Blobs, where: str) -> list[ArchiveImage]:
 
 def _diff_ids(cfg_bytes: bytes) -> list[str]:
     try:
-        diff_ids = json.loads(cfg_bytes)["rootfs"]["diff_ids"]
+        diff_ids = parse_json("config", cfg_bytes)["rootfs"]["diff_ids"]
         if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
             raise TypeError
     except (ValueError, KeyError, TypeError):
@@ -205,7 +246,10 @@ def _from_descriptor(b: Blobs, desc: dict, docker_tags: dict, depth: int = 0):
         raise BadInput(f"config {cdesc.get('digest')}: unknown media type {cdesc.get('mediaType')!r}")
     cfg = b.blob(cdesc)
     tags = docker_tags.get(cdesc["digest"]) or _ref_tags(ref)
-    return [(cfg, [LayerRef(d, None) for d in man.get("layers", [])], tags)]
+    layers = man.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(d, dict) for d in layers):
+        raise BadInput(f"manifest {desc.get('digest')}: layers is not a list of descriptors")
+    return [(cfg, [LayerRef(d, None) for d in layers], tags)]
 
 
 def _docker_tags(b: Blobs) -> dict[str, list[str]]:

@@ -174,7 +174,7 @@ def load_cmd(store: Store, source: str, quiet: bool) -> None:
     from .importer import import_images
     update, close = progress_bar(None, "load")
     try:
-        loaded = import_images(store, source, progress=update if update and not quiet else None)
+        loaded = import_images(store, source, progress=update if update and not quiet else None, archive_only=True)
     finally:
         close()
     for image_id, tags in loaded:  # the archive's own tags, not every name the store has for the image

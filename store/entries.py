@@ -41,6 +41,19 @@ class Entry(NamedTuple):
     opaque: bool  # a directory that hides everything below it (OCI .wh..wh..opq)
 
 
+_NS_MAX = 2**63
+
+
+def mtime_to_db(ns: int) -> int | str:
+    """A time as `entries.mtime_ns` holds it: an integer of nanoseconds where SQLite's 64 bits hold it (the years
+    1677-2262), else exactly as text, "<ns>ns" (a file may be dated anywhere in 64-bit seconds)."""
+    return ns if -_NS_MAX <= ns < _NS_MAX else f"{ns}ns"
+
+
+def mtime_from_db(v: int | str) -> int:
+    return v if type(v) is int else int(v[:-2])  # type: ignore[index]
+
+
 def split(path: str) -> tuple[str, str]:
     """A layer path as the index keys it: (parent, name); the root is ('', '')."""
     if path == "/":

@@ -23,10 +23,8 @@ from typing import BinaryIO, Callable, Iterator
 
 from .archives import LAYER_TYPES, Blobs, LayerRef, host_arch, is_archive_dir, looks_like_archive, read_images
 from .dirtar import write_dir_tar
-from .entries import split
 from .errors import BadInput, NotFound, StoreError
-from .ingest import (P_GID, P_IMPLICIT, P_KIND, P_LEADER, P_LINK, P_MODE, P_MTIME, P_OBJ, P_OPAQUE, P_RDEV,
-                     P_SIZE, P_UID, P_XATTRS, LayerData, ingest_tar)
+from .ingest import LayerData, ingest_tar
 from .objects import ObjectStager
 from .refs import normalize_ref
 from .root import Store, index_error
@@ -152,34 +150,20 @@ def _store_errors(store: Store) -> Iterator[None]:
 def _insert_layer(db, data: LayerData) -> None:
     cur = db.execute(
         "INSERT INTO layers(diff_id, size, content_size, tarsplit, n_entries, created) VALUES (?,?,?,?,?,?)",
-        (data.diff_id, data.size, data.content_size, data.tarsplit, len(data.rows), now_iso()))
+        (data.diff_id, data.size, data.content_size, data.tarsplit, data.n_entries, now_iso()))
     layer_id = cur.lastrowid
     (base,) = db.execute("SELECT coalesce(max(ino), 0) + 1 FROM entries").fetchone()
-    ino_of = {path: base + i for i, path in enumerate(data.rows)}
-    nlink: dict[str, int] = {}
-    for row in data.rows.values():
-        if row[P_LEADER]:
-            nlink[row[P_LEADER]] = nlink.get(row[P_LEADER], 1) + 1
-
-    def rows():
-        for path, r in data.rows.items():
-            parent, name = split(path)
-            leader = r[P_LEADER] or None
-            n = nlink.get(leader or path, 1)
-            yield (ino_of[path], layer_id, parent, name, r[P_KIND], r[P_MODE], r[P_UID], r[P_GID], r[P_MTIME],
-                   r[P_SIZE], r[P_OBJ], r[P_LINK], r[P_RDEV], ino_of[leader] if leader else None, n,
-                   r[P_XATTRS], r[P_OPAQUE], r[P_IMPLICIT])
-
-    db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows())
-    named = {r[P_OBJ] for r in data.rows.values()}
-    db.executemany("INSERT INTO skeleton_objects VALUES (?, ?)",
-                   [(layer_id, h) for h in data.skeleton_objects - named])
+    db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", data.entry_rows(layer_id, base))
+    db.executemany("INSERT INTO skeleton_objects VALUES (?, ?)", [(layer_id, h) for h in data.unnamed_objects()])
 
 
 # -- sources ------------------------------------------------------------------------------------------------------
 
 def _iso_ns(ns: int) -> str:
-    return dt.datetime.fromtimestamp(ns // 1_000_000_000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # a file may be dated in any 64-bit second; a config's date is RFC 3339, years 0001-9999
+    sec = min(max(ns // 1_000_000_000, -62135596800), 253402300799)
+    t = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=sec)
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _new_config(layer: LayerData, created_by: str, changes: dict) -> bytes:
@@ -187,7 +171,7 @@ def _new_config(layer: LayerData, created_by: str, changes: dict) -> bytes:
     not the clock, so importing the same content with the same changes twice gives the same image id (docker
     import stamps the current time and makes a new image each time; a content-addressed store should not)."""
     diff_ids = [layer.diff_id]
-    t = _iso_ns(max((r[P_MTIME] for r in layer.rows.values()), default=0))
+    t = _iso_ns(layer.max_mtime_ns)
     cfg = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}
     cfg.update(changes)
     config = {"created": t, "architecture": host_arch(), "os": "linux", "config": cfg,
@@ -199,11 +183,13 @@ def _new_config(layer: LayerData, created_by: str, changes: dict) -> bytes:
 class Source:
     """Detects what SOURCE is and feeds it to an Importer."""
 
-    def __init__(self, importer: Importer, path: str, tags: list[str], changes: dict) -> None:
+    def __init__(self, importer: Importer, path: str, tags: list[str], changes: dict,
+                 archive_only: bool = False) -> None:
         self.imp = importer
         self.path = path
         self.tags = tags
         self.changes = changes
+        self.archive_only = archive_only  # `load`: an image archive, not a tar or directory to make one of
 
     def run(self) -> None:
         p = self.path
@@ -233,11 +219,17 @@ class Source:
         cfg = _new_config(layer, created_by, self.changes)
         self.imp.images.append(ImageSpec(cfg, [layer.diff_id], self.tags))
 
+    def _not_archive(self, name: str) -> None:
+        if self.archive_only:
+            raise BadInput(f"{name}: not an image archive (an OCI layout or a docker save archive)")
+
     def _layer_tar(self, f: BinaryIO, name: str) -> None:
+        self._not_archive(name)
         data = self.imp.add_layer_stream(f)
         self._single_image(data, f"lamina import {os.path.basename(name)}")
 
     def _directory(self, p: str) -> None:
+        self._not_archive(p)
         tmp = f"{self.imp.staging}/dir.tar"
         try:
             with open(tmp, "wb") as out:
@@ -328,11 +320,13 @@ def import_source(store: Store, source: str, tag: str | None = None, changes: di
 
 
 def import_images(store: Store, source: str, tag: str | None = None, changes: dict | None = None,
-                  progress: Callable[[int], None] | None = None) -> list[tuple[str, list[str]]]:
-    """Imports SOURCE; returns each image's id with the tags this import gave it (-t, or the archive's own)."""
+                  progress: Callable[[int], None] | None = None,
+                  archive_only: bool = False) -> list[tuple[str, list[str]]]:
+    """Imports SOURCE; returns each image's id with the tags this import gave it (-t, or the archive's own).
+    `archive_only` (load): SOURCE must be an image archive, not a tar or directory to make an image of."""
     tags = [normalize_ref(tag)] if tag else []
     imp = Importer(store, progress)
     with imp.session():
-        Source(imp, source, tags, changes or {}).run()
+        Source(imp, source, tags, changes or {}, archive_only).run()
         ids = imp.commit()
     return [(image_id, img.tags) for image_id, img in zip(ids, imp.images)]

@@ -90,6 +90,22 @@ def _write_all(fd: int, data: bytes, offset: int) -> int:
     return len(data)
 
 
+HOLE = 64 << 10
+_ZEROS = bytes(HOLE)
+
+
+def _write_sparse(f, chunk: bytes) -> None:
+    """Writes `chunk` at f's position, leaving aligned runs of 64 KiB of zeros as holes (seeked over), so a
+    sparse file, or any long run of zeros, takes no disk blocks in the store where the filesystem has holes."""
+    view = memoryview(chunk)
+    for i in range(0, len(view), HOLE):
+        part = view[i:i + HOLE]
+        if len(part) == HOLE and part == _ZEROS:
+            f.seek(HOLE, os.SEEK_CUR)
+        else:
+            f.write(part)
+
+
 class ObjectStager:
     """Collects the new objects of one import until `publish()`: contents of up to INLINE_MAX bytes in a spool
     file (they will live in the index), larger ones as files in the staging directory."""
@@ -150,8 +166,9 @@ class ObjectStager:
             os.fchmod(f.fileno(), 0o444)  # objects are immutable; the mode says so to anyone looking
             for chunk in chunks:
                 hasher.update(chunk)
-                f.write(chunk)
+                _write_sparse(f, chunk)
                 n += len(chunk)
+            f.truncate(n)  # a content that ends in a hole
         h = hasher.hexdigest()
         if h in self.new or self._existing(h) is not None:
             other = self._staged(h) if h in self.new else self.store.object_path(h)

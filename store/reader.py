@@ -12,7 +12,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from .entries import Entry, split
+from .entries import Entry, mtime_from_db, split
 from .errors import NotFound
 from .refs import normalize_ref
 from .root import Store, connect, inline_data
@@ -26,7 +26,8 @@ _COLS = "ino, kind, mode, uid, gid, mtime_ns, size, object, linkname, rdev, link
 
 def _entry(r: tuple) -> Entry:
     xattrs = {k: bytes.fromhex(v) for k, v in json.loads(r[12]).items()} if r[12] else None
-    return Entry(r[10] or r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[11], xattrs, bool(r[13]))
+    mtime = r[5] if type(r[5]) is int else mtime_from_db(r[5])
+    return Entry(r[10] or r[0], r[1], r[2], r[3], r[4], mtime, r[6], r[7], r[8], r[9], r[11], xattrs, bool(r[13]))
 
 
 @dataclass

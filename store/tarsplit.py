@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import struct
+import tarfile
 from typing import BinaryIO, Callable, Iterator
 
 import zstandard
@@ -22,6 +24,18 @@ import zstandard
 from .errors import BadInput, Corrupt
 
 MAGIC = b"LTS1"
+# Go's archive/tar (docker's, podman's) takes at most 1 MiB per PAX header, GNU long name or sparse map; a member's
+# headers together get a few of those.
+HEADERS_MAX = 4 << 20
+_NUMBER_MAX = 2**63 - 1
+_SHOW = 120
+
+
+def show(name: str) -> str:
+    """A member name for a one-line message: repr, cut to a readable length."""
+    r = repr(name)
+    return r if len(r) <= _SHOW else f"{r[:_SHOW]}... ({len(name)} characters)"
+
 _RAW_FLUSH = 1 << 16
 
 
@@ -115,6 +129,16 @@ class TarStream(io.RawIOBase):
         self.skel = skeleton
         self.sha = hashlib.sha256()
         self.pos = 0
+        # What `tarfile` may still read before the importer takes over again (see `limit`); None: no limit.
+        self.budget: int | None = None
+        self.budget_what = ""
+        self.last_block = b""  # the last 512-byte read: the header block tarfile saw last
+
+    def limit(self, budget: int | None, what: str = "") -> None:
+        """Bounds what tarfile reads from now on (a member's headers, the bytes after the end of the archive):
+        tarfile reads a PAX header, a GNU long name or a sparse map whole into memory, at the size the input
+        claims, so a small compressed input could otherwise claim gigabytes."""
+        self.budget, self.budget_what = budget, what
 
     def readable(self) -> bool:
         return True
@@ -136,7 +160,13 @@ class TarStream(io.RawIOBase):
                 parts.append(data)
             data = b"".join(parts)
         else:
+            if self.budget is not None and n > self.budget:
+                raise BadInput(f"{self.budget_what} at byte {self.pos}")
             data = self._pull(n)
+            if n == 512:
+                self.last_block = data
+        if self.budget is not None:
+            self.budget -= len(data)
         self.sha.update(data)
         self.skel.raw(data)
         self.pos += len(data)
@@ -171,7 +201,65 @@ class TarStream(io.RawIOBase):
             left -= len(data)
             yield data
 
-    def drain(self) -> None:
-        """Reads (and records) whatever follows the end-of-archive blocks."""
-        while self.read(1 << 20):
-            pass
+    def drain(self, most: int) -> None:
+        """Reads (and records) whatever follows the end-of-archive blocks: up to `most` bytes (real tars pad to
+        their record size, 10 KiB by default), so that a stream of zeros is refused rather than read forever."""
+        left = most
+        while data := self.read(min(1 << 20, left + 1)):
+            left -= len(data)
+            if left < 0:
+                raise BadInput(f"more than {most} bytes follow the tar's end-of-archive blocks")
+
+
+class StrictTarInfo(tarfile.TarInfo):
+    """tarfile's member, with GNU sparse maps and sizes read strictly: tarfile lets a malformed number escape as a
+    bare ValueError, and reads a version 1.0 map in quadratic time for as long as the input claims entries."""
+
+    def _apply_pax_info(self, pax_headers, encoding, errors):  # type: ignore[override]
+        for key in ("GNU.sparse.size", "GNU.sparse.realsize"):  # tarfile's int() of these raised ValueError
+            if key in pax_headers:
+                _sparse_numbers([pax_headers[key]], self)
+        super()._apply_pax_info(pax_headers, encoding, errors)
+
+    def _proc_gnusparse_01(self, next, pax_headers):  # type: ignore[override]
+        next.sparse = _sparse_pairs(pax_headers["GNU.sparse.map"].split(","), next)
+
+    def _proc_gnusparse_10(self, next, pax_headers, tarfile_):  # type: ignore[override]
+        f = tarfile_.fileobj
+        buf = b""
+
+        def line() -> bytes:
+            nonlocal buf
+            while b"\n" not in buf:
+                if len(buf) > 20:  # a number of more than 20 digits is none (tarfile read on until memory ran out)
+                    raise BadInput(f"{show(next.name)}: malformed GNU sparse map")
+                block = f.read(tarfile.BLOCKSIZE)
+                if not block:
+                    raise BadInput(f"{show(next.name)}: truncated GNU sparse map")
+                buf += block
+            out, buf = buf.split(b"\n", 1)
+            return out
+
+        (count,) = _sparse_numbers([line()], next)
+        if count * 4 > next.size:  # each entry takes 4 bytes at least ("0\n0\n")
+            raise BadInput(f"{show(next.name)}: malformed GNU sparse map ({count} entries in {next.size} bytes)")
+        numbers = _sparse_numbers([line() for _ in range(2 * count)], next)
+        next.offset_data = f.tell()
+        next.sparse = list(zip(numbers[::2], numbers[1::2]))
+
+
+def _sparse_numbers(texts: list, ti: tarfile.TarInfo) -> list[int]:
+    out = []
+    for t in texts:
+        t = t.decode("ascii", "replace") if isinstance(t, bytes) else t
+        if not re.fullmatch(r"[0-9]{1,20}", t) or int(t) > _NUMBER_MAX:
+            raise BadInput(f"{show(ti.name)}: malformed GNU sparse map (entry {show(t)})")
+        out.append(int(t))
+    return out
+
+
+def _sparse_pairs(texts: list, ti: tarfile.TarInfo) -> list[tuple[int, int]]:
+    numbers = _sparse_numbers(texts, ti)
+    if len(numbers) % 2:
+        raise BadInput(f"{show(ti.name)}: malformed GNU sparse map (odd number of entries)")
+    return list(zip(numbers[::2], numbers[1::2]))
