@@ -78,6 +78,9 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.option("--device-read-bps", multiple=True, metavar="DEV:RATE", help="Read rate limit, e.g. /dev/sda:1mb.")
 @click.option("--device-write-bps", multiple=True, metavar="DEV:RATE", help="Write rate limit, e.g. /dev/sda:1mb.")
 @click.option("--userns", is_flag=True, help="Map container root to an unprivileged host uid range.")
+@click.option("--driver", type=click.Choice(["fuse", "kernel", "auto"]), default="fuse", show_default=True,
+              help="Root filesystem of a store image: lamina's union filesystem, kernel overlayfs, or kernel where "
+                   "supported.")
 @click.argument("image")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -85,7 +88,7 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
             env: tuple[str, ...], workdir: str | None, user: str | None, hostname: str | None, network: str,
             volume: tuple[str, ...], read_only: bool, memory: str | None, memory_swap: str | None, cpus: str | None,
             pids_limit: int | None, device_read_bps: tuple[str, ...], device_write_bps: tuple[str, ...],
-            userns: bool, image: str, cmd: tuple[str, ...]) -> None:
+            userns: bool, driver: str, image: str, cmd: tuple[str, ...]) -> None:
     """Run a command in a new container."""
     root = _root(ctx)
     try:
@@ -95,7 +98,7 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
             hostname=parse_hostname(hostname) if hostname is not None else None, network=network,
             mounts=[parse_volume(v) for v in volume], read_only=read_only,
             limits=parse_limits(memory, memory_swap, cpus, pids_limit, device_read_bps, device_write_bps),
-            userns=userns, rm=rm, detach=detach, interactive=interactive, tty=tty)
+            userns=userns, rm=rm, detach=detach, interactive=interactive, tty=tty, driver=driver)
     except SpecError as e:
         _fail(str(e))
         return
@@ -112,7 +115,7 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
     # The root filesystem's daemon is forked first: it loads mfusepy and the union core while this process loads
     # the runtime (kept out of the imports above for this reason) and prepares the container.
     from .rootfs import standby  # noqa: PLC0415
-    daemon = standby(spec.image)
+    daemon = standby(spec.image) if driver == "fuse" else None
     try:
         from .run import run  # noqa: PLC0415
         code = run(root, spec, daemon)
