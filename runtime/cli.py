@@ -46,7 +46,7 @@ def group(packages: tuple[str, ...] = PACKAGES) -> click.Group:
 
 
 def background_mount(argv: list[str]) -> bool:
-    """Whether `argv` is `[--root DIR] mount ...` without -f/--foreground or help. Only a hint: a wrong guess
+    """Whether `argv` is `[--root DIR] mount ...` without -f/--foreground, --driver kernel or help. Only a hint: a wrong guess
     forks a daemon that is then cancelled, never a different outcome."""
     i = 0
     while i < len(argv) and argv[i] != "mount":
@@ -56,7 +56,10 @@ def background_mount(argv: list[str]) -> bool:
             i += 1
         else:
             return False
-    return i < len(argv) and not any(a in ("-f", "--foreground", "-h", "--help") for a in argv[i + 1:])
+    rest = argv[i + 1:]
+    kernel = any(a == "--driver=kernel" or (a == "--driver" and rest[j + 1:j + 2] == ["kernel"])
+                 for j, a in enumerate(rest))  # kernel overlayfs: no daemon
+    return i < len(argv) and not kernel and not any(a in ("-f", "--foreground", "-h", "--help") for a in rest)
 
 
 def _die_of_sigpipe() -> None:

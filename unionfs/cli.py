@@ -82,7 +82,7 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
             _fail("the kernel driver takes neither --foreground nor --uidmapping/--gidmapping")
         driver = "fuse"
     try:
-        driver = choose_driver(driver, root)
+        driver = choose_driver(driver)
     except OSError as e:
         _fail(str(e))
 

@@ -144,15 +144,15 @@ def _build(rows: list[tuple], dst: str) -> int:
     return len(rows)
 
 
-def supported(scratch: str) -> bool:
+def supported() -> bool:
     """Whether this kernel mounts a metacopy stub redirecting into a data-only lower layer and reads its data
-    through it (Linux 6.5+, with trusted xattrs on `scratch`'s filesystem). Probed for real under `scratch`."""
+    through it (Linux 6.5+). Probed for real in the system's temporary directory, never in the store, whose tmp/
+    recovery may empty at any time (a store on a filesystem without trusted xattrs fails the tree build instead)."""
     if os.environ.get(PROBE_ENV) == "0":
         return False
     from .kernelmount import mount_overlay, umount  # noqa: PLC0415
 
-    os.makedirs(scratch, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="kprobe-", dir=scratch) as d:
+    with tempfile.TemporaryDirectory(prefix="lamina-kprobe-") as d:
         meta, data, mnt = d + "/meta", d + "/data", d + "/mnt"
         for x in (meta, data + "/ab", mnt):
             os.makedirs(x)

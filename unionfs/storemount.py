@@ -6,8 +6,6 @@ pickled by reference) loads click: `lamina mount` and `lamina run` fork their da
 """
 from __future__ import annotations
 
-import os
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms) before the daemon is forked
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -69,14 +67,14 @@ def start_store_mount(root: str | None, layer_ids: list[int], mountpoint: str, u
 DRIVERS = ("fuse", "kernel", "auto")
 
 
-def choose_driver(driver: str, root: str) -> str:
+def choose_driver(driver: str) -> str:
     """"fuse" or "kernel" for `driver` (one of DRIVERS); OSError with a one-line reason when "kernel" is asked
     of a kernel that cannot serve the metadata trees (`auto` then takes FUSE)."""
     if driver == "fuse":
         return driver
     from .kerneltree import supported  # noqa: PLC0415
 
-    if supported(os.path.join(root, "tmp")):
+    if supported():
         return "kernel"
     if driver == "auto":
         return "fuse"

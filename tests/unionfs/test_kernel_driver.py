@@ -219,3 +219,11 @@ def _fstype(mnt: Path) -> str:
             if a.split()[4] == str(mnt):
                 return b.split()[0]
     return ""
+
+
+def test_a_kernel_mount_forks_no_standby_daemon():
+    from runtime.cli import background_mount  # noqa: PLC0415
+
+    assert not background_mount(["mount", "--driver", "kernel", "img", "/mnt"])
+    assert not background_mount(["--root", "/r", "mount", "img", "/mnt", "--driver=kernel"])
+    assert background_mount(["mount", "--driver", "auto", "img", "/mnt"])  # auto may take FUSE
