@@ -94,10 +94,16 @@ def _build(rows: list[tuple], dst: str) -> int:
     dirs: list[tuple[str, int]] = []  # (path, mtime): set after their contents are written
     first: dict[int, str] = {}  # ino of a hardlink group's first entry -> its path
     links: list[tuple[str, int, int]] = []  # (path, link_ino, mtime)
+    made = {"", "/"}  # directories written so far, by layer path: only these take entries
     os.mkdir(dst, 0o700)
     for parent, name, kind, mode, uid, gid, mtime, size, obj, linkname, rdev, ino, link_ino, xattrs, opaque, data \
             in rows:
-        p = dst if parent == "" else dst + parent + "/" + name if parent != "/" else dst + "/" + name
+        # Never through a symlink or out of the tree: an entry whose parent is not a directory of the layer is
+        # unreachable in the union anyway (as the FUSE driver resolves it).
+        if parent not in made or (parent and (name in ("", ".", "..") or "/" in name)):
+            continue
+        lpath = parent + "/" + name if parent not in ("", "/") else "/" + name if parent else ""
+        p = dst + lpath
         perm = stat.S_IMODE(mode)
         if link_ino is not None:
             links.append((p, link_ino, mtime))
@@ -105,6 +111,7 @@ def _build(rows: list[tuple], dst: str) -> int:
         if kind == "d":
             if parent != "":
                 os.mkdir(p, perm)
+                made.add(lpath)
             lchown(p, uid, gid)
             os.chmod(p, perm)  # the root's, and setgid bits a chown cleared
             if opaque:
@@ -138,6 +145,8 @@ def _build(rows: list[tuple], dst: str) -> int:
         utime(p, ns=(mtime, mtime), follow_symlinks=False)
         first[ino] = p
     for p, link_ino, mtime in links:
+        if link_ino not in first:
+            raise OSError(f"layer index damaged: {p[len(dst):]} is a hardlink to a missing entry (lamina fsck)")
         os.link(first[link_ino], p, follow_symlinks=False)
     for p, mtime in reversed(dirs):  # children before parents: creating a name changes its directory's mtime
         utime(p, ns=(mtime, mtime))

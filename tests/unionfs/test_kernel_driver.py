@@ -227,3 +227,23 @@ def test_a_kernel_mount_forks_no_standby_daemon():
     assert not background_mount(["mount", "--driver", "kernel", "img", "/mnt"])
     assert not background_mount(["--root", "/r", "mount", "img", "/mnt", "--driver=kernel"])
     assert background_mount(["mount", "--driver", "auto", "img", "/mnt"])  # auto may take FUSE
+
+
+def test_tree_build_never_writes_through_a_symlink_or_out_of_the_tree(scratch):
+    from unionfs.kerneltree import _build  # noqa: PLC0415
+
+    outside = scratch / "outside"
+    outside.mkdir()
+    #        parent name  kind mode         uid gid mtime size obj linkname rdev ino link xattrs opaque data
+    rows = [("", "", "d", 0o40755, 0, 0, 0, 0, None, None, 0, 1, None, None, 0, None),
+            ("/", "..", "f", 0o100644, 0, 0, 0, 3, "h", None, 0, 2, None, None, 0, b"bad"),
+            ("/", "a", "l", 0o120777, 0, 0, 0, 0, None, str(outside), 0, 3, None, None, 0, None),
+            ("/a", "x", "f", 0o100644, 0, 0, 0, 3, "h", None, 0, 4, None, None, 0, b"bad"),
+            ("/a", "d", "d", 0o40755, 0, 0, 0, 0, None, None, 0, 5, None, None, 0, None)]
+    old = os.umask(0)
+    try:
+        _build(rows, str(scratch / "tree"))
+    finally:
+        os.umask(old)
+    assert os.listdir(outside) == [] and sorted(os.listdir(scratch / "tree")) == ["a"]
+    assert sorted(os.listdir(scratch)) == ["outside", "tree"]
