@@ -116,7 +116,7 @@ def start_mount(root: str, image: Image, upper: str, work: str, target: str,
 
         if userns is not None and driver == "kernel":
             raise OSError("the kernel driver does not map owners (--userns): use --driver fuse")
-        if userns is None and choose_driver(driver, os.path.abspath(root)) == "kernel":
+        if userns is None and choose_driver(driver) == "kernel":
             mount_kernel(os.path.abspath(root), image.layer_ids, target, upper, work)
             linux.remount(target, HOST_FLAGS)
             return Mounting(image.ref, target)
