@@ -199,8 +199,41 @@ class LaminaStore(Contender):
         return Contender.daemon_pid(self, mnt)
 
 
+class LaminaKernel(LaminaStore):
+    """lamina's kernel driver: the same store, `lamina mount --driver kernel` (kernel overlayfs over per-layer
+    metadata trees). The trees are built in `prepare` (a first mount), so the mount rows time mounts with them built."""
+    name, has_daemon = "lamina-kernel", False
+
+    def check(self):
+        super().check()
+        from unionfs.kerneltree import supported  # noqa: PLC0415
+
+        if not supported():
+            raise Unavailable("kernel overlayfs without data-only lower layers and metacopy (Linux 6.5+)")
+
+    def prepare(self, layers, key):
+        fresh = tuple(map(str, layers)) not in self.images
+        super().prepare(layers, key)
+        if fresh:
+            mnt = Path(tempfile.mkdtemp(prefix="lamina-ktrees-"))
+            try:
+                self.lamina("mount", "--driver", "kernel", "--read-only", self.images[tuple(map(str, layers))],
+                            str(mnt), timeout=3600)
+                self.lamina("umount", str(mnt))
+            finally:
+                mounts.unmount(mnt)
+                shutil.rmtree(mnt, ignore_errors=True)
+
+    def mount(self, layers, upper, work, mnt):
+        image = self.images.get(tuple(map(str, layers)))
+        if image is None:
+            raise RuntimeError("image not prepared")
+        self.lamina("mount", "--driver", "kernel", image, str(mnt), "--upper", str(upper), "--work", str(work))
+
+
 def all_contenders(store_root: Path) -> list[Contender]:
-    return [LaminaStore(store_root), LaminaFs(), FuseOverlayfs(), KernelOverlay(), UnionfsFuse(), Native()]
+    return [LaminaStore(store_root), LaminaKernel(store_root), LaminaFs(), FuseOverlayfs(), KernelOverlay(),
+            UnionfsFuse(), Native()]
 
 
 def probe(c: Contender, scratch: Path) -> None:

@@ -91,6 +91,9 @@ _RUN_CTX = {"ignore_unknown_options": False, "allow_interspersed_args": False}
 @click.option("--userns", is_flag=True, help="Map container root to an unprivileged host uid range.")
 @click.option("--cap-add", multiple=True, metavar="CAP", help="Add a capability (NAME or CAP_NAME, or ALL).")
 @click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability (NAME or CAP_NAME, or ALL).")
+@click.option("--driver", type=click.Choice(["fuse", "kernel", "auto"]), default="fuse", show_default=True,
+              help="Root filesystem of a store image: lamina's union filesystem, kernel overlayfs, or kernel where "
+                   "supported.")
 @click.argument("image")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -102,7 +105,7 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
             volume: tuple[str, ...], tmpfs: tuple[str, ...], read_only: bool, memory: str | None,
             memory_swap: str | None, cpus: str | None,
             pids_limit: int | None, device_read_bps: tuple[str, ...], device_write_bps: tuple[str, ...],
-            userns: bool, cap_add: tuple[str, ...], cap_drop: tuple[str, ...], image: str,
+            userns: bool, cap_add: tuple[str, ...], cap_drop: tuple[str, ...], driver: str, image: str,
             cmd: tuple[str, ...]) -> None:
     """Run a command in a new container."""
     root = _root(ctx)
@@ -119,7 +122,7 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
             userns=userns, rm=rm, detach=detach, interactive=interactive, tty=tty,
             publish=[parse_publish(p) for p in publish], publish_all=publish_all,
             network_aliases=[parse_network_alias(a) for a in network_alias],
-            add_hosts=[parse_add_host(h) for h in add_host], ip=ip)
+            add_hosts=[parse_add_host(h) for h in add_host], ip=ip, driver=driver)
         if network in ("none", "host") and (publish or publish_all or network_alias or ip):
             raise SpecError(f"conflicting options: port publishing, --ip and --network-alias need a bridge network, "
                             f"not --network {network}")
@@ -139,7 +142,7 @@ def run_cmd(ctx: click.Context, rm: bool, detach: bool, interactive: bool, tty: 
     # The root filesystem's daemon is forked first: it loads mfusepy and the union core while this process loads
     # the runtime (kept out of the imports above for this reason) and prepares the container.
     from .rootfs import standby  # noqa: PLC0415
-    daemon = standby(spec.image)
+    daemon = standby(spec.image) if driver == "fuse" else None
     try:
         from .run import run  # noqa: PLC0415
         code = run(root, spec, daemon)

@@ -95,7 +95,8 @@ def standby(ref: str) -> Standby | None:
 
 
 def start_mount(root: str, image: Image, upper: str, work: str, target: str,
-                userns: tuple[int, int] | None = None, daemon: Standby | None = None) -> Mounting:
+                userns: tuple[int, int] | None = None, daemon: Standby | None = None,
+                driver: str = "fuse") -> Mounting:
     """Begin mounting `image` with a fresh container layer at `target`; the caller may work meanwhile.
 
     A store image is served by lamina's union filesystem, its daemon forked from this process (no second
@@ -106,7 +107,19 @@ def start_mount(root: str, image: Image, upper: str, work: str, target: str,
     uidmapping/gidmapping), so the container's root owns what the image's root owns, and what it creates is stored
     as owned by 0. The leading `0:0:1` (overridden by the later range for stored ids, as in fuse-overlayfs) stores
     what lamina itself creates there as host root (mount points for the /etc files and volumes, a missing working
-    directory) as the image's root too."""
+    directory) as the image's root too.
+
+    `driver` (unionfs.storemount.DRIVERS) may instead serve a store image by kernel overlayfs, without a daemon
+    (not with `userns`: auto then takes the union filesystem). OSError when "kernel" cannot be had."""
+    if image.kind == "store" and driver != "fuse":
+        from unionfs.storemount import choose_driver, mount_kernel  # noqa: PLC0415
+
+        if userns is not None and driver == "kernel":
+            raise OSError("the kernel driver does not map owners (--userns): use --driver fuse")
+        if userns is None and choose_driver(driver) == "kernel":
+            mount_kernel(os.path.abspath(root), image.layer_ids, target, upper, work)
+            linux.remount(target, HOST_FLAGS)
+            return Mounting(image.ref, target)
     if image.kind == "dir":
         opts = f"lowerdir={image.path},upperdir={upper},workdir={work}"
         linux.mount("overlay", target, "overlay", HOST_FLAGS, opts)

@@ -190,7 +190,8 @@ def prepare(root: str, spec: RunSpec, early_p1: bool = True, daemon: Standby | N
         if early_p1:
             p1 = Prestart(cg.add)
         userns = userns_range() if spec.userns else None
-        mounting = rootfs.start_mount(root, image, str(c.upper), str(c.work), str(c.rootfs), userns, daemon)
+        mounting = rootfs.start_mount(root, image, str(c.upper), str(c.work), str(c.rootfs), userns, daemon,
+                                      spec.driver)
         # v1's devices cgroup limits what may be opened; v2 would need an eBPF program, so there no node may be made.
         caps = linux.DEFAULT_CAPS if version == 1 else linux.DEFAULT_CAPS - {linux.CAPS["MKNOD"]}
         if spec.cap_add or spec.cap_drop:

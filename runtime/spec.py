@@ -79,6 +79,7 @@ class RunSpec:
     read_only: bool = False
     limits: Limits = field(default_factory=Limits)
     userns: bool = False
+    driver: str = "fuse"  # the root filesystem's: fuse, kernel or auto (unionfs.storemount.DRIVERS)
     rm: bool = False
     detach: bool = False
     interactive: bool = False

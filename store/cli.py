@@ -286,6 +286,8 @@ def df_cmd(store: Store, fmt: str) -> None:
     click.echo(f"Distinct layer tars (layer sharing):       {human(d['layers_bytes'])}")
     click.echo(f"Distinct contents (lamina):                {human(d['content_bytes'])}")
     click.echo(f"On disk (objects + index, allocated):      {human(d['disk_bytes'])}")
+    if d["derived_bytes"]:
+        click.echo(f"  of which derived per-layer data:         {human(d['derived_bytes'])}")
     click.echo(f"Dedup ratio (layer tars / contents):       {ratio}")
     rows = []
     for image_id, v in sorted(d["per_image"].items(), key=lambda kv: kv[1]["tags"]):

@@ -4,7 +4,8 @@ Definitions used by `df`:
   * images_bytes  — for every image, the sum of its layers' tar sizes: what a store without any sharing holds.
   * layers_bytes  — the sum of the tar sizes of distinct layers: what layer-level sharing (Docker's model) holds.
   * content_bytes — the sum of the sizes of distinct objects (file contents and tar skeletons): what lamina holds.
-  * disk_bytes    — bytes allocated on disk for objects and the index (st_blocks * 512).
+  * disk_bytes    — bytes allocated on disk for objects, the index and derived data (st_blocks * 512).
+  * derived_bytes — of which per-layer derived data (store/derived.py: e.g. kernel overlayfs metadata trees).
   * dedup_ratio   — layers_bytes / content_bytes.
   Per image, over the distinct objects its layers reference: unique = objects no other image references,
   shared = objects at least one other image references, size = shared + unique (docker system df -v's rule).
@@ -15,6 +16,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
+from . import derived
 from .errors import Corrupt
 from .objects import hash_bytes, hash_file
 from .root import Store
@@ -44,6 +46,8 @@ def df(store: Store) -> dict:
     disk = sum(_allocated(store.db_path + sfx) for sfx in ("", "-wal", "-shm"))
     for dirpath, _, files in os.walk(store.objects_dir):
         disk += sum(_allocated(os.path.join(dirpath, f)) for f in files)
+    derived_bytes = derived.allocated(store=store)
+    disk += derived_bytes
     per_image = {}
     rows = db.execute(f"""
         WITH io AS ({_IMAGE_OBJECTS}), oc AS (SELECT object, count(*) AS n FROM io GROUP BY object)
@@ -66,6 +70,7 @@ def df(store: Store) -> dict:
         "layers_bytes": layers_bytes,
         "content_bytes": content_bytes,
         "disk_bytes": disk,
+        "derived_bytes": derived_bytes,
         "dedup_ratio": round(layers_bytes / content_bytes, 3) if content_bytes else None,
         "per_image": per_image,
     }
@@ -122,6 +127,7 @@ def _gc_locked(store: Store) -> dict:
     for p in strays:
         freed += os.lstat(p).st_size
         os.unlink(p)
+    freed += derived.sweep(store)
     return {"images": len(dead_images), "layers": len(dead_layers), "objects": len(dead) + len(strays),
             "bytes": freed}
 
@@ -177,6 +183,9 @@ class _Fsck:
         self.references()
         if self.repair and self.bad_layers:
             self.drop_damaged()
+        found, fixed = derived.problems(self.store, self.repair)
+        self.rep.problems += found
+        self.rep.repaired += fixed
         return self.rep
 
     def problem(self, msg: str, layer: tuple[int, str] | None = None) -> None:

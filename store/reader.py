@@ -111,6 +111,16 @@ class StoreReader:
             "SELECT count(*) FROM entries WHERE layer_id=? AND parent=? AND name != '' AND kind='d'",
             (layer_id, path)).fetchone()[0]
 
+    def layer_rows(self, layer_id: int) -> list[tuple]:
+        """Every entry of the layer, raw, a directory before what it holds (ordered by parent path, then name):
+        (parent, name, kind, mode, uid, gid, mtime_ns, size, object, linkname, rdev, ino, link_ino, xattrs JSON,
+        opaque, inlined content or None). For tools that materialise a whole layer."""
+        return self._db().execute(
+            "SELECT e.parent, e.name, e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.object, e.linkname, "
+            "e.rdev, e.ino, e.link_ino, e.xattrs, e.opaque, o.data FROM entries e "
+            "LEFT JOIN objects o ON o.hash = e.object WHERE e.layer_id=? ORDER BY e.parent, e.name",
+            (layer_id,)).fetchall()
+
     def object_path(self, obj: str) -> str:
         """The file of a file-backed object (contents of up to 4 KiB are inlined and have none: `open_object`)."""
         return self.store.object_path(obj)

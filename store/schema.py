@@ -6,6 +6,10 @@ Layout of a store root:
     objects/ab/cdef..   one file per larger distinct content, named by its hex XXH3-128 (first two digits: the dir)
     tmp/                staging for imports in progress (import-<id>/), removed on completion or recovery
     lock                flock: importers hold it shared, gc/fsck/recovery exclusive
+    derived/<hex>/<kind>/   data derived from one layer by a user of the store (e.g. unionfs's kernel metadata
+                        trees), keyed by the hex of the layer's DiffID; the store knows only this contract: a
+                        <kind> directory appears whole (renamed into place) holding a file `complete`, written
+                        last; gc removes the directories of layers that are gone, fsck reports incomplete ones
     containers/, volumes/   owned by the runtime
 
 Identity rules: a layer is identified by its DiffID (sha256 of its uncompressed tar); an image by its ImageID

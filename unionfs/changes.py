@@ -10,7 +10,9 @@ redirects nor an index:
 - a lower file with several names, changed through one of them (copied up and joined through the index), shows the
   change under every name: each name is a change, all of them one file;
 - a lower hardlink group with a name in a directory written whole keeps all its names together in the layer;
-- the union's own xattrs (overlayfs markers, trusted.lamina.*) are bookkeeping, never content.
+- the union's own xattrs (overlayfs markers, trusted.lamina.*) are bookkeeping, never content;
+- a file kernel overlayfs copied up for its metadata only (`metacopy=on`: a chmod or chown, as the kernel driver
+  mounts) holds no data in the upper: its content is the lower file's, at its redirect or its own path.
 Every walk keeps its own stack, so trees as deep as the kernel allows are read.
 """
 from __future__ import annotations
@@ -23,10 +25,11 @@ from typing import BinaryIO
 
 from store.dirtar import LayerTar, Member
 
-from .layers import DirLayer, Layer, Record
+from .layers import REDIRECT_XATTRS, DirLayer, Layer, Record
 from .overlay import Node, Overlay
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
+METACOPY_XATTR = "trusted.overlay.metacopy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,7 @@ class Change:
     lpath: str = ""
     opaque: bool = False  # a directory hiding all that lower layers hold below it
     link: Hashable | None = None  # hardlinks: the same key on every name of one file
+    data: tuple[Layer, str] | None = None  # where a metadata-only copy-up's content is read (else `layer`)
 
     def member(self) -> Member:
         """The change as a layer tar member (xattrs under the names a layer stores them by)."""
@@ -57,6 +61,8 @@ class Change:
 
     def open(self) -> int:
         """A read-only fd on a regular file's content."""
+        if self.data is not None:
+            return self.data[0].open_read(self.data[1])
         assert self.layer is not None
         return self.layer.open_read(self.lpath)
 
@@ -147,11 +153,35 @@ class _Reader:
                 if rec.is_dir and rec.redirect and not rec.opaque:
                     self._whole(path, kind)
                 elif rec.is_dir:
-                    self.out[path] = Change(kind, path, rec, self.up, path, opaque=rec.opaque)
+                    # kernel overlayfs marks every directory made in a merged one opaque: over nothing, it hides
+                    # nothing, and the layer says only what changes
+                    self.out[path] = Change(kind, path, rec, self.up, path, opaque=rec.opaque and in_base)
                     todo.append((path, in_base))
                 else:
                     self.out[path] = Change(kind, path, rec, self.up, path,
-                                            link=("disk", rec.ino) if rec.nlink > 1 else None)
+                                            link=("disk", rec.ino) if rec.nlink > 1 else None,
+                                            data=self._metacopy_data(path, rec))
+
+    def _metacopy_data(self, path: str, rec: Record) -> tuple[Layer, str] | None:
+        """Where the content of upper file `path` lives when overlayfs copied up only its metadata."""
+        if not stat.S_ISREG(rec.mode) or self.base is None:
+            return None
+        real = self.up.real(path)
+        try:
+            if METACOPY_XATTR not in os.listxattr(real, follow_symlinks=False):
+                return None
+        except OSError:
+            return None
+        try:
+            origin = os.fsdecode(os.getxattr(real, REDIRECT_XATTRS[0], follow_symlinks=False))
+        except OSError:
+            origin = path  # not renamed: the lower file at the same path
+        if not origin.startswith("/"):
+            origin = _join(path.rpartition("/")[0] or "/", origin)
+        n = self.base.resolve(origin)
+        if n is None or n.is_dir:
+            raise OSError(f"{path}: metadata-only copy-up whose lower file {origin} is gone")
+        return self.base.layers[n.layer], n.lpath
 
     def _whole(self, top: str, kind: str) -> None:
         """Renamed directory `top` as the union shows it, all below it included, opaque: its lower part lives under

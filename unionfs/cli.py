@@ -17,7 +17,11 @@ import click
 from .daemon import Standby, exit_now, run
 from .fsmain import UsageError, _is_dir, check_upper_work
 from .idmap import IdMapping
-from .storemount import standby_store_mount, start_store_mount, store_overlay
+from .storemount import DRIVERS, choose_driver, mount_kernel, standby_store_mount, start_store_mount, store_overlay
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from store.reader import Image, OpenStore
 
 __all__ = ["COMMANDS", "standby_store_mount", "start_store_mount", "store_overlay"]
 
@@ -41,10 +45,13 @@ def _fail(msg: str, code: int = 1) -> None:
 @click.option("--uidmapping", metavar="C:H:N[:C:H:N...]",
               help="Show stored uids C.. as host uids H.. (N of them), as fuse-overlayfs's -o uidmapping.")
 @click.option("--gidmapping", metavar="C:H:N[:C:H:N...]", help="The same for gids.")
+@click.option("--driver", type=click.Choice(DRIVERS), default="fuse", show_default=True,
+              help="fuse: lamina's union filesystem; kernel: kernel overlayfs over per-layer metadata trees and the "
+                   "store's objects (Linux 6.5+); auto: kernel where supported, else fuse.")
 @click.pass_context
 def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None, work: str | None,
               read_only: bool, foreground: bool, log: str | None, uidmapping: str | None,
-              gidmapping: str | None) -> None:
+              gidmapping: str | None, driver: str) -> None:
     """Mount IMAGE from the store at MOUNTPOINT as a copy-on-write union filesystem."""
     from store.errors import StoreError
     from store.holds import hold, release
@@ -68,13 +75,26 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
         _fail(str(e))
     except OSError as e:
         _fail(f"store: {e.strerror or e}")
+    root = st.root  # absolute: the daemon works from "/"
+    asked = driver
+    if driver != "fuse" and (foreground or idmap is not None):
+        if driver == "kernel":
+            _fail("the kernel driver takes neither --foreground nor --uidmapping/--gidmapping")
+        driver = "fuse"
+    try:
+        driver = choose_driver(driver)
+    except OSError as e:
+        _fail(str(e))
 
     # The store keeps a mounted image (gc spares its objects, rmi needs -f) until `lamina umount` releases it.
     holder = f"mount:{os.path.realpath(mountpoint)}"
     hold(st.store, holder, img.id)
     # No SQLite connection may cross the daemon's fork (SQLite forbids it; the daemon's threads open their own).
     st.close()
-    root = st.root  # absolute: the daemon works from "/"
+    if driver == "kernel":
+        if standby is not None:
+            standby.cancel()
+        _mount_kernel(st, holder, img, mountpoint, upper, work, read_only)
     log_path = os.path.abspath(log) if log else None
     rc = 1
     try:
@@ -90,11 +110,26 @@ def mount_cmd(ctx: click.Context, image: str, mountpoint: str, upper: str | None
             rc = starting.wait()
             if rc != 0:
                 click.echo(f"lamina: {starting.error}", err=True)
+            elif asked == "auto":
+                click.echo("lamina: mounted with the fuse driver", err=True)
     finally:
         if rc != 0 or foreground:
             release(st.store, holder)
     # Whoever ran `lamina mount` waits for this exit to use the mount: no interpreter teardown (~5-10 ms here).
     exit_now(rc)
+
+
+def _mount_kernel(st: OpenStore, holder: str, img: Image, mountpoint: str, upper: str | None, work: str | None,
+                  read_only: bool) -> None:
+    from store.errors import StoreError
+    from store.holds import release
+    try:
+        mount_kernel(st.root, img.layer_ids, mountpoint, upper, work, read_only)
+    except (OSError, StoreError) as e:
+        release(st.store, holder)
+        _fail(f"{mountpoint}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+    click.echo("lamina: mounted with the kernel driver", err=True)
+    exit_now(0)
 
 
 def _mounted(path: str) -> bool:

@@ -62,3 +62,46 @@ def start_store_mount(root: str | None, layer_ids: list[int], mountpoint: str, u
                              mountpoint, read_only=read_only or upper is None, fsname="lamina", log_path=log_path)
     return start(store_overlay(root, layer_ids, upper, work, read_only, idmap), mountpoint,
                  read_only=read_only or upper is None, fsname="lamina", log_path=log_path)
+
+
+DRIVERS = ("fuse", "kernel", "auto")
+
+
+def choose_driver(driver: str) -> str:
+    """"fuse" or "kernel" for `driver` (one of DRIVERS); OSError with a one-line reason when "kernel" is asked
+    of a kernel that cannot serve the metadata trees (`auto` then takes FUSE)."""
+    if driver == "fuse":
+        return driver
+    from .kerneltree import supported  # noqa: PLC0415
+
+    if supported():
+        return "kernel"
+    if driver == "auto":
+        return "fuse"
+    raise OSError("the kernel driver needs overlayfs with data-only lower layers and metacopy (Linux 6.5+, "
+                  "trusted xattrs on the store's filesystem): this kernel has not")
+
+
+def mount_kernel(root: str, layer_ids: list[int], mountpoint: str, upper: str | None, work: str | None,
+                 read_only: bool = False) -> None:
+    """Mounts the store image with layers `layer_ids` (bottom to top) by kernel overlayfs, building the layers'
+    metadata trees first where they are missing (`kerneltree`). No daemon: `lamina umount` is a plain umount."""
+    from store.reader import StoreReader  # noqa: PLC0415
+    from store.root import Store  # noqa: PLC0415
+
+    from .kernelmount import mount_overlay  # noqa: PLC0415
+    from .kerneltree import ensure_trees  # noqa: PLC0415
+
+    store = Store(root)
+    try:
+        diff_ids = [store.db.execute("SELECT diff_id FROM layers WHERE id=?", (lid,)).fetchone()[0]
+                    for lid in layer_ids]
+        trees = ensure_trees(store, StoreReader(store), layer_ids, diff_ids)
+    finally:
+        store.close()
+    lowers = list(reversed(trees))
+    if read_only and upper is not None:
+        lowers.insert(0, upper)
+        upper = work = None
+    mount_overlay(lowers, str(store.objects_dir), mountpoint, None if read_only else upper,
+                  None if read_only else work, read_only=read_only or upper is None)
