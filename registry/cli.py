@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 
 import click
-import httpx
 
 from store.cli import fail, store_command
 from store.errors import StoreError
@@ -28,12 +27,21 @@ def _client(ref_registry: str, api_host: str, tls_verify: bool, insecure: bool, 
     return Client(ref_registry, api_host, tls_verify=tls_verify and not insecure, cert_dir=cert_dir, **kw)
 
 
+def _is_http_error(e: BaseException) -> bool:
+    # httpx is imported by the client only when a registry is reached: every other `lamina` command would pay its
+    # ~35 ms of imports when this module is loaded to list the commands. No httpx loaded, no httpx error.
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(e, httpx.HTTPError)
+
+
 def _http_errors(fn):
     """httpx errors the client did not turn into RegistryError (none expected) still end in one line."""
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except httpx.HTTPError as e:
+        except Exception as e:
+            if not _is_http_error(e):
+                raise
             raise StoreError(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -128,7 +136,9 @@ def login_cmd(server: str | None, username: str | None, password_stdin: bool, in
         credentials.store(registry, username, password)
     except StoreError as e:
         fail(str(e))
-    except httpx.HTTPError as e:
+    except Exception as e:
+        if not _is_http_error(e):
+            raise
         fail(f"{registry}: {e.__class__.__name__}")
     click.echo("Login Succeeded")
 
