@@ -1,0 +1,254 @@
+"""`lamina build`: Dockerfiles over the busybox test image, built by lamina's own runtime and union filesystem."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from runtime.build.dockerfile import DockerfileError, expand, parse, words
+from runtime.build.sources import read_dockerignore
+from runtime import state
+
+MULTI = """\
+# a comment
+ARG BASE=busybox:test
+FROM $BASE AS base
+ARG GREETING=hi
+ENV APP=/app \\
+    MODE="two words"
+WORKDIR $APP
+COPY a.txt sub ./
+RUN echo "$GREETING from RUN" && mkdir -p /data && echo x > /data/f && ln /data/f /data/g && mv /data /data2
+FROM base AS final
+COPY --from=base --chown=5:6 --chmod=0640 /data2/f /copied/
+LABEL org.example.k=v
+EXPOSE 8080
+USER 5
+CMD ["cat", "/app/a.txt"]
+"""
+
+
+def _ctx(tmp_path: Path, dockerfile: str, files: dict[str, str] | None = None) -> Path:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(dockerfile)
+    for name, text in (files or {}).items():
+        p = ctx / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return ctx
+
+
+def _inspect(lamina, ref: str) -> dict:
+    r = lamina("inspect", ref)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    return out[0] if isinstance(out, list) else out
+
+
+def _config(lamina, ref: str) -> dict:
+    db = sqlite3.connect(lamina.root / "index.db")
+    try:
+        (image_id,) = db.execute("SELECT image_id FROM tags WHERE name=?", (ref,)).fetchone()
+        (cfg,) = db.execute("SELECT config FROM images WHERE id=?", (image_id,)).fetchone()
+    finally:
+        db.close()
+    return json.loads(cfg)
+
+
+def _count(lamina, table: str) -> int:
+    db = sqlite3.connect(lamina.root / "index.db")
+    try:
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_multi_stage_build_layers_history_config_files_and_cache(lamina, image, tmp_path):
+    ctx = _ctx(tmp_path, MULTI, {"a.txt": "hello\n", "sub/s": "s\n"})
+    r = lamina("build", "-t", "built:multi", str(ctx))
+    assert r.returncode == 0, r.stderr
+    assert "STEP 1/12: FROM busybox:test AS base" in r.stdout
+    assert "hi from RUN" in r.stdout  # the RUN's own output, streamed
+    image_id = r.stdout.split()[-1]
+    cfg = _config(lamina, "built:multi:latest" if ":" not in "built:multi" else "built:multi")
+    base = _config(lamina, "busybox:test")
+    # FROM base: busybox's one layer, COPY, RUN, then the final stage's COPY --from: three layers of its own
+    assert len(cfg["rootfs"]["diff_ids"]) == len(base["rootfs"]["diff_ids"]) + 3
+    c = cfg["config"]
+    assert c["Cmd"] == ["cat", "/app/a.txt"]
+    assert c["WorkingDir"] == "/app" and c["User"] == "5"
+    assert "APP=/app" in c["Env"] and "MODE=two words" in c["Env"]
+    assert not any(e.startswith("GREETING=") for e in c["Env"])  # an ARG is no ENV
+    assert c["Labels"] == {"org.example.k": "v"} and c["ExposedPorts"] == {"8080/tcp": {}}
+    hist = cfg["history"][len(base["history"]):]
+    by = [h["created_by"] for h in hist]
+    assert by[0] == "/bin/sh -c #(nop)  ARG GREETING=hi" and hist[0]["empty_layer"] is True
+    assert by[1] == "/bin/sh -c #(nop)  ENV APP=/app MODE=two words"
+    assert by[4].startswith("|1 GREETING=hi /bin/sh -c echo") and "empty_layer" not in hist[4]
+    assert sum(1 for h in hist if not h.get("empty_layer")) == 3
+    # the built image runs, with its files
+    out = lamina("run", "--rm", "-u", "0", "built:multi", "sh", "-c",
+                 "cat /app/a.txt /app/s; stat -c '%a %u:%g %s' /copied/f; ls /data2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["hello", "s", "640 5:6 2", "f", "g"]
+    assert lamina("run", "--rm", "built:multi").stdout == "hello\n"  # CMD, as USER 5
+    # an unchanged rebuild does no work and adds nothing
+    layers, images = _count(lamina, "layers"), _count(lamina, "images")
+    r2 = lamina("build", "-t", "built:multi", str(ctx))
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout.split()[-1] == image_id
+    assert r2.stdout.count("--> Using cache") == 10  # every step but the two FROMs
+    assert "hi from RUN" not in r2.stdout
+    assert (_count(lamina, "layers"), _count(lamina, "images")) == (layers, images)
+    # one copied file changed: the steps before its COPY come from cache, that COPY and all after it do not
+    (ctx / "sub" / "s").write_text("changed\n")
+    os.utime(ctx / "a.txt", (1, 1))  # an mtime alone is no change
+    r3 = lamina("build", "-q", "-t", "built:multi", str(ctx))
+    assert r3.returncode == 0, r3.stderr
+    assert r3.stdout.strip() != image_id and len(r3.stdout.split()) == 1  # -q: only the id
+    out = lamina("run", "--rm", "built:multi", "cat", "/app/s")
+    assert out.stdout == "changed\n"
+    r4 = lamina("build", "-t", "built:multi", str(ctx))
+    assert r4.stdout.split()[-1] == r3.stdout.strip()
+    steps = r4.stdout.split("STEP ")
+    assert all("Using cache" in s for s in steps[2:5])  # ARG, ENV, WORKDIR
+
+
+def test_copy_rebuilds_from_the_changed_step(lamina, image, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nCOPY one /one\nCOPY two /two\nRUN cat /one /two > /both\n",
+               {"one": "1\n", "two": "2\n"})
+    assert lamina("build", "-t", "built:steps", str(ctx)).returncode == 0
+    (ctx / "two").write_text("22\n")
+    r = lamina("build", "-t", "built:steps", str(ctx))
+    assert r.returncode == 0, r.stderr
+    parts = r.stdout.split("STEP ")
+    assert "Using cache" in parts[2]  # COPY one
+    assert "Using cache" not in parts[3] and "Using cache" not in parts[4]  # COPY two, RUN
+    assert lamina("run", "--rm", "built:steps", "cat", "/both").stdout == "1\n22\n"
+    r = lamina("build", "--no-cache", "-t", "built:steps", str(ctx))
+    assert r.returncode == 0 and "Using cache" not in r.stdout
+
+
+def test_run_renaming_a_directory_and_making_hardlinks_gives_the_containers_view(lamina, image, tmp_path):
+    script = ("mkdir -p /t/a/b && echo 1 > /t/a/b/f && ln /t/a/b/f /t/a/h && mv /t/a /t/moved && "
+              "rm -rf /etc/init.d; chmod 0700 /t/moved/b")
+    ctx = _ctx(tmp_path, f"FROM busybox:test\nRUN mkdir -p /t/a/x && echo old > /t/a/x/o\nRUN {script}\n")
+    r = lamina("build", "-t", "built:rename", str(ctx))
+    assert r.returncode == 0, r.stderr
+    show = ("find /t | sort; stat -c '%h %a' /t/moved/b/f /t/moved/h /t/moved/b; "
+            "[ $(stat -c %i /t/moved/b/f) = $(stat -c %i /t/moved/h) ] && echo same; ls /etc/init.d 2>&1 | wc -l")
+    want = lamina("run", "--rm", "busybox:test", "sh", "-c",
+                  "mkdir -p /t/a/x && echo old > /t/a/x/o && " + script + "; " + show)
+    got = lamina("run", "--rm", "built:rename", "sh", "-c", show)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout
+    assert "same" in got.stdout and "/t/moved/x/o" in got.stdout and "/t/a\n" not in got.stdout
+
+
+def test_add_unpacks_a_local_tar_and_refuses_urls(lamina, image, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nADD arch.tar.gz /opt/\n")
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("in tar\n")
+    with tarfile.open(ctx / "arch.tar.gz", "w:gz") as tf:
+        tf.add(src / "d", "d")
+    r = lamina("build", "-t", "built:add", str(ctx))
+    assert r.returncode == 0, r.stderr
+    assert lamina("run", "--rm", "built:add", "cat", "/opt/d/f").stdout == "in tar\n"
+    (ctx / "Dockerfile").write_text("FROM busybox:test\nADD https://example.com/x /x\n")
+    r = lamina("build", str(ctx))
+    assert r.returncode == 1 and "offline" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dockerignore_with_exceptions(lamina, image, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nCOPY . /c/\n",
+               {"keep.txt": "k", "a.log": "x", "important.log": "i", "deep/x/b.log": "b", "deep/y.txt": "y",
+                ".dockerignore": "# logs\n**/*.log\n!important.log\nDockerfile\n"})
+    r = lamina("build", "-t", "built:ignore", str(ctx))
+    assert r.returncode == 0, r.stderr
+    out = lamina("run", "--rm", "built:ignore", "sh", "-c", "cd /c && find . -type f | sort")
+    assert out.stdout.split() == ["./.dockerignore", "./deep/y.txt", "./important.log", "./keep.txt"]
+    ignored = read_dockerignore(str(ctx))
+    assert ignored("deep/x/b.log") and not ignored("important.log") and ignored("Dockerfile")
+
+
+def test_bad_dockerfiles_fail_before_anything_runs(lamina, image, tmp_path):
+    images = _count(lamina, "images")
+    ctx = _ctx(tmp_path, "FROM busybox:test\nRUN echo ran > /x\nFROB x\n")
+    r = lamina("build", "-t", "built:bad", str(ctx))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"lamina: {ctx}/Dockerfile:3: unknown instruction: FROB"
+    assert "STEP" not in r.stdout and _count(lamina, "images") == images
+    (ctx / "Dockerfile").write_text("FROM busybox:test\nCOPY --bogus=1 a /a\n")
+    r = lamina("build", str(ctx))
+    assert r.returncode == 1 and "Dockerfile:2: unknown flag '--bogus'" in r.stderr
+    (ctx / "Dockerfile").write_text("RUN true\n")
+    r = lamina("build", str(ctx))
+    assert r.returncode == 1 and "Dockerfile:1: RUN before the first FROM" in r.stderr
+
+
+def test_failing_run_names_the_step_tags_nothing_and_leaves_no_container(lamina, image, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nENV A=1\nRUN echo partial > /p && exit 7\nRUN true\n")
+    r = lamina("build", "-t", "built:fails", str(ctx))
+    assert r.returncode == 7, r.stderr
+    assert "step 3/4: RUN /bin/sh -c echo partial > /p && exit 7: returned a non-zero code: 7" in r.stderr
+    assert lamina("inspect", "built:fails").returncode != 0
+    assert state.list_containers(lamina.root) == []
+    with open("/proc/self/mountinfo") as f:
+        assert str(lamina.root) + "/containers" not in f.read()
+
+
+@pytest.mark.parametrize("src", ["../outside", "/etc/passwd", "link/passwd", "up"])
+def test_copy_from_outside_the_context_is_refused(lamina, image, tmp_path, src):
+    ctx = _ctx(tmp_path, f"FROM busybox:test\nCOPY {src} /x\n")
+    (tmp_path / "outside").write_text("secret")
+    os.symlink("/etc", ctx / "link")
+    os.symlink("../outside", ctx / "up")
+    r = lamina("build", str(ctx))
+    assert r.returncode == 1, r.stdout
+    assert "outside the build context" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gc_and_builder_prune_reclaim_the_cache(lamina, image, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox:test\nRUN echo gc > /gc\nENV X=1\n")
+    r = lamina("build", str(ctx))  # untagged: only the cache keeps it
+    assert r.returncode == 0, r.stderr
+    assert _count(lamina, "build_cache") >= 2
+    assert lamina("gc").returncode == 0
+    db = sqlite3.connect(lamina.root / "index.db")
+    try:
+        assert db.execute("SELECT count(*) FROM build_cache WHERE image_id NOT IN (SELECT id FROM images)"
+                          ).fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM images WHERE id=?", (r.stdout.split()[-1],)).fetchone()[0] == 0
+    finally:
+        db.close()
+    assert lamina("build", "-t", "built:prune", str(ctx)).returncode == 0
+    p = lamina("builder", "prune")
+    assert p.returncode == 0, p.stderr
+    assert _count(lamina, "build_cache") == 0
+    assert lamina("run", "--rm", "built:prune", "cat", "/gc").stdout == "gc\n"  # tagged images stay
+    r = lamina("build", "-t", "built:prune", str(ctx))
+    assert "Using cache" not in r.stdout
+
+
+def test_substitution_follows_dockers_rules():
+    env = {"A": "x", "E": ""}
+    assert expand("$A ${A} ${B:-d} ${E:-d} ${E-d} ${A:+y} ${B:+y} \\$A", env) == "x x d d  y  $A"
+    assert words("K='$A b' L=\"$A b\" M=c\\ d", env) == ["K=$A b", "L=x b", "M=c d"]
+    with pytest.raises(DockerfileError, match="bad substitution"):
+        expand("${-x}", env)
+
+
+def test_parser_keeps_escape_directive_continuations_and_lines(tmp_path):
+    p = tmp_path / "Dockerfile"
+    p.write_text("# escape=`\nFROM scratch AS s\n# c\nRUN echo a `\n  b\nCOPY [\"a b\", \"/x/\"]\n")
+    df = parse(str(p))
+    assert df.escape == "`" and df.stages[0].name == "s"
+    run, copy = df.stages[0].instructions
+    assert run.line == 4 and "echo a" in run.args and "b" in run.args
+    assert copy.json == ["a b", "/x/"]
