@@ -70,6 +70,10 @@ class StageState:
     cmd_set: bool = False
 
 
+def _interrupted(sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {sig}")
+
+
 def _key(parent: str, *parts: str) -> str:
     h = hashlib.sha256(parent.encode())
     for p in parts:
@@ -139,6 +143,10 @@ class Builder:
     # -- the build ---------------------------------------------------------------------------------------------
 
     def build(self) -> str:
+        self._release_stale_holds()
+        # SIGTERM and SIGHUP end the build as Ctrl-C does: through the finally blocks that remove the step's
+        # container and mount and release the holds; no tag is written before the last step succeeded.
+        saved = {s: signal.signal(s, _interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             for stage in self.stages:
                 self.done.append(self._stage(stage))
@@ -154,12 +162,22 @@ class Builder:
                 print(f"[Warning] one or more build args were not consumed: {' '.join(unused)}", file=sys.stderr)
             return final.image_id
         finally:
+            for sig, h in saved.items():
+                signal.signal(sig, h)
             for h in self.holders:
                 try:
                     release(self.store, h)
                 except Exception:  # noqa: BLE001 - a hold left behind is cleared by the next build of this pid
                     pass
             self.store.close()
+
+    def _release_stale_holds(self) -> None:
+        """Holds of builds that were killed outright (SIGKILL): their process is gone, so gc may reclaim."""
+        from runtime.state import proc_start_time  # noqa: PLC0415
+        for (holder,) in self.store.db.execute("SELECT holder FROM holds WHERE holder LIKE 'build:%'").fetchall():
+            pid = holder.split(":")[1]
+            if pid.isdigit() and proc_start_time(int(pid)) is None:
+                release(self.store, holder)
 
     def _hold(self, st: StageState) -> None:
         if st.image_id is None:

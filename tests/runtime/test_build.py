@@ -252,3 +252,33 @@ def test_parser_keeps_escape_directive_continuations_and_lines(tmp_path):
     run, copy = df.stages[0].instructions
     assert run.line == 4 and "echo a" in run.args and "b" in run.args
     assert copy.json == ["a b", "/x/"]
+
+
+@pytest.mark.parametrize("when", ["RUN", "between"])
+def test_a_killed_build_leaves_no_tag_container_mount_or_hold(lamina, image, tmp_path, when):
+    import signal
+    import time
+
+    ctx = _ctx(tmp_path, "FROM busybox:test\nRUN echo started; sleep 30\nRUN true\n" if when == "RUN" else
+               "FROM busybox:test\nCOPY big /big\nRUN true\n", {"big": "x" * (1 << 20)})
+    p = lamina.popen("build", "-t", "built:killed", str(ctx))
+    try:
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "started" not in seen if when == "RUN" else "STEP 2/3" not in seen:
+            assert time.monotonic() < deadline, seen
+            line = p.stdout.readline()
+            assert line, p.stderr.read()
+            seen += line
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert lamina("inspect", "built:killed").returncode != 0
+    assert state.list_containers(lamina.root) == []
+    with open("/proc/self/mountinfo") as f:
+        assert str(lamina.root) + "/containers" not in f.read()
+    assert _count(lamina, "holds WHERE holder LIKE 'build:%'") == 0
