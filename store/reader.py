@@ -89,6 +89,13 @@ class StoreReader:
             c.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         return c
 
+    def close(self) -> None:
+        """Closes this thread's connection (before a fork: no SQLite connection may cross one)."""
+        c = getattr(self._local, "c", None)
+        if c is not None:
+            c.close()
+            self._local.c = None
+
     def lookup(self, layer_id: int, path: str) -> Entry | None:
         parent, name = split(path)
         r = self._db().execute(f"SELECT {_COLS} FROM entries WHERE layer_id=? AND parent=? AND name=?",

@@ -222,11 +222,29 @@ class Builder:
                 st.key = _key("", "FROM", st.image_id)
                 st.config = dict(json.loads(load_image(self.store, st.image_id).config_bytes).get("config") or {})
         self._hold(st)
+        self._onbuild(st, stage)
         for ins in stage.instructions:
             self.step += 1
             self._instruction(st, ins)
             self._hold(st)
         return st
+
+    def _onbuild(self, st: StageState, stage: Stage) -> None:
+        """The base image's ONBUILD triggers, run right after FROM as docker does; the image they make no longer
+        carries them."""
+        triggers = st.config.get("OnBuild") or []
+        if not triggers:
+            return
+        st.config["OnBuild"] = None
+        for text in triggers:
+            try:
+                ins = parse(self.path, "FROM scratch\n" + text + "\n").stages[0].instructions[0]
+            except DockerfileError as e:
+                raise BuildError(f"{self.path}:{stage.line}: ONBUILD trigger of the base image {text!r}: "
+                                 f"{str(e).split(': ', 1)[-1]}") from None
+            ins.line, ins.original = stage.line, f"{ins.original} (ONBUILD trigger)"
+            self._instruction(st, ins)
+            self._hold(st)
 
     def _find_image(self, ref: str, line: int) -> str:
         try:

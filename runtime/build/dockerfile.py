@@ -23,9 +23,11 @@ class DockerfileError(Exception):
 # Instructions and the flags each accepts (name -> takes a value).
 INSTRUCTIONS: dict[str, dict[str, bool]] = {
     "FROM": {"platform": True},
-    "RUN": {"network": True, "mount": True, "security": True},
-    "COPY": {"chown": True, "chmod": True, "from": True, "link": False, "parents": False, "exclude": True},
-    "ADD": {"chown": True, "chmod": True, "link": False, "checksum": True, "keep-git-dir": True, "exclude": True},
+    # BuildKit's RUN --mount/--network/--security, COPY --parents/--exclude, ADD --checksum are not done: refused
+    # as unknown rather than ignored. --link changes only how BuildKit stores the layer: accepted.
+    "RUN": {},
+    "COPY": {"chown": True, "chmod": True, "from": True, "link": False},
+    "ADD": {"chown": True, "chmod": True, "link": False},
     "ENV": {}, "ARG": {}, "WORKDIR": {}, "USER": {}, "CMD": {}, "ENTRYPOINT": {}, "LABEL": {}, "EXPOSE": {},
     "VOLUME": {}, "STOPSIGNAL": {}, "HEALTHCHECK": {"interval": True, "timeout": True, "start-period": True,
                                                     "start-interval": True, "retries": True},
@@ -144,12 +146,30 @@ def parse(path: str, text: str | None = None) -> Dockerfile:
                 raise DockerfileError(f"{where}: {name} before the first FROM (only ARG may come before it)")
             global_args.append(ins)
             continue
-        if name == "ONBUILD" and args.split()[0].upper() in ("ONBUILD", "FROM", "MAINTAINER"):
-            raise DockerfileError(f"{where}: ONBUILD {args.split()[0].upper()} is not allowed")
+        _check(ins, path)
         stages[-1].instructions.append(ins)
     if not stages:
         raise DockerfileError(f"{path}: no FROM instruction: nothing to build")
     return Dockerfile(path, global_args, stages, escape)
+
+
+def _check(ins: Instruction, path: str) -> None:
+    """What can be told wrong before any variable is known."""
+    where = ins.where(path)
+    if ins.name == "SHELL" and ins.json is None:
+        raise DockerfileError(f"{where}: SHELL requires the JSON form, e.g. SHELL [\"/bin/sh\", \"-c\"]")
+    if ins.name == "HEALTHCHECK" and ins.args.split()[0].upper() not in ("NONE", "CMD"):
+        raise DockerfileError(f"{where}: HEALTHCHECK takes NONE or CMD ...")
+    if ins.name in ("COPY", "ADD") and len(ins.json if ins.json is not None else ins.args.split()) < 2:
+        raise DockerfileError(f"{where}: {ins.name} requires at least two arguments: SRC... DEST")
+    if ins.name == "ONBUILD":
+        inner = ins.args.split()[0].upper()
+        if inner in ("ONBUILD", "FROM", "MAINTAINER"):
+            raise DockerfileError(f"{where}: ONBUILD {inner} is not allowed")
+        try:
+            parse(path, "FROM scratch\n" + ins.args + "\n")
+        except DockerfileError as e:
+            raise DockerfileError(f"{where}: ONBUILD {str(e).split(': ', 1)[-1]}") from None
 
 
 # -- substitution ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class Stat:
     size: int
     mtime_ns: int
     rdev: int = 0
+    link: object = None  # a file with several names: the same key on each (kept as hardlinks when copied)
 
 
 class Tree:
@@ -62,7 +63,8 @@ class DirTree(Tree):
             st = os.lstat(self._real(rel))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return Stat(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev)
+        link = (st.st_dev, st.st_ino) if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else None
+        return Stat(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev, link)
 
     def listdir(self, rel: str) -> list[str]:
         return sorted(n for n in os.listdir(self._real(rel)) if not self.ignored(posixpath.join(rel, n)))
@@ -83,7 +85,7 @@ class ImageTree(Tree):
         from unionfs.storelayer import StoreLayer  # noqa: PLC0415
 
         self.store = open_store(root)
-        reader = self.store.reader()
+        reader = self.reader = self.store.reader()
         self.ov = Overlay([StoreLayer(reader, lid) for lid in reversed(layer_ids)]) if layer_ids else None
 
     def _node(self, rel: str):
@@ -101,7 +103,8 @@ class ImageTree(Tree):
         if n is None:
             return None
         r = n.rec
-        return Stat(r.mode, r.uid, r.gid, r.size, r.mtime_ns, r.rdev)
+        return Stat(r.mode, r.uid, r.gid, r.size, r.mtime_ns, r.rdev,
+                    r.ino if r.nlink > 1 and not stat.S_ISDIR(r.mode) else None)
 
     def listdir(self, rel: str) -> list[str]:
         if self.ov is None:
@@ -116,6 +119,7 @@ class ImageTree(Tree):
         return self.ov.layers[n.layer].open_read(n.lpath)
 
     def close(self) -> None:
+        self.reader.close()
         self.store.close()
 
 
@@ -306,7 +310,7 @@ def plan(tree: Tree, sources: list[str], dest: str, dest_is_dir: bool, owner: tu
         uid, gid = owner or (0, 0)
         items.append(Item(dest_path, Stat(mode, uid, gid, st.size if stat.S_ISREG(st.mode) else 0, st.mtime_ns,
                                           st.rdev), tree, r,
-                          tree.readlink(r) if stat.S_ISLNK(st.mode) else None))
+                          tree.readlink(r) if stat.S_ISLNK(st.mode) else None, st.link))
 
     for src in sources:
         st = tree.lstat(src)
@@ -330,10 +334,12 @@ def plan(tree: Tree, sources: list[str], dest: str, dest_is_dir: bool, owner: tu
 def checksum(items: list[Item]) -> str:
     """The cache's view of a copy: names, types, modes, owners, sizes, contents and link targets, not mtimes."""
     h = hashlib.sha256()
+    first: dict[object, str] = {}  # hardlink groups by their first name, not by inode numbers
     for it in sorted(items, key=lambda i: i.dest):
         s = it.st
-        h.update(f"{it.dest}\0{s.mode:o}\0{s.uid}:{s.gid}\0{s.size}\0{s.rdev}\0{it.target}\0{it.link}\0".encode())
-        if stat.S_ISREG(s.mode) and it.link is None:
+        group = None if it.link is None else first.setdefault(it.link, it.dest)
+        h.update(f"{it.dest}\0{s.mode:o}\0{s.uid}:{s.gid}\0{s.size}\0{s.rdev}\0{it.target}\0{group}\0".encode())
+        if stat.S_ISREG(s.mode) and group in (None, it.dest):
             fd = it.data() if it.data else it.tree.open(it.rel)
             with os.fdopen(fd, "rb") as f:
                 while chunk := f.read(1 << 20):
