@@ -40,6 +40,7 @@ from .sources import (DirTree, ImageTree, SourceError, Tree, archive_items, chec
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 NOP = "/bin/sh -c #(nop) "
+BUILD_CONTAINER = "lamina-build-"  # + builder pid + step: a dead builder's containers are removed by the next build
 
 
 class BuildError(Exception):
@@ -172,8 +173,18 @@ class Builder:
             self.store.close()
 
     def _release_stale_holds(self) -> None:
-        """Holds of builds that were killed outright (SIGKILL): their process is gone, so gc may reclaim."""
+        """What builds killed outright (SIGKILL) left: their step containers (processes, mount, cgroup, upper) and
+        their holds, so gc may reclaim."""
+        from runtime import lifecycle, state  # noqa: PLC0415
         from runtime.state import proc_start_time  # noqa: PLC0415
+
+        for c in state.list_containers(self.root):
+            pid = (c.name or "")[len(BUILD_CONTAINER):].split("-")[0]
+            if (c.name or "").startswith(BUILD_CONTAINER) and pid.isdigit() and proc_start_time(int(pid)) is None:
+                try:
+                    lifecycle.remove(self.root, c, force=True)
+                except Exception as e:  # noqa: BLE001 - reported; the build goes on
+                    print(f"lamina: removing {c.name} of a dead build: {e}", file=sys.stderr)
         for (holder,) in self.store.db.execute("SELECT holder FROM holds WHERE holder LIKE 'build:%'").fetchall():
             pid = holder.split(":")[1]
             if pid.isdigit() and proc_start_time(int(pid)) is None:
@@ -399,6 +410,7 @@ class Builder:
         if st.image_id is None:
             raise BuildError(f"step {self.step}: RUN in an empty (scratch) image: there is no shell to run it")
         spec = RunSpec(image=st.image_id, cmd=argv, env=[f"{k}={v}" for k, v in args.items()],
+                       name=f"{BUILD_CONTAINER}{os.getpid()}-{self.step}",
                        workdir=st.config.get("WorkingDir") or None, user=st.config.get("User") or None,
                        network=self.opts.network)
         saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,

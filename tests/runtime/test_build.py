@@ -278,8 +278,8 @@ def test_a_killed_build_leaves_no_tag_container_mount_or_hold(lamina, image, tmp
     p = lamina.popen("build", "-t", "built:killed", str(ctx))
     try:
         deadline = time.monotonic() + 60
-        seen = ""
-        while "started" not in seen if when == "RUN" else "STEP 2/3" not in seen:
+        seen = "\n"
+        while "\nstarted\n" not in seen if when == "RUN" else "STEP 2/3" not in seen:
             assert time.monotonic() < deadline, seen
             line = p.stdout.readline()
             assert line, p.stderr.read()
@@ -421,3 +421,31 @@ def test_a_schema_3_store_gets_the_build_cache(tmp_path):
         assert st.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     finally:
         st.close()
+
+
+def test_the_next_build_removes_what_a_build_killed_outright_left(lamina, image, tmp_path):
+    import signal
+    import time
+
+    ctx = _ctx(tmp_path, "FROM busybox:test\nRUN echo started; sleep 60\n")
+    p = lamina.popen("build", "-t", "built:sigkill", str(ctx))
+    try:
+        deadline = time.monotonic() + 60
+        while p.stdout.readline() != "started\n":  # the RUN's output, not its STEP line
+            assert time.monotonic() < deadline
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    left = state.list_containers(lamina.root)
+    assert [c.name.startswith("lamina-build-") for c in left] == [True]
+    (ctx / "Dockerfile").write_text("FROM busybox:test\nENV after=kill\n")
+    r = lamina("build", str(ctx))
+    assert r.returncode == 0, r.stderr
+    assert state.list_containers(lamina.root) == []
+    with open("/proc/self/mountinfo") as f:
+        assert str(lamina.root) + "/containers" not in f.read()
+    assert _count(lamina, "holds WHERE holder LIKE 'build:%'") == 0
+    assert lamina("inspect", "built:sigkill").returncode != 0
