@@ -489,7 +489,9 @@ class Builder:
                 found = resolve_sources(src_tree, srcs, name, confined)
                 wd = st.config.get("WorkingDir") or "/"
                 dest_abs = posixpath.join(wd, dest)
-                want_dir = dest.endswith("/") or len(srcs) > 1 or len(found) > 1
+                # "." and ".." name directories as a trailing "/" does (BuildKit's rule)
+                want_dir = (dest.endswith(("/", "/.", "/..")) or dest in (".", "..") or len(srcs) > 1
+                            or len(found) > 1)
                 resolved = "/" + follow(image_tree, dest_abs.lstrip("/"), name, dest, confined=False)
                 dstat = image_tree.lstat(resolved.lstrip("/"))
                 is_dir = want_dir or (dstat is not None and (dstat.mode & 0o170000) == 0o040000)

@@ -42,6 +42,8 @@ def build_cmd(ctx: click.Context, tags: tuple[str, ...], dockerfile: str | None,
         image_id = build(_root(ctx), opts)
     except (BuildError, DockerfileError, StoreError, ValueError) as e:
         _fail(str(e), getattr(e, "code", 1))
+    except OSError as e:  # e.g. a context file that cannot be read
+        _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
     except KeyboardInterrupt:
         _fail("build interrupted: nothing was tagged", 130)
     if quiet:

@@ -56,9 +56,7 @@ class DirTree(Tree):
     def _real(self, rel: str) -> str:
         return os.path.join(self.root, rel) if rel else self.root
 
-    def lstat(self, rel: str) -> Stat | None:
-        if rel and self.ignored(rel):
-            return None
+    def _lstat(self, rel: str) -> Stat | None:
         try:
             st = os.lstat(self._real(rel))
         except (FileNotFoundError, NotADirectoryError):
@@ -66,8 +64,25 @@ class DirTree(Tree):
         link = (st.st_dev, st.st_ino) if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else None
         return Stat(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev, link)
 
+    def lstat_kept(self, rel: str) -> bool:
+        """An excluded directory stays when a `!` exception keeps something below it (Docker walks into it)."""
+        if not self.ignored(rel):
+            return True
+        if not getattr(self.ignored, "exceptions", False) or not os.path.isdir(self._real(rel)):
+            return False
+        for d, dirs, files in os.walk(self._real(rel)):
+            for n in dirs + files:
+                if not self.ignored(os.path.relpath(os.path.join(d, n), self.root)):
+                    return True
+        return False
+
+    def lstat(self, rel: str) -> Stat | None:
+        if rel and not self.lstat_kept(rel):
+            return None
+        return self._lstat(rel)
+
     def listdir(self, rel: str) -> list[str]:
-        return sorted(n for n in os.listdir(self._real(rel)) if not self.ignored(posixpath.join(rel, n)))
+        return sorted(n for n in os.listdir(self._real(rel)) if self.lstat_kept(posixpath.join(rel, n)))
 
     def readlink(self, rel: str) -> str:
         return os.readlink(self._real(rel))
@@ -188,6 +203,7 @@ def read_dockerignore(context: str) -> Callable[[str], bool]:
             if any(rx.match(p) for p in prefixes):
                 out = not neg
         return out
+    ignored.exceptions = any(neg for neg, _ in rules)  # type: ignore[attr-defined]
     return ignored
 
 

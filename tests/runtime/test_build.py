@@ -120,7 +120,8 @@ def test_multi_stage_build_layers_history_config_files_and_cache(lamina, image, 
 
 
 def test_copy_rebuilds_from_the_changed_step(lamina, image, tmp_path):
-    ctx = _ctx(tmp_path, "FROM busybox:test\nCOPY one /one\nCOPY two /two\nRUN cat /one /two > /both\n",
+    ctx = _ctx(tmp_path, "FROM busybox:test\nCOPY one /one\nCOPY two /two\nRUN cat /one /two > /both\n"
+               "WORKDIR /new\nCOPY one .\n",
                {"one": "1\n", "two": "2\n"})
     assert lamina("build", "-t", "built:steps", str(ctx)).returncode == 0
     (ctx / "two").write_text("22\n")
@@ -130,6 +131,7 @@ def test_copy_rebuilds_from_the_changed_step(lamina, image, tmp_path):
     assert "Using cache" in parts[2]  # COPY one
     assert "Using cache" not in parts[3] and "Using cache" not in parts[4]  # COPY two, RUN
     assert lamina("run", "--rm", "built:steps", "cat", "/both").stdout == "1\n22\n"
+    assert lamina("run", "--rm", "built:steps", "cat", "/new/one").stdout == "1\n"  # "." names a directory
     r = lamina("build", "--no-cache", "-t", "built:steps", str(ctx))
     assert r.returncode == 0 and "Using cache" not in r.stdout
 
@@ -176,11 +178,13 @@ def test_add_unpacks_a_local_tar_and_refuses_urls(lamina, image, tmp_path):
 def test_dockerignore_with_exceptions(lamina, image, tmp_path):
     ctx = _ctx(tmp_path, "FROM busybox:test\nCOPY . /c/\n",
                {"keep.txt": "k", "a.log": "x", "important.log": "i", "deep/x/b.log": "b", "deep/y.txt": "y",
-                ".dockerignore": "# logs\n**/*.log\n!important.log\nDockerfile\n"})
+                "skip/x": "x", "skip/keep/k": "k",
+                ".dockerignore": "# logs\n**/*.log\n!important.log\nDockerfile\nskip\n!skip/keep\n"})
     r = lamina("build", "-t", "built:ignore", str(ctx))
     assert r.returncode == 0, r.stderr
     out = lamina("run", "--rm", "built:ignore", "sh", "-c", "cd /c && find . -type f | sort")
-    assert out.stdout.split() == ["./.dockerignore", "./deep/y.txt", "./important.log", "./keep.txt"]
+    assert out.stdout.split() == ["./.dockerignore", "./deep/y.txt", "./important.log", "./keep.txt",
+                                  "./skip/keep/k"]
     ignored = read_dockerignore(str(ctx))
     assert ignored("deep/x/b.log") and not ignored("important.log") and ignored("Dockerfile")
 
