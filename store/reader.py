@@ -167,6 +167,7 @@ class OpenStore:
 
     def __init__(self, root: str | None) -> None:
         self.store = Store(root)
+        self._readers: list[StoreReader] = []
 
     @property
     def root(self) -> str:
@@ -176,9 +177,15 @@ class OpenStore:
         return load_image(self.store, resolve(self.store, ref))
 
     def reader(self) -> StoreReader:
-        return StoreReader(self.store)
+        r = StoreReader(self.store)
+        self._readers.append(r)
+        return r
 
     def close(self) -> None:
+        """Closes this thread's connections, its readers' too: a reader's connection left to the garbage collector
+        may still be open when the process forks (a build's next RUN step), and none may cross a fork."""
+        for r in self._readers:
+            r.close()
         self.store.close()
 
     def __enter__(self) -> "OpenStore":

@@ -100,7 +100,7 @@ class ImageTree(Tree):
         from unionfs.storelayer import StoreLayer  # noqa: PLC0415
 
         self.store = open_store(root)
-        reader = self.reader = self.store.reader()
+        reader = self.store.reader()
         self.ov = Overlay([StoreLayer(reader, lid) for lid in reversed(layer_ids)]) if layer_ids else None
 
     def _node(self, rel: str):
@@ -134,7 +134,6 @@ class ImageTree(Tree):
         return self.ov.layers[n.layer].open_read(n.lpath)
 
     def close(self) -> None:
-        self.reader.close()
         self.store.close()
 
 

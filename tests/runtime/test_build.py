@@ -453,3 +453,26 @@ def test_the_next_build_removes_what_a_build_killed_outright_left(lamina, image,
         assert str(lamina.root) + "/containers" not in f.read()
     assert _count(lamina, "holds WHERE holder LIKE 'build:%'") == 0
     assert lamina("inspect", "built:sigkill").returncode != 0
+
+
+def test_many_run_steps_in_a_row(lamina, image, tmp_path):
+    """Each RUN forks the union's daemon; no index connection of the step before may be open then (it was: a
+    reader's connection, left to the garbage collector, made the next mount fail with "disk I/O error")."""
+    ctx = _ctx(tmp_path, "FROM busybox:test\n" + "".join(f"RUN echo {i} > /f{i}\n" for i in range(6)))
+    r = lamina("build", "--no-cache", "-t", "built:runs", str(ctx))
+    assert r.returncode == 0, r.stderr
+    assert lamina("run", "--rm", "built:runs", "cat", "/f0", "/f5").stdout == "0\n5\n"
+
+
+def test_closing_an_open_store_closes_its_readers_connections(tmp_path):
+    """What the many-RUN build depends on, deterministically: after `OpenStore.close` no connection of its
+    readers is left open for a fork to inherit."""
+    from store.reader import open_store
+
+    st = open_store(str(tmp_path / "s"))
+    reader = st.reader()
+    assert reader.lookup(1, "/") is None  # opens the reader's connection
+    conn = reader._local.c
+    st.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
