@@ -18,7 +18,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms) b
 if TYPE_CHECKING:
     import click
 
-PACKAGES = ("store.cli", "unionfs.cli", "registry.cli", "runtime.commands", "runtime.netcommands")
+PACKAGES = ("store.cli", "unionfs.cli", "registry.cli", "runtime.commands", "runtime.netcommands",
+            "runtime.build.cli")
 
 
 def group(packages: tuple[str, ...] = PACKAGES) -> click.Group:

@@ -291,24 +291,39 @@ def commit_layer(store: Store, parent_id: str, write: Callable[[BinaryIO], None]
     `lamina commit`, `unionfs.changes.write_layer` of a container's upper directory). `config`, when given, replaces
     the parent's runtime config (Env, Cmd, WorkingDir...), as docker commit writes the container's. Returns the new
     image id."""
+    return commit_image(store, parent_id, write, {"created_by": created_by}, tags, config)
+
+
+def commit_image(store: Store, parent_id: str | None, write: Callable[[BinaryIO], None] | None, history: dict,
+                 tags: list[str] | None = None, config: dict | None = None) -> str:
+    """A new image: the parent's (None: an empty image, `FROM scratch`) plus the layer `write` writes, or no layer
+    when `write` is None (then `history` gets `empty_layer`, as docker's metadata steps do). `history`: the new
+    history entry (created_by, comment...), stamped with the time here. Returns the new image id."""
     from .reader import load_image
-    parent = load_image(store, parent_id)
+    if parent_id is not None:
+        parent = load_image(store, parent_id)
+        cfg, diff_ids = json.loads(parent.config_bytes), list(parent.diff_ids)
+    else:
+        cfg, diff_ids = {"architecture": host_arch(), "os": "linux", "config": {}}, []
     imp = Importer(store)
     with imp.session():
-        tmp = f"{imp.staging}/layer.tar"
-        with open(tmp, "wb") as out:
-            write(out)
-        with open(tmp, "rb") as f:
-            data = imp.add_layer_stream(f)
-        os.unlink(tmp)
-        cfg = json.loads(parent.config_bytes)
+        if write is not None:
+            tmp = f"{imp.staging}/layer.tar"
+            with open(tmp, "wb") as out:
+                write(out)
+            with open(tmp, "rb") as f:
+                data = imp.add_layer_stream(f)
+            os.unlink(tmp)
+            diff_ids.append(data.diff_id)
         t = now_iso()
-        diff_ids = [*parent.diff_ids, data.diff_id]
         cfg["created"] = t
         if config is not None:
             cfg["config"] = config
         cfg.setdefault("rootfs", {"type": "layers"})["diff_ids"] = diff_ids
-        cfg.setdefault("history", []).append({"created": t, "created_by": created_by})
+        entry = {"created": t, **history}
+        if write is None:
+            entry["empty_layer"] = True
+        cfg.setdefault("history", []).append(entry)
         imp.images.append(ImageSpec(json.dumps(cfg, separators=(",", ":")).encode(), diff_ids,
                                     [normalize_ref(t_) for t_ in tags or []]))
         return imp.commit()[0]

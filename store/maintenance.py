@@ -107,6 +107,7 @@ def _gc_locked(store: Store) -> dict:
         for image_id in dead_images:
             db.execute("DELETE FROM image_layers WHERE image_id=?", (image_id,))
             db.execute("DELETE FROM images WHERE id=?", (image_id,))
+        db.execute("DELETE FROM build_cache WHERE image_id NOT IN (SELECT id FROM images)")
         dead_layers = [lid for (lid,) in db.execute(
             "SELECT id FROM layers WHERE id NOT IN (SELECT layer_id FROM image_layers)")]
         for lid in dead_layers:

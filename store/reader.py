@@ -90,6 +90,13 @@ class StoreReader:
             c.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         return c
 
+    def close(self) -> None:
+        """Closes this thread's connection (before a fork: no SQLite connection may cross one)."""
+        c = getattr(self._local, "c", None)
+        if c is not None:
+            c.close()
+            self._local.c = None
+
     def lookup(self, layer_id: int, path: str) -> Entry | None:
         parent, name = split(path)
         r = self._db().execute(f"SELECT {_COLS} FROM entries WHERE layer_id=? AND parent=? AND name=?",
@@ -171,6 +178,7 @@ class OpenStore:
 
     def __init__(self, root: str | None) -> None:
         self.store = Store(root)
+        self._readers: list[StoreReader] = []
 
     @property
     def root(self) -> str:
@@ -180,9 +188,15 @@ class OpenStore:
         return load_image(self.store, resolve(self.store, ref))
 
     def reader(self) -> StoreReader:
-        return StoreReader(self.store)
+        r = StoreReader(self.store)
+        self._readers.append(r)
+        return r
 
     def close(self) -> None:
+        """Closes this thread's connections, its readers' too: a reader's connection left to the garbage collector
+        may still be open when the process forks (a build's next RUN step), and none may cross a fork."""
+        for r in self._readers:
+            r.close()
         self.store.close()
 
     def __enter__(self) -> "OpenStore":

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 # Migrations from older schema versions, applied in order by store/root.py before SCHEMA's CREATE TABLEs.
 # Version 3 adds skeleton_objects (created by SCHEMA), which store/root.py then fills from every layer's skeleton.
+# Version 4 adds build_cache (created by SCHEMA; an older store simply starts with an empty cache).
 MIGRATIONS = {
     2: ["ALTER TABLE objects ADD COLUMN data BLOB"],
+    4: [],
 }
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Contents of up to one filesystem block are kept in the index (objects.data), not as files.
 INLINE_MAX = 4096
 
@@ -126,6 +128,17 @@ CREATE TABLE IF NOT EXISTS imports (
     started TEXT NOT NULL,
     staging TEXT NOT NULL           -- tmp/import-<id>, relative to the root
 );
+
+-- `lamina build`'s cache: one row per build step, keyed as BuildKit keys it (runtime/build/builder.py): the
+-- parent step's key, the instruction after ARG/ENV substitution and, for COPY/ADD, a checksum of the copied files'
+-- contents and modes. The image is the one the step made (intermediate images are untagged: gc drops them with
+-- their rows, and `lamina builder prune` drops every row). A row whose image is gone is a miss, never an error.
+CREATE TABLE IF NOT EXISTS build_cache (
+    key TEXT PRIMARY KEY,           -- hex sha256
+    image_id TEXT NOT NULL,         -- images.id
+    created TEXT NOT NULL           -- ISO 8601 UTC
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS build_cache_image ON build_cache(image_id);
 
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,

@@ -13,6 +13,7 @@ import tarfile
 import pytest
 
 from store.errors import StoreError
+from store.schema import SCHEMA_VERSION
 from store.importer import commit_layer
 from store.reader import open_store
 from store.root import Store
@@ -125,7 +126,7 @@ def test_schema_2_store_records_its_layers_skeleton_objects(lamina, tmp_path):
     lamina("gc")
     db = sqlite3.connect(lamina.root / "index.db")
     assert set(db.execute("SELECT object FROM skeleton_objects")) == want
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     lamina.assert_clean()
     _check_saves(lamina, tmp_path, "wh")
 
