@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from runtime import users
+from store.holds import holders
+from store.root import Store
 
 from .conftest import mounts_under
 
@@ -196,9 +198,11 @@ def test_rm_with_a_read_only_index_keeps_the_container(lamina, image):
         assert "kept" in lamina("ps", "-a").stdout
     finally:
         subprocess.run(["umount", index], check=True)
+    cid = next(c.id for c in lamina.containers() if c.name == "kept")
     assert lamina("rm", "kept").returncode == 0
     assert "kept" not in lamina("ps", "-a").stdout
-    assert lamina("rmi", image).returncode == 0  # no hold left behind
+    with Store(str(lamina.root)) as st:  # no hold left behind
+        assert f"container:{cid}" not in [h for h, _ in holders(st)]
 
 
 def test_exec_user_is_looked_up_in_the_container(lamina, image_dir):
