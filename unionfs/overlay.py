@@ -61,6 +61,24 @@ def _join(d: str, name: str) -> str:
     return d + name if d.endswith("/") else d + "/" + name
 
 
+def redirect_target(redirect: str, lpath: str) -> str:
+    """Where a directory at layer path `lpath` redirected to `redirect` has its lower parts, checked as kernel
+    overlayfs checks it (ovl_get_redirect_xattr, then one lookup_one per component): an absolute path of non-empty
+    components, or one sibling name; else EINVAL. A `.` or `..` component is EACCES: a redirect never leaves the
+    layer stack's root."""
+    if redirect.startswith("/"):
+        names = redirect[1:].split("/")
+    else:
+        names = [redirect]
+        if "/" in redirect:
+            names = [""]
+    if "" in names:
+        raise _err(errno.EINVAL, lpath)
+    if "." in names or ".." in names:
+        raise _err(errno.EACCES, lpath)
+    return redirect if redirect.startswith("/") else _join(_split(lpath)[0], redirect)
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     """A resolved union path: the topmost record and, for a directory, every layer part that merges into it."""
@@ -146,6 +164,12 @@ class Overlay:
             self._gen += 1
             self._files.pop(path, None)
 
+    def _gone(self, *paths: str) -> None:
+        """Upper directories at `paths` were removed or moved: their cached descriptors name something else now."""
+        if self.upper is not None:
+            for p in paths:
+                self.upper.tree.forget(p)
+
     def _root(self) -> Node:
         parts: list[tuple[int, str, Record]] = []
         for li in range(self._nlayers):
@@ -221,7 +245,7 @@ class Overlay:
             if r.opaque:
                 break
             if r.redirect:
-                target = r.redirect if r.redirect.startswith("/") else _join(_split(cp)[0], r.redirect)
+                target = redirect_target(r.redirect, cp)
                 todo = todo[:k] + [(lj, target) for lj in range(li + 1, self._nlayers)]
         if not found:
             return None
@@ -695,6 +719,7 @@ class Overlay:
                 os.rmdir(real)
             else:
                 self._copy_up_parent(path)
+            self._gone(path)
             if lower:
                 w.make_whiteout_at(real)
             self._invalidate()
@@ -731,6 +756,7 @@ class Overlay:
                 lost = self._rename(old, new, flags)
             finally:
                 self._invalidate()
+                self._gone(old, new)
         if lost is not None:
             self.changed(lost, new)
 

@@ -1,0 +1,102 @@
+"""Path resolution stays inside the layers: hostile redirects and symlinked components (the kernel is the oracle),
+paths as long and as deep as the kernel allows below the mount."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fsharness import LAMINA_FS, docker_archive, kernel_mount, lamina_mount
+
+UP = "/.." * 40  # more than enough to climb from any layer root to the host's /
+
+
+def _secret(scratch: Path) -> Path:
+    d = scratch / "host"
+    d.mkdir()
+    (d / "secret").write_text("host only\n")
+    return d
+
+
+def _view(p: Path) -> tuple:
+    """What a directory looks like through a mount: its kind and entries, or the errno of its lookup."""
+    try:
+        os.stat(p)
+        return ("dir", sorted(os.listdir(p)))
+    except OSError as e:
+        return ("error", errno.errorcode[e.errno])
+
+
+@pytest.mark.parametrize("key", ["trusted.overlay.redirect", "user.overlay.redirect"])
+def test_redirect_cannot_climb_out_of_the_layers(scratch, key):
+    host = _secret(scratch)
+    l1, l2, mnt = scratch / "l1", scratch / "l2", scratch / "mnt"
+    for d in (l1 / "x", l1 / "y", l2 / "d", mnt):
+        d.mkdir(parents=True)
+    os.symlink("/", l2 / "s")  # a lower component that is a symlink to the host's root
+    os.setxattr(l1 / "x", key, (UP + str(host)).encode())
+    os.setxattr(l1 / "y", key, ("/s" + str(host)).encode())
+    up, work = scratch / "u", scratch / "w"
+    up.mkdir()
+    work.mkdir()
+    with lamina_mount([l1, l2], mnt, up, work):
+        assert _view(mnt / "x") == ("error", "EACCES")  # what kernel overlayfs answers (see below)
+        assert not (mnt / "y" / "secret").exists()
+        assert _view(mnt / "y") == ("dir", [])
+        with pytest.raises(OSError):
+            (mnt / "x" / "secret").read_text()
+        assert sorted(os.listdir(mnt)) == ["d", "s", "x", "y"]
+
+
+@pytest.mark.parametrize("value", ["../etc", "..", "//d", "/d/", "/./d", "/d/../d", "/", "d", "/d", "/s/d",
+                                   "/d/e", "/s", "."])
+def test_redirect_forms_answer_as_the_kernel_does(scratch, value):
+    """Every redirect form, valid or not, gives what kernel overlayfs (redirect_dir=follow) gives."""
+    l1, l2 = scratch / "l1", scratch / "l2"
+    (l1 / "q").mkdir(parents=True)
+    (l2 / "d" / "e").mkdir(parents=True)
+    (l2 / "d" / "f").write_text("f\n")
+    (l2 / "q").mkdir()
+    (l2 / "q" / "own").write_text("own\n")
+    os.symlink("d", l2 / "s")
+    os.setxattr(l1 / "q", "trusted.overlay.redirect", value.encode())
+    got = {}
+    for name, mount in (("kernel", lambda m: kernel_mount([l1, l2], m, extra="redirect_dir=follow")),
+                        ("lamina", lambda m: lamina_mount([l1, l2], m))):
+        m = scratch / f"m-{name}"
+        m.mkdir()
+        with mount(m):
+            got[name] = _view(m / "q")
+    assert got["lamina"] == got["kernel"]
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed (scripts/setup.sh)")
+def test_podman_image_layer_redirect_cannot_read_the_host(scratch, busybox_dir):
+    """The exploit of issue #11: an image layer's redirect xattr, through lamina-fs as podman's mount program."""
+    host = _secret(scratch)
+    top = scratch / "top"
+    (top / "x").mkdir(parents=True)
+    os.setxattr(top / "x", "user.overlay.redirect", (UP + str(host)).encode())
+    archive = docker_archive([top, busybox_dir], scratch / "img.tar", "localhost/lamina-redirect:latest")
+    podman = ["podman", "--root", str(scratch / "root"), "--runroot", str(scratch / "run"),
+              "--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={LAMINA_FS}",
+              "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", "runc"]
+    limits = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--net", "none"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*podman, *args], capture_output=True, text=True, timeout=180)
+
+    try:
+        p = run("load", "-i", str(archive))
+        assert p.returncode == 0, p.stderr
+        p = run("run", "--rm", *limits, "localhost/lamina-redirect:latest", "/bin/sh", "-c",
+                "cat /x/secret; ls /x; echo done")
+        assert p.stdout.splitlines()[-1:] == ["done"], p.stderr
+        assert "host only" not in p.stdout and "secret" not in p.stdout
+    finally:
+        run("rm", "-f", "-a")
+        run("rmi", "-a", "-f")
