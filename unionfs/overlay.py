@@ -159,6 +159,22 @@ class Overlay:
             self._cache.clear()
             self._files.clear()
 
+    def _dir_changed(self, path: str) -> None:
+        """A directory appeared or went at `path`: only it and its parent are known wrongly now (nothing visible
+        lies below a new or an empty directory). Dropping every stack instead made each of `rm -rf`'s rmdirs
+        resolve the next path from the root: quadratic in a deep tree."""
+        with self._cache_mu:
+            self._gen += 1
+            self._cache.pop(path, None)
+            self._cache.pop(_split(path)[0], None)
+
+    def _renew(self, path: str) -> None:
+        """The directory at `path` changed layers (a copy-up): resolve it afresh, its descendants stay known."""
+        with self._cache_mu:
+            self._gen += 1
+            self._cache.pop(path, None)
+        self._dir(path)
+
     def _forget(self, path: str) -> None:
         with self._cache_mu:
             self._gen += 1
@@ -188,10 +204,28 @@ class Overlay:
         if n is not None:
             return n
         gen = self._gen
-        n = self.resolve(path)
-        if n is None or not n.is_dir:
-            return None
-        self._keep(self._cache, path, n, gen)
+        if path == "/":
+            n = self._root()
+            self._keep(self._cache, path, n, gen)
+            return n
+        # from the nearest directory already known, down one component at a time (never recursively: the kernel
+        # lets a tree grow far deeper than Python's stack)
+        below: list[str] = []
+        p = path
+        while n is None:
+            below.append(p)
+            p = _split(p)[0]
+            n = self._cache.get(p)
+            if n is None and p == "/":
+                n = self._root()
+                self._keep(self._cache, p, n, gen)
+        for p in reversed(below):
+            name = _split(p)[1]
+            c = None if name.startswith(HIDDEN_PREFIX) else self._child(n, name)
+            if c is None or not c.is_dir:
+                return None
+            n = c
+            self._keep(self._cache, p, n, gen)
         return n
 
     def _keep(self, cache: dict[str, Node], path: str, n: Node, gen: int, most: int = _CACHE_MAX) -> None:
@@ -507,7 +541,9 @@ class Overlay:
             except BaseException:
                 copyup.discard(tmp)
                 raise
-            if n.is_dir or n.rec.nlink > 1:
+            if n.is_dir:
+                self._renew(path)  # its own stack gained the upper part; nothing below it is in the upper yet
+            elif n.rec.nlink > 1:
                 self._invalidate()  # a hardlink group's other names now show the copy too
             else:
                 self._forget(path)
@@ -539,6 +575,24 @@ class Overlay:
         p = self._dir(head)
         if p is None:
             raise _err(errno.ENOENT, head)
+        if not self._in_upper(p):
+            # the ancestors missing from the upper, copied up from the top down: one at a time, never by recursion
+            # (a tree may be far deeper than Python's stack)
+            missing = []
+            q = _split(head)[0]
+            while q != "/":
+                a = self._dir(q)
+                if a is None:
+                    raise _err(errno.ENOENT, q)
+                if self._in_upper(a):
+                    break
+                missing.append(q)
+                q = _split(q)[0]
+            for q in reversed(missing):
+                self.copy_up(q)
+            p = self._dir(head)
+            if p is None:
+                raise _err(errno.ENOENT, head)
         return self.copy_up(head, p)
 
     # ---- creation ---------------------------------------------------------------------------------------------
@@ -631,7 +685,7 @@ class Overlay:
             else:
                 os.mkdir(real, stat.S_IMODE(mode))
             self._own(real, owner)
-            self._invalidate()
+            self._dir_changed(path)
 
     def symlink(self, path: str, target: str, owner: tuple[int, int]) -> None:
         with self._mu:
@@ -722,7 +776,7 @@ class Overlay:
             self._gone(path)
             if lower:
                 w.make_whiteout_at(real)
-            self._invalidate()
+            self._dir_changed(path)
 
     # ---- rename -----------------------------------------------------------------------------------------------
 

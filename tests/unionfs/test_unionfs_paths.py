@@ -100,3 +100,46 @@ def test_podman_image_layer_redirect_cannot_read_the_host(scratch, busybox_dir):
     finally:
         run("rm", "-f", "-a")
         run("rmi", "-a", "-f")
+
+
+def _deep(top: Path, depth: int, name: str = "d") -> list[str]:
+    """Directories `depth` levels deep below `top`, made one level at a time (relative to the last one, as a
+    program descending a tree does): returns the path's components."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with open(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "w") as f:
+            f.write("bottom\n")
+    finally:
+        os.close(fd)
+    return [name] * depth
+
+
+def test_deep_trees_are_served_as_deep_as_the_kernel_allows(scratch):
+    """1,500 levels in a lower and 1,500 made through the mount: every level resolves (RecursionError, EINVAL past
+    ~490 levels before), and the tree made through the mount can be removed."""
+    low, up, work, mnt = scratch / "low", scratch / "up", scratch / "work", scratch / "mnt"
+    for d in (low, up, work, mnt):
+        d.mkdir()
+    try:
+        parts = _deep(low, 1500)
+        with lamina_mount([low], mnt, up, work):
+            deep = "/".join([str(mnt), *parts])
+            with open(deep + "/f") as f:
+                assert f.read() == "bottom\n"
+            with open(deep + "/g", "w") as f:  # a copy-up of all 1,500 parents
+                f.write("copied up\n")
+            assert os.stat(deep + "/g").st_size == 10
+            made = _deep(mnt, 1500, "e")
+            with open("/".join([str(mnt), *made, "f"])) as f:
+                assert f.read() == "bottom\n"
+            # (rm, not shutil.rmtree: Python 3.11's recursion stops short of 1,500 levels)
+            p = subprocess.run(["rm", "-rf", str(mnt / "e"), str(mnt / "d")], capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr[-300:]
+            assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["rm", "-rf", str(low), str(up)])
