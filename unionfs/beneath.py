@@ -68,9 +68,9 @@ class Dir:
     def getxattr(self, key: str) -> bytes:
         return os.getxattr(self.fd if self.readable else self.proc(), key)
 
-    def proc(self, name: str | None = None) -> str:
-        """A path naming this directory (or its entry `name`) for calls that take no descriptor."""
-        return f"/proc/self/fd/{self.fd}" if name is None else f"/proc/self/fd/{self.fd}/{name}"
+    def proc(self) -> str:
+        """A path naming this directory, for calls that take no descriptor (or none opened O_PATH)."""
+        return f"/proc/self/fd/{self.fd}"
 
 
 def _open_dir(dirfd: int, rel: str) -> tuple[int, bool]:
@@ -92,14 +92,6 @@ class Tree:
         self._fds: dict[str, Dir] = {}
         self._mu = threading.Lock()
         self._gen = 0
-
-    def close(self) -> None:
-        with self._mu:
-            for d in self._fds.values():
-                d.cached = False
-                if d.refs == 0:
-                    os.close(d.fd)
-            self._fds.clear()
 
     def hold(self, path: str) -> Dir:
         """The directory at layer path `path`, held until `release`. OSError (ENOENT, ENOTDIR, ELOOP for a

@@ -279,6 +279,18 @@ class DirLayer:
             os.close(fd)
         return out
 
+    def raw_names(self, path: str) -> list[str]:
+        """Every name in the directory at `path`, markers included."""
+        d = self.tree.hold(path)
+        try:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=d.fd)
+        finally:
+            self.tree.release(d)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
     def open_read(self, path: str) -> int:
         return self.open(path, os.O_RDONLY)
 

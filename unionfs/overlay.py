@@ -22,6 +22,8 @@ import ctypes
 import errno
 import itertools
 import os
+import resource
+import shutil
 import stat
 import threading
 import time
@@ -31,9 +33,10 @@ from dataclasses import dataclass, replace
 from . import copyup
 from .idmap import IdMapping
 from .layers import ORIGIN_XATTR, DirLayer, Layer, Record, xattr_from_layer, xattr_to_layer
-from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, renameat2
+from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, clear_dir, set_opaque_at
 
 _CACHE_MAX = 8192
+_DIR_FDS = 128  # directory descriptors a layer keeps open at most (see _share_fds)
 # Lower files resolved lately: a file is resolved again by the open that follows its lookup, rarely later (the kernel
 # keeps its attributes), so a short memory serves; 8192 held ~4 MB of Nodes after a 100,000-file walk for nothing.
 _FILES_MAX = 1024
@@ -117,19 +120,21 @@ class Overlay:
                 raise ValueError("an upper directory needs a work directory")
             self.upper = DirLayer(upper, name="upper")
             self.layers.append(self.upper)
-            self.w = UpperWriter(upper)
+            self.w = UpperWriter(self.upper)
             self.work = os.path.join(os.path.abspath(work), "work")
             self.index = os.path.join(os.path.abspath(work), "index")
             for d in (self.work, self.index):
                 os.makedirs(d, mode=0o700, exist_ok=True)
-            self.w.clear_dir(self.work)  # leftovers of an interrupted copy-up or of files parked by a dead daemon
+            clear_dir(self.work)  # leftovers of an interrupted copy-up or of files parked by a dead daemon
         self.layers.extend(lowers)
         self._nlayers = len(self.layers)
         self.idmap = idmap  # owners as stored <-> as the kernel sees them (uidmapping/gidmapping)
         if upper is not None:
             # hardlink groups joined on copy-up, addressed as "/<inode hex>"; never part of a directory stack
             self._index_layer = DirLayer(self.index, name="index")
+            self._index_w = UpperWriter(self._index_layer)
             self.layers.append(self._index_layer)
+        self._share_fds()
         self._mu = threading.RLock()
         self._cache: dict[str, Node] = {}
         # Non-directories that live in a lower layer: immutable until a copy-up, whiteout or move, each of which
@@ -150,6 +155,17 @@ class Overlay:
         self._hidden: dict[str, tuple[Layer, str, int]] = {}
         if upper is not None:
             self._parking = DirLayer(self.work, name="work")
+            self._park_w = UpperWriter(self._parking)
+
+    def _share_fds(self) -> None:
+        """Bound the directory descriptors the layers keep open: a quarter of the open-file limit in all (a podman
+        image may have 127 layers, and the daemon's own limit may be 1024), at most _DIR_FDS a layer."""
+        trees = [layer.tree for layer in self.layers if isinstance(layer, DirLayer)]
+        if trees:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            budget = _DIR_FDS * len(trees) if soft == resource.RLIM_INFINITY else soft // 4
+            for t in trees:
+                t.most = max(4, min(_DIR_FDS, budget // len(trees)))
 
     # ---- resolution -------------------------------------------------------------------------------------------
 
@@ -302,7 +318,7 @@ class Overlay:
             raise _err(errno.EISDIR, old)
         if self._in_upper(n):
             tmp = copyup.work_name(self.work)
-            os.link(self.w.real(old), tmp)  # a second name keeps the inode (and its data) alive in the work dir
+            self.w.link_out(old, tmp)  # a second name keeps the inode (and its data) alive in the work dir
             self._hidden[_split(new)[1]] = (self._parking, "/" + os.path.basename(tmp), n.ino)
         else:
             self._hidden[_split(new)[1]] = (self.layers[n.layer], n.lpath, n.ino)
@@ -311,7 +327,7 @@ class Overlay:
     def _file_ino(self, li: int, lpath: str, rec: Record) -> int:
         if li == 0 and self.upper is not None:
             try:
-                v = copyup.decode_ino(os.getxattr(self.upper.real(lpath), ORIGIN_XATTR, follow_symlinks=False))
+                v = copyup.decode_ino(self.upper.getxattr(lpath, ORIGIN_XATTR))
                 if v is not None:
                     return v
             except OSError:
@@ -504,30 +520,30 @@ class Overlay:
         return f"{self.index}/{ino:x}"
 
     def copy_up(self, path: str, n: Node | None = None) -> str:
-        """Make `path` exist in the upper directory (data included) and return its real path there."""
+        """Make `path` exist in the upper directory (data included). Returns its upper path (`path` itself), or for
+        a parked file (libfuse's hidden name of an unlinked open file) its absolute path in the work dir."""
         w = self._need_upper()
         if n is not None and n.layer == -1:
             layer, lpath, _ = self._hidden[_split(path)[1]]
             if layer is not self._parking:
                 raise _err(errno.EROFS, path)
             return self._parking.real(lpath)
-        real = w.real(path)
         if n is not None and self._in_upper(n):
-            return real
+            return path
         with self._mu:
             n = self._node(path)
             if self._in_upper(n):
-                return real
+                return path
             if path != "/":
                 self._copy_up_parent(path)
             layer = self.layers[n.layer]
             if not n.is_dir and (n.rec.nlink > 1 or n.layer == self._nlayers):
                 idx = self._index_path(n.ino)
                 if os.path.lexists(idx):
-                    os.link(idx, real)
+                    w.link_in(idx, path)
                     self._invalidate()
-                    self._follow_copy_up(n.ino, real)
-                    return real
+                    self._follow_copy_up(n.ino, path)
+                    return path
                 tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
                 try:
                     os.setxattr(tmp, NLINK_XATTR, str(n.rec.nlink).encode())
@@ -537,7 +553,7 @@ class Overlay:
             else:
                 tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
             try:
-                os.rename(tmp, real)
+                w.move_in(tmp, path)
             except BaseException:
                 copyup.discard(tmp)
                 raise
@@ -550,15 +566,15 @@ class Overlay:
             if n.is_dir and self.notify is not None:
                 self.notify([path])  # now a merged directory: its link count reads 1, as overlayfs reports it
             if not n.is_dir:
-                self._follow_copy_up(n.ino, real)
-            return real
+                self._follow_copy_up(n.ino, path)
+            return path
 
-    def _follow_copy_up(self, ino: int, real: str) -> None:
+    def _follow_copy_up(self, ino: int, path: str) -> None:
         """Files opened read-only before the copy-up read the copy from now on (as kernel overlayfs does)."""
         with self._handles_mu:  # a handle still in the table owns its fd number: no release can race the dup2
             for h in list(self.handles.values()):
                 if h.ino == ino and not h.upper:
-                    fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+                    fd = self.w.open(path, os.O_RDONLY)
                     if h.fd < 0:  # served from memory until now
                         h.fd, h.data = fd, None
                     else:
@@ -571,7 +587,7 @@ class Overlay:
     def _copy_up_parent(self, path: str) -> str:
         head, _ = _split(path)
         if head == "/":
-            return self.w.root
+            return head
         p = self._dir(head)
         if p is None:
             raise _err(errno.ENOENT, head)
@@ -598,40 +614,42 @@ class Overlay:
     # ---- creation ---------------------------------------------------------------------------------------------
 
     def _prepare_new(self, path: str) -> tuple[str, bool]:
-        """Parent copied up and any whiteout at `path` removed; returns (real path, whether a whiteout was there)."""
+        """Parent copied up and any whiteout at `path` removed; returns (its upper path, whether a whiteout was
+        there)."""
         w = self._need_upper()
         self._copy_up_parent(path)
         self._forget(path)
-        real = w.real(path)
+        real = path
         had = False
         try:
-            st = os.lstat(real)
+            st = w.lstat(real)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                os.unlink(real)
+                w.unlink(real)
                 had = True
             elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and self.resolve(path) is None:
-                os.unlink(real)  # an xattr whiteout
+                w.unlink(real)  # an xattr whiteout
                 had = True
         except FileNotFoundError:
             pass
         head, name = real.rsplit("/", 1)
         try:
-            os.unlink(f"{head}/.wh.{name}")
+            w.unlink(f"{head}/.wh.{name}")
             had = True
         except FileNotFoundError:
             pass
         return real, had
 
     def _own(self, real: str, owner: tuple[int, int], fd: int | None = None) -> None:
-        """Give a new object the caller's owner (the kernel's ids, stored as their container ids)."""
+        """Give a new object at upper path `real` the caller's owner (the kernel's ids, stored as their container
+        ids)."""
         uid, gid = owner if self.idmap is None else self.idmap.to_container(*owner)
-        parent_mode = os.lstat(os.path.dirname(real)).st_mode
+        parent_mode = self.w.lstat(_split(real)[0]).st_mode
         if parent_mode & stat.S_ISGID:
             gid = -1  # the filesystem already gave it the directory's group
         if fd is not None:
             os.fchown(fd, uid, gid)
         else:
-            os.chown(real, uid, gid, follow_symlinks=False)
+            self.w.chown(real, uid, gid)
 
     def _exists(self, path: str) -> None:
         if self.resolve(path) is not None:
@@ -644,7 +662,7 @@ class Overlay:
                     raise _err(errno.EEXIST, path)
                 return self.open(path, flags)
             real, _ = self._prepare_new(path)
-            fd = os.open(real, (flags & _OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(mode))
+            fd = self.w.open(real, (flags & _OPEN_PASS) | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
             try:
                 self._own(real, owner, fd)
                 ino = os.fstat(fd).st_ino
@@ -659,9 +677,9 @@ class Overlay:
             self._exists(path)
             real, _ = self._prepare_new(path)
             if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
-                os.close(os.open(real, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, stat.S_IMODE(mode)))
+                os.close(self.w.open(real, os.O_CREAT | os.O_EXCL | os.O_WRONLY, stat.S_IMODE(mode)))
             else:
-                os.mknod(real, mode, rdev)
+                self.w.mknod(real, mode, rdev)
             self._own(real, owner)
 
     def mkdir(self, path: str, mode: int, owner: tuple[int, int]) -> None:
@@ -672,18 +690,18 @@ class Overlay:
                 tmp = copyup.work_name(self.work)
                 os.mkdir(tmp, stat.S_IMODE(mode))
                 try:
-                    self.w.set_opaque(tmp)
-                    os.rename(tmp, real)
+                    set_opaque_at(tmp)
+                    self.w.move_in(tmp, real)
                 except BaseException:
-                    self.w.remove_tree(tmp)
+                    shutil.rmtree(tmp, ignore_errors=True)
                     raise
                 # the work dir never has the parent's set-group-ID bit: apply what mkdir in place would have
-                pst = os.lstat(os.path.dirname(real))
+                pst = self.w.lstat(_split(real)[0])
                 if pst.st_mode & stat.S_ISGID:
-                    os.chown(real, -1, pst.st_gid)
-                    os.chmod(real, stat.S_IMODE(mode) | stat.S_ISGID)
+                    self.w.chown(real, -1, pst.st_gid)
+                    self.w.chmod(real, stat.S_IMODE(mode) | stat.S_ISGID)
             else:
-                os.mkdir(real, stat.S_IMODE(mode))
+                self.w.mkdir(real, stat.S_IMODE(mode))
             self._own(real, owner)
             self._dir_changed(path)
 
@@ -691,7 +709,7 @@ class Overlay:
         with self._mu:
             self._exists(path)
             real, _ = self._prepare_new(path)
-            os.symlink(target, real)
+            self.w.symlink(target, real)
             self._own(real, owner)
 
     def link(self, src: str, dst: str) -> None:
@@ -702,7 +720,10 @@ class Overlay:
             self._exists(dst)
             sreal = self.copy_up(src, n)
             real, _ = self._prepare_new(dst)
-            os.link(sreal, real)
+            if n.layer == -1:  # a parked file (its copy_up is its work dir path)
+                self.w.link_in(sreal, real)
+            else:
+                self.w.link(sreal, real)
             self._adjust_group(n, +1)
             self._note_peer(n.ino, src)
             self._note_peer(n.ino, dst)
@@ -711,16 +732,16 @@ class Overlay:
     # ---- removal ----------------------------------------------------------------------------------------------
 
     def _whiteout_over(self, real: str) -> None:
-        """Replace the non-directory at `real` by a whiteout, atomically where the kernel allows it."""
+        """Replace the non-directory at upper path `real` by a whiteout, atomically where the kernel allows it."""
         if self.w.mknod_ok:
             tmp = copyup.work_name(self.work)
             try:
                 os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0))
-                os.rename(tmp, real)
+                self.w.move_in(tmp, real)
                 return
             except PermissionError:
                 self.w.mknod_ok = False
-        os.unlink(real)
+        self.w.unlink(real)
         self.w.make_whiteout_at(real)
 
     def unlink(self, path: str) -> None:
@@ -740,13 +761,13 @@ class Overlay:
                 self.copy_up(path, n)
                 n = self._node(path)
             lower = self._lower_positive(path)
-            real = w.real(path)
+            real = path
             self._adjust_group(n, -1)
             if self._in_upper(n):
                 if lower:
                     self._whiteout_over(real)
                 else:
-                    os.unlink(real)
+                    w.unlink(real)
             else:
                 self._copy_up_parent(path)
                 w.make_whiteout_at(real)
@@ -767,10 +788,10 @@ class Overlay:
             if not self.is_empty_dir(path):
                 raise _err(errno.ENOTEMPTY, path)
             lower = self._lower_positive(path)
-            real = w.real(path)
+            real = path
             if self._in_upper(n):
                 w.clear_dir(real)
-                os.rmdir(real)
+                w.rmdir(real)
             else:
                 self._copy_up_parent(path)
             self._gone(path)
@@ -842,7 +863,7 @@ class Overlay:
         if flags & RENAME_EXCHANGE:
             sreal = self._prepare_move(old, src)
             dreal = self._prepare_move(new, dst)
-            renameat2(sreal, dreal, RENAME_EXCHANGE)
+            w.rename(sreal, dreal, RENAME_EXCHANGE)
             self._invalidate()
             self._set_opaque_if_needed(src, new, dreal)
             self._set_opaque_if_needed(dst, old, sreal)
@@ -854,26 +875,26 @@ class Overlay:
         old_lower = self._lower_positive(old)
         sreal = self._prepare_move(old, src)
         self._copy_up_parent(new)
-        dreal = w.real(new)
+        dreal = new
         if dst is not None and self._in_upper(dst) and dst.is_dir:
             w.clear_dir(dreal)
         else:
             try:
-                st = os.lstat(dreal)
+                st = w.lstat(dreal)
                 if src.is_dir and stat.S_ISCHR(st.st_mode):
-                    os.unlink(dreal)
+                    w.unlink(dreal)
             except FileNotFoundError:
                 pass
         if old_lower and w.mknod_ok:
             try:
-                renameat2(sreal, dreal, RENAME_WHITEOUT)
+                w.rename(sreal, dreal, RENAME_WHITEOUT)
                 old_lower = False
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.EPERM, errno.ENOTDIR, errno.EISDIR):
                     raise
-                os.rename(sreal, dreal)
+                w.rename(sreal, dreal)
         else:
-            os.rename(sreal, dreal)
+            w.rename(sreal, dreal)
         w.clear_fallback_whiteout(dreal)
         if dst is not None and not dst.is_dir:
             self._adjust_group(dst, -1)
@@ -885,49 +906,55 @@ class Overlay:
 
     # ---- metadata changes -------------------------------------------------------------------------------------
 
-    def _copy_up_for_change(self, path: str) -> str:
-        n = self._node(path)
+    def _copy_up_for_change(self, path: str, n: Node | None = None) -> tuple[UpperWriter, str]:
+        """Where a change of `path` lands: the upper (copied up first), or the work dir for a parked file."""
+        n = n or self._node(path)
+        if n.layer == -1:
+            layer, lpath, _ = self._hidden[_split(path)[1]]
+            if layer is not self._parking:
+                raise _err(errno.EROFS, path)
+            return self._park_w, lpath
         real = self.copy_up(path, n)
         if not n.is_dir:
             self.changed(n.ino, path)
-        return real
+        return self.w, real
 
     def chmod(self, path: str, mode: int) -> None:
-        real = self._copy_up_for_change(path)
-        os.chmod(real, stat.S_IMODE(mode), follow_symlinks=not os.path.islink(real))
+        w, real = self._copy_up_for_change(path)
+        w.chmod(real, stat.S_IMODE(mode))
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         if self.idmap is not None:
             uid, gid = self.idmap.to_container(uid, gid)
-        real = self._copy_up_for_change(path)
-        os.chown(real, uid, gid, follow_symlinks=False)
+        w, real = self._copy_up_for_change(path)
+        w.chown(real, uid, gid)
 
     def utimens(self, path: str, times: tuple[int, int] | None) -> None:
-        real = self._copy_up_for_change(path)
+        w, real = self._copy_up_for_change(path)
         if times is None:
-            os.utime(real, follow_symlinks=False)
+            w.utime(real, None)
             return
-        st = os.lstat(real)
+        st = w.lstat(real)
         now = time.time_ns()
         pick = []
         for v, cur in zip(times, (st.st_atime_ns, st.st_mtime_ns)):
             pick.append(now if v == UTIME_NOW else cur if v == UTIME_OMIT else v)
-        os.utime(real, ns=(pick[0], pick[1]), follow_symlinks=False)
+        w.utime(real, (pick[0], pick[1]))
 
-    def _xattr_target(self, path: str, n: Node) -> str:
+    def _xattr_target(self, path: str, n: Node) -> tuple[UpperWriter, str]:
         """Where an xattr change lands: a name shown through the hardlink index changes the index file itself
         without getting a name in the upper dir (what kernel overlayfs with index=on does for xattrs)."""
         if n.layer == self._nlayers:
             self.changed(n.ino, path)
-            return self._index_path(n.ino)
-        return self._copy_up_for_change(path)
+            return self._index_w, f"/{n.ino:x}"
+        return self._copy_up_for_change(path, n)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         stored = xattr_to_layer(name)
         if stored is None:
             raise _err(errno.EPERM, path)
-        real = self._xattr_target(path, self._node(path))
-        os.setxattr(real, stored, value, flags, follow_symlinks=False)
+        w, real = self._xattr_target(path, self._node(path))
+        w.setxattr(real, stored, value, flags)
 
     def removexattr(self, path: str, name: str) -> None:
         stored = xattr_to_layer(name)
@@ -935,8 +962,8 @@ class Overlay:
             raise _err(errno.ENODATA, path)
         n = self._node(path)
         self._layer_of(path, n).getxattr(n.lpath, stored)  # ENODATA before any copy-up, as the kernel does
-        real = self._xattr_target(path, n)
-        os.removexattr(real, stored, follow_symlinks=False)
+        w, real = self._xattr_target(path, n)
+        w.removexattr(real, stored)
 
     # ---- file data --------------------------------------------------------------------------------------------
 
@@ -945,14 +972,17 @@ class Overlay:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if n.layer == -1:
             layer, lpath, _ = self._hidden[_split(path)[1]]
-            fd = os.open(self.copy_up(path, n), (flags & _OPEN_PASS) | os.O_CLOEXEC) if writing \
-                else layer.open_read(lpath)
+            if writing:
+                w, p = self._copy_up_for_change(path, n)  # (EROFS for a parked lower file)
+                fd = w.open(p, flags & _OPEN_PASS)
+            else:
+                fd = layer.open_read(lpath)
             self.handles[fd] = Handle(fd, n.ino, path, True, n.rec.nlink > 1)
             return fd
         linked = n.rec.nlink > 1 or n.ino in self._peers
         if writing or self._in_upper(n):
-            real = self.copy_up(path, n) if writing else self.upper.real(n.lpath)  # type: ignore[union-attr]
-            fd = os.open(real, (flags & _OPEN_PASS) | os.O_CLOEXEC)
+            real = self.copy_up(path, n) if writing else n.lpath
+            fd = self.w.open(real, flags & _OPEN_PASS)
             self.handles[fd] = Handle(fd, n.ino, path, True, linked)
             if flags & os.O_TRUNC and n.ino in self._peers:
                 self.changed(n.ino, path)  # truncated: the other names' cached sizes and pages are stale
@@ -992,8 +1022,8 @@ class Overlay:
             return
         if path is None:
             raise _err(errno.EBADF)
-        real = self._copy_up_for_change(path)
-        os.truncate(real, length)
+        w, real = self._copy_up_for_change(path)
+        w.truncate(real, length)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         if _libc.fallocate(fh, mode, offset, length) != 0:

@@ -143,3 +143,60 @@ def test_deep_trees_are_served_as_deep_as_the_kernel_allows(scratch):
             assert os.listdir(mnt) == []
     finally:
         subprocess.run(["rm", "-rf", str(low), str(up)])
+
+
+def _descend(top: str | Path, names: list[str], make: bool) -> int:
+    """A descriptor of directory top/names[0]/…/names[-1], reached one component at a time (made if `make`)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for n in names:
+        if make:
+            os.mkdir(n, dir_fd=fd)
+        nxt = os.open(n, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    return fd
+
+
+def test_paths_up_to_path_max_below_the_mount(scratch):
+    """Layer roots of ~700 bytes and paths of 4,000-4,095 bytes below the mount: every operation works, in the
+    upper and on copy-up of a lower file (ENAMETOOLONG once root + path passed 4,095 bytes before)."""
+    base = scratch.joinpath(*(["r" * 100] * 6))  # long layer roots
+    low, up, work, mnt = base / "low", base / "up", base / "work", scratch / "mnt"
+    for d in (low, up, work, mnt):
+        d.mkdir(parents=True)
+    names = ["n%03d" % i + "x" * 195 for i in range(20)]  # 20 x 199 bytes: 3,999 bytes with the slashes
+    fd = _descend(low, names, True)
+    try:
+        with open(os.open("lowfile", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "w") as f:
+            f.write("lower\n")
+    finally:
+        os.close(fd)
+    with lamina_mount([low], mnt, up, work):
+        fd = _descend(mnt, names, False)
+        try:
+            tail = "f" * (4095 - len("/".join(names)) - 1)  # a path of exactly 4,095 bytes below the mount
+            assert len("/".join([*names, tail])) == 4095
+            with open(os.open(tail, os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd), "w") as f:
+                f.write("upper\n")
+            assert os.stat(tail, dir_fd=fd).st_size == 6
+            os.chmod(tail, 0o640, dir_fd=fd)
+            os.utime(tail, ns=(1, 2), dir_fd=fd)
+            st = os.stat(tail, dir_fd=fd)
+            assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o640, 2)
+            with open(os.open("lowfile", os.O_WRONLY | os.O_APPEND, dir_fd=fd), "a") as f:  # copy-up at depth
+                f.write("more\n")
+            with open(os.open("lowfile", os.O_RDONLY, dir_fd=fd)) as f:
+                assert f.read() == "lower\nmore\n"
+            os.mkdir("d" * 60, dir_fd=fd)
+            os.symlink("target", "s" * 60, dir_fd=fd)
+            os.link(tail, "h" * 60, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+            os.rename("h" * 60, "g" * 60, src_dir_fd=fd, dst_dir_fd=fd)
+            assert os.stat("g" * 60, dir_fd=fd).st_nlink == 2
+            os.unlink("lowfile", dir_fd=fd)  # a whiteout at depth
+            os.unlink(tail, dir_fd=fd)
+            assert sorted(os.listdir(fd)) == sorted(["d" * 60, "s" * 60, "g" * 60])
+        finally:
+            os.close(fd)
+        p = subprocess.run(["rm", "-rf", str(mnt / names[0])], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-300:]
+        assert os.listdir(mnt) == []
