@@ -25,6 +25,11 @@ from unionfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 PATHS = ["a", "b", "c", "d", "e", "f", "g", "p", "n", "m", "d/x", "d/y", "d/v", "d/w", "d/sub", "d/sub/z",
          "d/n", "g/h", "g/i", "g/n", "n/a", "m/x", "e/e1", "d/ha", "d/hb"]
+# Paths of 3,900-4,056 bytes below the mount (#12.7), under a chain of 240-byte names a lower layer holds: with the
+# mounts' own paths (29 bytes) they stay within PATH_MAX, and lamina's upper root (LONG) makes them pass it there.
+DEEP = "/".join("%02d" % i + "k" * 238 for i in range(16))
+PATHS += [DEEP + "/" + "x" * 44, DEEP + "/" + "y" * 200, DEEP + "/" + "s" * 60, DEEP + "/" + "s" * 60 + "/t"]
+LONG = "u" * 200
 paths = st.sampled_from(PATHS)
 data = st.binary(max_size=300)
 
@@ -99,7 +104,12 @@ class OverlayVsKernel(RuleBasedStateMachine):
         if self.hardlinks:
             os.link(self.lowers[2] / "a", self.lowers[2] / "d" / "ha")
             os.link(self.lowers[1] / "b", self.lowers[1] / "d" / "hb")
-        for d in ("ku", "kw", "km", "lu", "lw", "lm"):
+        (self.lowers[1] / DEEP).mkdir(parents=True)
+        (self.lowers[1] / DEEP / ("x" * 44)).write_text("deep\n")
+        for d in ("lu", "lw"):  # below a 200-byte name, by links of short names
+            (self.base / LONG / d).mkdir(parents=True)
+            os.symlink(f"{LONG}/{d}", self.base / d)
+        for d in ("ku", "kw", "km", "lm"):
             (self.base / d).mkdir()
         self.stack = contextlib.ExitStack()
         b = self.base
