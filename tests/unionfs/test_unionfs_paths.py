@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from fsharness import LAMINA_FS, docker_archive, kernel_mount, lamina_mount
+from fsharness import kernel_mount, lamina_mount
 
 UP = "/.." * 40  # more than enough to climb from any layer root to the host's /
 
@@ -72,34 +71,6 @@ def test_redirect_forms_answer_as_the_kernel_does(scratch, value):
         with mount(m):
             got[name] = _view(m / "q")
     assert got["lamina"] == got["kernel"]
-
-
-@pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed (scripts/setup.sh)")
-def test_podman_image_layer_redirect_cannot_read_the_host(scratch, busybox_dir):
-    """The exploit of issue #11: an image layer's redirect xattr, through lamina-fs as podman's mount program."""
-    host = _secret(scratch)
-    top = scratch / "top"
-    (top / "x").mkdir(parents=True)
-    os.setxattr(top / "x", "user.overlay.redirect", (UP + str(host)).encode())
-    archive = docker_archive([top, busybox_dir], scratch / "img.tar", "localhost/lamina-redirect:latest")
-    podman = ["podman", "--root", str(scratch / "root"), "--runroot", str(scratch / "run"),
-              "--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={LAMINA_FS}",
-              "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", "runc"]
-    limits = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--net", "none"]
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*podman, *args], capture_output=True, text=True, timeout=180)
-
-    try:
-        p = run("load", "-i", str(archive))
-        assert p.returncode == 0, p.stderr
-        p = run("run", "--rm", *limits, "localhost/lamina-redirect:latest", "/bin/sh", "-c",
-                "cat /x/secret; ls /x; echo done")
-        assert p.stdout.splitlines()[-1:] == ["done"], p.stderr
-        assert "host only" not in p.stdout and "secret" not in p.stdout
-    finally:
-        run("rm", "-f", "-a")
-        run("rmi", "-a", "-f")
 
 
 def _deep(top: Path, depth: int, name: str = "d") -> list[str]:
