@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from fsharness import kernel_mount, lamina_mount
+from unionfs.layers import DirLayer
+from unionfs.overlay import Overlay
 
 UP = "/.." * 40  # more than enough to climb from any layer root to the host's /
 
@@ -171,3 +173,65 @@ def test_paths_up_to_path_max_below_the_mount(scratch):
         p = subprocess.run(["rm", "-rf", str(mnt / names[0])], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-300:]
         assert os.listdir(mnt) == []
+
+
+def test_long_names_over_whiteouts_past_path_max_without_mknod(scratch):
+    """The whiteout rules for names too long for `.wh.` (xattr whiteouts, a whiteout replaced only once the new
+    object exists, a merged directory exchanged with its whiteout, a copy-up keeping its parents' times) hold at
+    3,999 bytes below layer roots of ~700 bytes, where 255-byte names take the path past PATH_MAX even without
+    the root; kernel overlayfs reads the upper back the same way."""
+    base = scratch.joinpath(*(["r" * 100] * 6))
+    low, up, work, k = base / "low", base / "up", base / "work", scratch / "k"
+    for d in (low, up, work, k):
+        d.mkdir(parents=True)
+    names = ["n%03d" % i + "x" * 195 for i in range(20)]
+    file_, dir_, gone = "l" * 255, "m" * 255, "k" * 254
+    fd = _descend(low, names, True)
+    try:
+        for n, text in ((file_, "lower\n"), (gone, "gone\n"), ("c", "c\n")):
+            with open(os.open(n, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "w") as f:
+                f.write(text)
+        os.mkdir(dir_, dir_fd=fd)
+        os.close(os.open(f"{dir_}/f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        os.utime(fd, ns=(10**18, 2 * 10**18))
+    finally:
+        os.close(fd)
+    ov = Overlay([DirLayer(str(low))], str(up), str(work))
+    ov.w.mknod_ok = False  # as for an unprivileged daemon: `.wh.` files, and xattr whiteouts where they don't fit
+    deep = "/" + "/".join(names)
+    ov.truncate(deep + "/c", 1)  # a copy-up of the file and its 20 parents
+    ufd = _descend(up, names, False)
+    try:
+        st = os.fstat(ufd)
+        assert (st.st_atime_ns, st.st_mtime_ns) == (10**18, 2 * 10**18)
+        ov.unlink(f"{deep}/{file_}")
+        assert os.getxattr(f"/proc/self/fd/{ufd}/{file_}", "trusted.overlay.whiteout") == b""
+        assert os.getxattr(ufd, "trusted.overlay.opaque") == b"x"
+        with pytest.raises(OSError):
+            ov.symlink(f"{deep}/{file_}", "t" * 5000, (0, 0))  # ENAMETOOLONG: the whiteout stays
+        assert ov.resolve(f"{deep}/{file_}") is None
+        h = ov.create(f"{deep}/{file_}", 0o644, os.O_WRONLY, (0, 0))
+        os.write(h, b"new\n")
+        ov.release(h)
+        ov.unlink(f"{deep}/{dir_}/f")  # the directory is copied up: merged
+        ov.rmdir(f"{deep}/{dir_}")  # exchanged with an xattr whiteout
+        assert os.getxattr(f"/proc/self/fd/{ufd}/{dir_}", "trusted.overlay.whiteout") == b""
+        ov.mkdir(f"{deep}/{dir_}", 0o755, (0, 0))  # over it: made in the work dir, exchanged in
+        assert ov.readdir_names(f"{deep}/{dir_}")[2:] == []
+        ov.unlink(f"{deep}/{gone}")
+        ov.rename(f"{deep}/{dir_}", f"{deep}/{gone}")  # a directory onto a whiteout; the old name gets one
+        assert ov.resolve(f"{deep}/{dir_}") is None and ov.resolve(f"{deep}/{gone}").is_dir
+        assert os.listdir(ov.work) == []
+        shown = sorted(ov.readdir_names(deep)[2:])
+        assert shown == sorted(["c", file_, gone])
+    finally:
+        os.close(ufd)
+    with kernel_mount([up, low], k):
+        kfd = _descend(k, names, False)
+        try:
+            assert sorted(os.listdir(kfd)) == shown
+            with open(os.open(file_, os.O_RDONLY, dir_fd=kfd)) as f:
+                assert f.read() == "new\n"
+            assert os.listdir(os.path.join(f"/proc/self/fd/{kfd}", gone)) == []
+        finally:
+            os.close(kfd)
