@@ -187,8 +187,9 @@ class DirLayer:
     def _xwhiteouts(self, path: str) -> bool:
         """Whether the directory holding `path` is marked opaque=x, the only place overlayfs honours xattr
         whiteouts. Remembered per directory (a bounded map): every empty file of a layer would otherwise cost a
-        listxattr. The union marks a directory so only where it cannot write other whiteouts, and then calls
-        `forget_xwhiteouts`; a stale True only costs that listxattr."""
+        listxattr. The union marks a directory so only where it cannot write other whiteouts, and calls
+        `forget_xwhiteouts` then and whenever an upper directory is removed or moved (the map is by path); a stale
+        True only costs that listxattr."""
         head = path.rpartition("/")[0] or "/"
         v = self._xwh.get(head)
         if v is None:

@@ -200,10 +200,12 @@ class Overlay:
             self._files.pop(path, None)
 
     def _gone(self, *paths: str) -> None:
-        """Upper directories at `paths` were removed or moved: their cached descriptors name something else now."""
+        """Upper directories at `paths` were removed or moved: their cached descriptors name something else now, and
+        so may what the upper layer remembers by path of which directories hold xattr whiteouts."""
         if self.upper is not None:
             for p in paths:
                 self.upper.tree.forget(p)
+            self.upper.forget_xwhiteouts()
 
     def _root(self) -> Node:
         parts: list[tuple[int, str, Record]] = []
