@@ -6,7 +6,6 @@ filesystems allow it, then `os.copy_file_range`, then a plain read/write loop â€
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -14,7 +13,6 @@ import os
 import stat
 import struct
 import uuid
-from collections.abc import Iterator
 
 from .layers import ORIGIN_XATTR, Layer, Record
 
@@ -119,23 +117,6 @@ def build_copy(layer: Layer, lpath: str, rec: Record, workdir: str, origin: int 
         discard(tmp)
         raise
     return tmp
-
-
-@contextlib.contextmanager
-def keeping_parent_times(real: str) -> Iterator[None]:
-    """Give `real`'s directory back its atime and mtime once the block has put `real` there: a copy-up changes no
-    directory in the union's view (kernel overlayfs restores them too, best effort)."""
-    parent = os.path.dirname(real)
-    try:
-        st = os.lstat(parent)
-    except OSError:
-        st = None
-    yield
-    if st is not None:
-        try:
-            os.utime(parent, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-        except OSError:
-            pass
 
 
 def discard(tmp: str) -> None:

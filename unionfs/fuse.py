@@ -180,15 +180,20 @@ class _FUSE(fuse.FUSE):
                 try:
                     attrs = child_attrs(h[0], name)
                 except OSError:
-                    attrs = None
+                    # listed, but its lookup fails (a refused redirect): a plain entry, as overlayfs lists it
+                    attrs = {"st_mode": fmt, "st_ino": ino or 1}  # (d_ino 0 would hide the name)
+                    plus_ok = False
+                else:
+                    plus_ok = True
                 if attrs is None:
                     continue
                 ctypes.memset(ctypes.byref(st), 0, size)
                 _fill_stat(st, attrs)
             else:  # libfuse takes only st_ino and the type from a plain entry
+                plus_ok = False
                 st.st_ino = ino
                 st.st_mode = fmt
-            fill = FUSE_FILL_DIR_PLUS if plus and i >= 2 else 0
+            fill = FUSE_FILL_DIR_PLUS if plus and plus_ok and i >= 2 else 0
             if filler(buf, name.encode(enc, errs), st, i + 1, fill) != 0:
                 break
         return 0

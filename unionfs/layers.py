@@ -14,6 +14,8 @@ import stat
 from dataclasses import dataclass
 from typing import Protocol
 
+from .beneath import At, Dir, Tree
+
 WH_PREFIX = ".wh."
 WH_OPQ = ".wh..wh..opq"
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
@@ -105,49 +107,76 @@ def _join(dirpath: str, name: str) -> str:
 
 
 class DirLayer:
-    """A plain directory as a layer (a lower dir, or the upper dir seen read-only)."""
+    """A plain directory as a layer (a lower dir, or the upper dir seen read-only). Every access goes through
+    `beneath.Tree`: relative to a directory descriptor opened beneath the root, never by a joined path."""
 
     def __init__(self, root: str, ino_tag: int = 0, name: str | None = None) -> None:
         self.root = os.path.realpath(root)  # podman passes lowerdirs as symlinks (overlay/l/<short id>)
         self.ino_tag = ino_tag
         self.name = name or self.root
+        self.tree = Tree(self.root)
         self._xwh: dict[str, bool] = {}
 
     def real(self, path: str) -> str:
         return self.root if path == "/" else self.root + path
 
-    def _xattr_names(self, real: str) -> list[str]:
-        try:
-            return os.listxattr(real, follow_symlinks=False)
-        except OSError:
-            return []
+    def at(self, path: str) -> At:
+        """`with layer.at(path) as (dirfd, name)`: the parent directory of `path` (not "/") and its last name."""
+        return At(self.tree, path)
 
-    def _xattr(self, real: str, names: list[str], wanted: tuple[str, ...]) -> bytes | None:
+    def _dir_xattr(self, d: Dir, wanted: tuple[str, ...]) -> bytes | None:
+        """The first of the `wanted` xattrs directory `d` carries."""
+        try:
+            names = d.listxattr()
+        except OSError:
+            return None
+        return self._pick(d, names, wanted)
+
+    def _dir_markers(self, path: str) -> tuple[bool, str | None]:
+        """(opaque, redirect) of the directory at `path`."""
+        try:
+            d = self.tree.hold(path)
+        except OSError:
+            return False, None  # (gone meanwhile, or unreadable: shown as a plain directory)
+        try:
+            try:
+                names = d.listxattr()
+            except OSError:
+                names = []
+            opaque, redirect = False, None
+            if names:
+                v = self._pick(d, names, OPAQUE_XATTRS)
+                opaque = v is not None and v[:1] == b"y"
+                r = self._pick(d, names, REDIRECT_XATTRS)
+                redirect = r.decode("utf-8", "surrogateescape") if r is not None else None
+            if not opaque:
+                opaque = _lexists_at(d.fd, WH_OPQ)
+            return opaque, redirect
+        finally:
+            self.tree.release(d)
+
+    def _pick(self, d: Dir, names: list[str], wanted: tuple[str, ...]) -> bytes | None:
         for n in wanted:
             if n in names:
                 try:
-                    return os.getxattr(real, n, follow_symlinks=False)
+                    return d.getxattr(n)
                 except OSError:
                     pass
         return None
 
-    def record(self, path: str, st: os.stat_result) -> Record:
+    def record(self, path: str, st: os.stat_result, dirfd: int = -1, name: str = "") -> Record:
         whiteout = _is_whiteout_stat(st)
         opaque = False
         redirect = None
         if stat.S_ISDIR(st.st_mode):
-            real = self.real(path)
-            names = self._xattr_names(real)
-            if names:
-                v = self._xattr(real, names, OPAQUE_XATTRS)
-                opaque = v is not None and v[:1] == b"y"
-                r = self._xattr(real, names, REDIRECT_XATTRS)
-                redirect = r.decode("utf-8", "surrogateescape") if r else None
-            if not opaque:
-                opaque = os.path.lexists(real + "/" + WH_OPQ)
-        elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and path != "/" and self._xwhiteouts(path):
-            names = self._xattr_names(self.real(path))
-            if names and any(n in names for n in WHITEOUT_XATTRS):
+            opaque, redirect = self._dir_markers(path)
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and path != "/" and dirfd >= 0 and \
+                self._xwhiteouts(path):
+            try:
+                names = os.listxattr(f"/proc/self/fd/{dirfd}/{name}", follow_symlinks=False)
+            except OSError:
+                names = []
+            if any(n in names for n in WHITEOUT_XATTRS):
                 whiteout = True
         return Record(
             mode=st.st_mode, ino=st.st_ino | self.ino_tag, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid,
@@ -158,13 +187,20 @@ class DirLayer:
     def _xwhiteouts(self, path: str) -> bool:
         """Whether the directory holding `path` is marked opaque=x, the only place overlayfs honours xattr
         whiteouts. Remembered per directory (a bounded map): every empty file of a layer would otherwise cost a
-        listxattr. The union marks a directory so only where it cannot write other whiteouts, and then calls
-        `forget_xwhiteouts`; a stale True only costs that listxattr."""
+        listxattr. The union marks a directory so only where it cannot write other whiteouts, and calls
+        `forget_xwhiteouts` then and whenever an upper directory is removed or moved (the map is by path); a stale
+        True only costs that listxattr."""
         head = path.rpartition("/")[0] or "/"
         v = self._xwh.get(head)
         if v is None:
-            real = self.real(head)
-            v = self._xattr(real, self._xattr_names(real), OPAQUE_XATTRS) == b"x"
+            try:
+                d = self.tree.hold(head)
+            except OSError:
+                return False
+            try:
+                v = self._dir_xattr(d, OPAQUE_XATTRS) == b"x"
+            finally:
+                self.tree.release(d)
             if len(self._xwh) >= _XWH_MAX:
                 self._xwh.clear()
             self._xwh[head] = v
@@ -173,67 +209,130 @@ class DirLayer:
     def forget_xwhiteouts(self) -> None:
         self._xwh.clear()
 
+    def stat(self, path: str) -> os.stat_result:
+        """lstat of `path`, reached beneath the root."""
+        if path == "/":
+            return os.fstat(self.tree.root.fd)
+        with self.at(path) as (fd, name):
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
     def lookup(self, path: str) -> Record | None:
-        real = self.real(path)
+        if path == "/":
+            return self.record(path, os.fstat(self.tree.root.fd))
+        head, _, name = path.rpartition("/")
         try:
-            st = os.lstat(real)
+            d = self.tree.hold(head or "/")
         except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            if e.errno not in _ABSENT:
                 raise
-            head, _, name = path.rpartition("/")
-            if name and not name.startswith(WH_PREFIX) and os.path.lexists(self.root + head + "/" + WH_PREFIX + name):
-                return Record(mode=stat.S_IFCHR, ino=0, whiteout=True)
-            return None
-        if path != "/" and path.rpartition("/")[2].startswith(WH_PREFIX):
-            return None  # marker files are never names of the union
-        return self.record(path, st)
+            return None  # a missing parent, or one that is not a directory here (a symlink is never followed)
+        try:
+            try:
+                st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in _ABSENT:
+                    raise
+                if name and not name.startswith(WH_PREFIX) and _lexists_at(d.fd, WH_PREFIX + name):
+                    return Record(mode=stat.S_IFCHR, ino=0, whiteout=True)
+                return None
+            if name.startswith(WH_PREFIX):
+                return None  # marker files are never names of the union
+            return self.record(path, st, d.fd, name)
+        finally:
+            self.tree.release(d)
 
     def listdir(self, path: str) -> list[tuple[str, int, int, bool]]:
         out: list[tuple[str, int, int, bool]] = []
-        real = self.real(path)
-        # kernel overlayfs marks a directory holding xattr whiteouts with opaque=x; only then are files checked
-        xattr_whiteouts = self._xattr(real, self._xattr_names(real), OPAQUE_XATTRS) == b"x"
-        with os.scandir(real) as it:
-            for de in it:
-                name = de.name
-                if name.startswith(WH_PREFIX):
-                    if name != WH_OPQ and len(name) > len(WH_PREFIX):
-                        out.append((name[len(WH_PREFIX):], stat.S_IFCHR, 0, True))
-                    continue
-                try:
-                    if de.is_dir(follow_symlinks=False):
-                        fmt = stat.S_IFDIR
-                    elif de.is_file(follow_symlinks=False):
-                        fmt = stat.S_IFREG
-                        if xattr_whiteouts and de.stat(follow_symlinks=False).st_size == 0:
-                            xs = self._xattr_names(de.path)
-                            if any(n in xs for n in WHITEOUT_XATTRS):
+        d = self.tree.hold(path)
+        try:
+            # kernel overlayfs marks a directory holding xattr whiteouts with opaque=x; only then are files checked
+            xattr_whiteouts = self._dir_xattr(d, OPAQUE_XATTRS) == b"x"
+            # a listing of its own: the held descriptor's file offset is shared by every user of it
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=d.fd)
+        finally:
+            self.tree.release(d)
+        try:
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = de.name
+                    if name.startswith(WH_PREFIX):
+                        if name != WH_OPQ and len(name) > len(WH_PREFIX):
+                            out.append((name[len(WH_PREFIX):], stat.S_IFCHR, 0, True))
+                        continue
+                    try:
+                        if de.is_dir(follow_symlinks=False):
+                            fmt = stat.S_IFDIR
+                        elif de.is_file(follow_symlinks=False):
+                            fmt = stat.S_IFREG
+                            if xattr_whiteouts and de.stat(follow_symlinks=False).st_size == 0:
+                                xs = os.listxattr(f"/proc/self/fd/{fd}/{name}", follow_symlinks=False)
+                                if any(n in xs for n in WHITEOUT_XATTRS):
+                                    out.append((name, stat.S_IFCHR, 0, True))
+                                    continue
+                        elif de.is_symlink():
+                            fmt = stat.S_IFLNK
+                        else:
+                            st = de.stat(follow_symlinks=False)
+                            if _is_whiteout_stat(st):
                                 out.append((name, stat.S_IFCHR, 0, True))
                                 continue
-                    elif de.is_symlink():
-                        fmt = stat.S_IFLNK
-                    else:
-                        st = de.stat(follow_symlinks=False)
-                        if _is_whiteout_stat(st):
-                            out.append((name, stat.S_IFCHR, 0, True))
-                            continue
-                        fmt = stat.S_IFMT(st.st_mode)
-                except FileNotFoundError:
-                    continue
-                out.append((name, fmt, de.inode() | self.ino_tag, False))
+                            fmt = stat.S_IFMT(st.st_mode)
+                    except FileNotFoundError:
+                        continue
+                    out.append((name, fmt, de.inode() | self.ino_tag, False))
+        finally:
+            os.close(fd)
         return out
 
+    def raw_names(self, path: str) -> list[str]:
+        """Every name in the directory at `path`, markers included."""
+        d = self.tree.hold(path)
+        try:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=d.fd)
+        finally:
+            self.tree.release(d)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
     def open_read(self, path: str) -> int:
-        return os.open(self.real(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return self.open(path, os.O_RDONLY)
+
+    def open(self, path: str, flags: int, mode: int = 0o777) -> int:
+        """open(2) of `path` with `flags` (O_NOFOLLOW added: a layer's symlink is never followed)."""
+        if path == "/":
+            return os.open(".", flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.tree.root.fd)
+        with self.at(path) as (fd, name):
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
 
     def readlink(self, path: str) -> str:
-        return os.readlink(self.real(path))
+        with self.at(path) as (fd, name):
+            return os.readlink(name, dir_fd=fd)
 
     def listxattr(self, path: str) -> list[str]:
-        return [n for n in os.listxattr(self.real(path), follow_symlinks=False) if not is_private_xattr(n)]
+        if path == "/":
+            return [n for n in self.tree.root.listxattr() if not is_private_xattr(n)]
+        with self.at(path) as (fd, name):
+            return [n for n in os.listxattr(f"/proc/self/fd/{fd}/{name}", follow_symlinks=False) if not is_private_xattr(n)]
 
     def getxattr(self, path: str, name: str) -> bytes:
-        return os.getxattr(self.real(path), name, follow_symlinks=False)
+        if path == "/":
+            return self.tree.root.getxattr(name)
+        with self.at(path) as (fd, last):
+            return os.getxattr(f"/proc/self/fd/{fd}/{last}", name, follow_symlinks=False)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root)
+
+
+# a symlink where a directory is wanted: not there (overlayfs never follows one inside a layer)
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def _lexists_at(dirfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        return True
+    except OSError:
+        return False

@@ -22,6 +22,8 @@ import ctypes
 import errno
 import itertools
 import os
+import resource
+import shutil
 import stat
 import threading
 import time
@@ -32,9 +34,11 @@ from typing import TypeVar
 from . import copyup
 from .idmap import IdMapping
 from .layers import ORIGIN_XATTR, DirLayer, Layer, Record, xattr_from_layer, xattr_to_layer
-from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, fallback_name, renameat2
+from .upper import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperWriter, clear_dir, fallback_name,
+                    set_opaque_at)
 
 _CACHE_MAX = 8192
+_DIR_FDS = 128  # directory descriptors a layer keeps open at most (see _share_fds)
 # Lower files resolved lately: a file is resolved again by the open that follows its lookup, rarely later (the kernel
 # keeps its attributes), so a short memory serves; 8192 held ~4 MB of Nodes after a 100,000-file walk for nothing.
 _FILES_MAX = 1024
@@ -61,6 +65,24 @@ def _split(path: str) -> tuple[str, str]:
 
 def _join(d: str, name: str) -> str:
     return d + name if d.endswith("/") else d + "/" + name
+
+
+def redirect_target(redirect: str, lpath: str) -> str:
+    """Where a directory at layer path `lpath` redirected to `redirect` has its lower parts, checked as kernel
+    overlayfs checks it (ovl_get_redirect_xattr, then one lookup_one per component): an absolute path of non-empty
+    components, or one sibling name; else EINVAL. A `.` or `..` component is EACCES: a redirect never leaves the
+    layer stack's root."""
+    if redirect.startswith("/"):
+        names = redirect[1:].split("/")
+    else:
+        names = [redirect]
+        if "/" in redirect:
+            names = [""]
+    if "" in names:
+        raise _err(errno.EINVAL, lpath)
+    if "." in names or ".." in names:
+        raise _err(errno.EACCES, lpath)
+    return redirect if redirect.startswith("/") else _join(_split(lpath)[0], redirect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,20 +123,21 @@ class Overlay:
                 raise ValueError("an upper directory needs a work directory")
             self.upper = DirLayer(upper, name="upper")
             self.layers.append(self.upper)
-            self.w = UpperWriter(upper)
-            self.w.on_xwhiteout_dir = self.upper.forget_xwhiteouts
+            self.w = UpperWriter(self.upper)
             self.work = os.path.join(os.path.abspath(work), "work")
             self.index = os.path.join(os.path.abspath(work), "index")
             for d in (self.work, self.index):
                 os.makedirs(d, mode=0o700, exist_ok=True)
-            self.w.clear_dir(self.work)  # leftovers of an interrupted copy-up or of files parked by a dead daemon
+            clear_dir(self.work)  # leftovers of an interrupted copy-up or of files parked by a dead daemon
         self.layers.extend(lowers)
         self._nlayers = len(self.layers)
         self.idmap = idmap  # owners as stored <-> as the kernel sees them (uidmapping/gidmapping)
         if upper is not None:
             # hardlink groups joined on copy-up, addressed as "/<inode hex>"; never part of a directory stack
             self._index_layer = DirLayer(self.index, name="index")
+            self._index_w = UpperWriter(self._index_layer)
             self.layers.append(self._index_layer)
+        self._share_fds()
         self._mu = threading.RLock()
         self._cache: dict[str, Node] = {}
         # Non-directories that live in a lower layer: immutable until a copy-up, whiteout or move, each of which
@@ -135,6 +158,17 @@ class Overlay:
         self._hidden: dict[str, tuple[Layer, str, int]] = {}
         if upper is not None:
             self._parking = DirLayer(self.work, name="work")
+            self._park_w = UpperWriter(self._parking)
+
+    def _share_fds(self) -> None:
+        """Bound the directory descriptors the layers keep open: a quarter of the open-file limit in all (a podman
+        image may have 127 layers, and the daemon's own limit may be 1024), at most _DIR_FDS a layer."""
+        trees = [layer.tree for layer in self.layers if isinstance(layer, DirLayer)]
+        if trees:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            budget = _DIR_FDS * len(trees) if soft == resource.RLIM_INFINITY else soft // 4
+            for t in trees:
+                t.most = max(4, min(_DIR_FDS, budget // len(trees)))
 
     # ---- resolution -------------------------------------------------------------------------------------------
 
@@ -144,10 +178,34 @@ class Overlay:
             self._cache.clear()
             self._files.clear()
 
+    def _dir_changed(self, path: str) -> None:
+        """A directory appeared or went at `path`: only it and its parent are known wrongly now (nothing visible
+        lies below a new or an empty directory). Dropping every stack instead made each of `rm -rf`'s rmdirs
+        resolve the next path from the root: quadratic in a deep tree."""
+        with self._cache_mu:
+            self._gen += 1
+            self._cache.pop(path, None)
+            self._cache.pop(_split(path)[0], None)
+
+    def _renew(self, path: str) -> None:
+        """The directory at `path` changed layers (a copy-up): resolve it afresh, its descendants stay known."""
+        with self._cache_mu:
+            self._gen += 1
+            self._cache.pop(path, None)
+        self._dir(path)
+
     def _forget(self, path: str) -> None:
         with self._cache_mu:
             self._gen += 1
             self._files.pop(path, None)
+
+    def _gone(self, *paths: str) -> None:
+        """Upper directories at `paths` were removed or moved: their cached descriptors name something else now, and
+        so may what the upper layer remembers by path of which directories hold xattr whiteouts."""
+        if self.upper is not None:
+            for p in paths:
+                self.upper.tree.forget(p)
+            self.upper.forget_xwhiteouts()
 
     def _root(self) -> Node:
         parts: list[tuple[int, str, Record]] = []
@@ -167,10 +225,28 @@ class Overlay:
         if n is not None:
             return n
         gen = self._gen
-        n = self.resolve(path)
-        if n is None or not n.is_dir:
-            return None
-        self._keep(self._cache, path, n, gen)
+        if path == "/":
+            n = self._root()
+            self._keep(self._cache, path, n, gen)
+            return n
+        # from the nearest directory already known, down one component at a time (never recursively: the kernel
+        # lets a tree grow far deeper than Python's stack)
+        below: list[str] = []
+        p = path
+        while n is None:
+            below.append(p)
+            p = _split(p)[0]
+            n = self._cache.get(p)
+            if n is None and p == "/":
+                n = self._root()
+                self._keep(self._cache, p, n, gen)
+        for p in reversed(below):
+            name = _split(p)[1]
+            c = None if name.startswith(HIDDEN_PREFIX) else self._child(n, name)
+            if c is None or not c.is_dir:
+                return None
+            n = c
+            self._keep(self._cache, p, n, gen)
         return n
 
     def _keep(self, cache: dict[str, Node], path: str, n: Node, gen: int, most: int = _CACHE_MAX) -> None:
@@ -224,7 +300,7 @@ class Overlay:
             if r.opaque:
                 break
             if r.redirect:
-                target = r.redirect if r.redirect.startswith("/") else _join(_split(cp)[0], r.redirect)
+                target = redirect_target(r.redirect, cp)
                 todo = todo[:k] + [(lj, target) for lj in range(li + 1, self._nlayers)]
         if not found:
             return None
@@ -247,7 +323,7 @@ class Overlay:
             raise _err(errno.EISDIR, old)
         if self._in_upper(n):
             tmp = copyup.work_name(self.work)
-            os.link(self.w.real(old), tmp)  # a second name keeps the inode (and its data) alive in the work dir
+            self.w.link_out(old, tmp)  # a second name keeps the inode (and its data) alive in the work dir
             self._hidden[_split(new)[1]] = (self._parking, "/" + os.path.basename(tmp), n.ino)
         else:
             self._hidden[_split(new)[1]] = (self.layers[n.layer], n.lpath, n.ino)
@@ -256,7 +332,7 @@ class Overlay:
     def _file_ino(self, li: int, lpath: str, rec: Record) -> int:
         if li == 0 and self.upper is not None:
             try:
-                v = copyup.decode_ino(os.getxattr(self.upper.real(lpath), ORIGIN_XATTR, follow_symlinks=False))
+                v = copyup.decode_ino(self.upper.getxattr(lpath, ORIGIN_XATTR))
                 if v is not None:
                     return v
             except OSError:
@@ -449,31 +525,31 @@ class Overlay:
         return f"{self.index}/{ino:x}"
 
     def copy_up(self, path: str, n: Node | None = None) -> str:
-        """Make `path` exist in the upper directory (data included) and return its real path there."""
+        """Make `path` exist in the upper directory (data included). Returns its upper path (`path` itself), or for
+        a parked file (libfuse's hidden name of an unlinked open file) its absolute path in the work dir."""
         w = self._need_upper()
         if n is not None and n.layer == -1:
             layer, lpath, _ = self._hidden[_split(path)[1]]
             if layer is not self._parking:
                 raise _err(errno.EROFS, path)
             return self._parking.real(lpath)
-        real = w.real(path)
         if n is not None and self._in_upper(n):
-            return real
+            return path
         with self._mu:
             n = self._node(path)
             if self._in_upper(n):
-                return real
+                return path
             if path != "/":
                 self._copy_up_parent(path)
             layer = self.layers[n.layer]
             if not n.is_dir and (n.rec.nlink > 1 or n.layer == self._nlayers):
                 idx = self._index_path(n.ino)
                 if os.path.lexists(idx):
-                    with copyup.keeping_parent_times(real):
-                        os.link(idx, real)
+                    with w.parent_times_kept(path):
+                        w.link_in(idx, path)
                     self._invalidate()
-                    self._follow_copy_up(n.ino, real)
-                    return real
+                    self._follow_copy_up(n.ino, path)
+                    return path
                 tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
                 try:
                     os.setxattr(tmp, NLINK_XATTR, str(n.rec.nlink).encode())
@@ -483,27 +559,29 @@ class Overlay:
             else:
                 tmp = copyup.build_copy(layer, n.lpath, n.rec, self.work, n.ino)
             try:
-                with copyup.keeping_parent_times(real):
-                    os.rename(tmp, real)
+                with w.parent_times_kept(path):
+                    w.move_in(tmp, path)
             except BaseException:
                 copyup.discard(tmp)
                 raise
-            if n.is_dir or n.rec.nlink > 1:
+            if n.is_dir:
+                self._renew(path)  # its own stack gained the upper part; nothing below it is in the upper yet
+            elif n.rec.nlink > 1:
                 self._invalidate()  # a hardlink group's other names now show the copy too
             else:
                 self._forget(path)
             if n.is_dir and self.notify is not None:
                 self.notify([path])  # now a merged directory: its link count reads 1, as overlayfs reports it
             if not n.is_dir:
-                self._follow_copy_up(n.ino, real)
-            return real
+                self._follow_copy_up(n.ino, path)
+            return path
 
-    def _follow_copy_up(self, ino: int, real: str) -> None:
+    def _follow_copy_up(self, ino: int, path: str) -> None:
         """Files opened read-only before the copy-up read the copy from now on (as kernel overlayfs does)."""
         with self._handles_mu:  # a handle still in the table owns its fd number: no release can race the dup2
             for h in list(self.handles.values()):
                 if h.ino == ino and not h.upper:
-                    fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+                    fd = self.w.open(path, os.O_RDONLY)
                     if h.fd < 0:  # served from memory until now
                         h.fd, h.data = fd, None
                     else:
@@ -516,77 +594,100 @@ class Overlay:
     def _copy_up_parent(self, path: str) -> str:
         head, _ = _split(path)
         if head == "/":
-            return self.w.root
+            return head
         p = self._dir(head)
         if p is None:
             raise _err(errno.ENOENT, head)
+        if not self._in_upper(p):
+            # the ancestors missing from the upper, copied up from the top down: one at a time, never by recursion
+            # (a tree may be far deeper than Python's stack)
+            missing = []
+            q = _split(head)[0]
+            while q != "/":
+                a = self._dir(q)
+                if a is None:
+                    raise _err(errno.ENOENT, q)
+                if self._in_upper(a):
+                    break
+                missing.append(q)
+                q = _split(q)[0]
+            for q in reversed(missing):
+                self.copy_up(q)
+            p = self._dir(head)
+            if p is None:
+                raise _err(errno.ENOENT, head)
         return self.copy_up(head, p)
 
     # ---- creation ---------------------------------------------------------------------------------------------
 
     def _prepare_new(self, path: str) -> tuple[str, str | None]:
-        """Parent copied up; returns the real path and the whiteout that covers `path` there: "node" (a char 0/0
+        """Parent copied up; returns the upper path and the whiteout that covers `path` there: "node" (a char 0/0
         or xattr whiteout in its place), "file" (a `.wh.` file beside it) or None. Nothing is removed here:
         `_place` replaces the whiteout once the new object exists, so that a failed creation leaves it."""
         w = self._need_upper()
         self._copy_up_parent(path)
         self._forget(path)
-        real = w.real(path)
         try:
-            st = os.lstat(real)
+            st = w.lstat(path)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                return real, "node"
+                return path, "node"
             if stat.S_ISREG(st.st_mode) and st.st_size == 0 and self.resolve(path) is None:
-                return real, "node"  # an xattr whiteout
+                return path, "node"  # an xattr whiteout
         except FileNotFoundError:
             pass
-        wh = fallback_name(real)
-        return real, "file" if wh is not None and os.path.lexists(wh) else None
+        wh = fallback_name(path)
+        if wh is not None:
+            try:
+                w.lstat(wh)
+                return path, "file"
+            except FileNotFoundError:
+                pass
+        return path, None
 
-    def _place(self, real: str, over: str | None, make: Callable[[str], T], new_inode: bool = True) -> T:
-        """Create an object by `make(target)` at `real`, over the whiteout `_prepare_new` found. Over one in its
-        place the object is made in the work dir and then renamed over it (a directory: exchanged with it, the
-        whiteout then removed), as kernel overlayfs does: a failure anywhere leaves the whiteout."""
+    def _place(self, real: str, over: str | None, make: Callable[[int, str], T], new_inode: bool = True) -> T:
+        """Create an object by `make(dirfd, name)` at upper path `real`, over the whiteout `_prepare_new` found.
+        Over one in its place the object is made in the work dir and then renamed over it (a directory: exchanged
+        with it, the whiteout then removed), as kernel overlayfs does: a failure anywhere leaves the whiteout."""
+        w = self.w
         if over != "node":
-            r = make(real)
+            with w.at(real) as (d, name):
+                r = make(d, name)
             if over == "file":
-                self.w.clear_fallback_whiteout(real)
+                w.clear_fallback_whiteout(real)
             return r
         tmp = copyup.work_name(self.work)
-        r = make(tmp)
+        r = make(self._parking.tree.root.fd, os.path.basename(tmp))
         try:
             st = os.lstat(tmp)
             is_dir = stat.S_ISDIR(st.st_mode)
-            pst = os.lstat(os.path.dirname(real))
+            pst = w.lstat(_split(real)[0])
             if new_inode and pst.st_mode & stat.S_ISGID:
                 # the work dir has no set-group-ID bit: apply what creating in place would have done
                 os.chown(tmp, -1, pst.st_gid, follow_symlinks=False)
                 if is_dir:
                     os.chmod(tmp, stat.S_IMODE(st.st_mode) | stat.S_ISGID)
-            if is_dir:
-                renameat2(tmp, real, RENAME_EXCHANGE)
-            else:
-                os.rename(tmp, real)
+            w.move_in(tmp, real, RENAME_EXCHANGE if is_dir else 0)
         except BaseException:
-            if new_inode:
-                self.w.remove_tree(tmp)
+            if new_inode and os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
             else:
                 os.unlink(tmp)
             raise
         if is_dir:
-            self.w.remove_tree(tmp)  # the whiteout, exchanged out
+            os.unlink(tmp)  # the whiteout, exchanged out
         return r
 
     def _own(self, real: str, owner: tuple[int, int], fd: int | None = None) -> None:
-        """Give a new object the caller's owner (the kernel's ids, stored as their container ids)."""
+        """Give a new object at upper path `real` the caller's owner (the kernel's ids, stored as their container
+        ids)."""
         uid, gid = owner if self.idmap is None else self.idmap.to_container(*owner)
-        parent_mode = os.lstat(os.path.dirname(real)).st_mode
+        parent_mode = self.w.lstat(_split(real)[0]).st_mode
         if parent_mode & stat.S_ISGID:
             gid = -1  # the filesystem already gave it the directory's group
         if fd is not None:
             os.fchown(fd, uid, gid)
         else:
-            os.chown(real, uid, gid, follow_symlinks=False)
+            self.w.chown(real, uid, gid)
 
     def _exists(self, path: str) -> None:
         if self.resolve(path) is not None:
@@ -601,9 +702,9 @@ class Overlay:
             real, over = self._prepare_new(path)
             fds: list[int] = []
 
-            def make(target: str) -> int:
-                fds.append(os.open(target, (flags & _OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                   stat.S_IMODE(mode)))
+            def make(d: int, name: str) -> int:
+                fds.append(os.open(name, (flags & _OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   stat.S_IMODE(mode), dir_fd=d))
                 return fds[0]
             try:
                 fd = self._place(real, over, make)
@@ -621,11 +722,12 @@ class Overlay:
             self._exists(path)
             real, over = self._prepare_new(path)
 
-            def make(target: str) -> None:
+            def make(d: int, name: str) -> None:
                 if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
-                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, stat.S_IMODE(mode)))
+                    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     stat.S_IMODE(mode), dir_fd=d))
                 else:
-                    os.mknod(target, mode, rdev)
+                    os.mknod(name, mode, rdev, dir_fd=d)
             self._place(real, over, make)
             self._own(real, owner)
 
@@ -634,23 +736,23 @@ class Overlay:
             self._exists(path)
             real, over = self._prepare_new(path)
 
-            def make(target: str) -> None:
-                os.mkdir(target, stat.S_IMODE(mode))
+            def make(d: int, name: str) -> None:
+                os.mkdir(name, stat.S_IMODE(mode), dir_fd=d)
                 if over is not None:  # over a whiteout: nothing below may show through
                     try:
-                        self.w.set_opaque(target)
+                        set_opaque_at(self.w.xattr_path(d, name))
                     except BaseException:
-                        self.w.remove_tree(target)
+                        shutil.rmtree(self.w.xattr_path(d, name), ignore_errors=True)
                         raise
             self._place(real, over, make)
             self._own(real, owner)
-            self._invalidate()
+            self._dir_changed(path)
 
     def symlink(self, path: str, target: str, owner: tuple[int, int]) -> None:
         with self._mu:
             self._exists(path)
             real, over = self._prepare_new(path)
-            self._place(real, over, lambda t: os.symlink(target, t))
+            self._place(real, over, lambda d, name: os.symlink(target, name, dir_fd=d))
             self._own(real, owner)
 
     def link(self, src: str, dst: str) -> None:
@@ -661,7 +763,14 @@ class Overlay:
             self._exists(dst)
             sreal = self.copy_up(src, n)
             real, over = self._prepare_new(dst)
-            self._place(real, over, lambda t: os.link(sreal, t), new_inode=False)
+
+            def make(d: int, name: str) -> None:
+                if n.layer == -1:  # a parked file (its copy_up is its work dir path)
+                    os.link(sreal, name, dst_dir_fd=d, follow_symlinks=False)
+                    return
+                with self.w.at(sreal) as (sd, sname):
+                    os.link(sname, name, src_dir_fd=sd, dst_dir_fd=d, follow_symlinks=False)
+            self._place(real, over, make, new_inode=False)
             self._adjust_group(n, +1)
             self._note_peer(n.ino, src)
             self._note_peer(n.ino, dst)
@@ -670,31 +779,32 @@ class Overlay:
     # ---- removal ----------------------------------------------------------------------------------------------
 
     def _whiteout_over(self, real: str, is_dir: bool = False) -> None:
-        """Replace the object at `real` (a non-directory, or a logically empty directory) by a whiteout such that a
-        failure leaves one of the two in place: the whiteout is made in the work dir and renamed over the object
-        or, for a directory, exchanged with it and the directory then removed (kernel overlayfs's way); a `.wh.`
-        file is made before the object goes."""
+        """Replace the object at upper path `real` (a non-directory, or a logically empty directory) by a whiteout
+        such that a failure leaves one of the two in place: the whiteout is made in the work dir and renamed over
+        the object or, for a directory, exchanged with it and the directory then removed (kernel overlayfs's way);
+        a `.wh.` file is made before the object goes."""
+        w = self.w
         tmp = copyup.work_name(self.work)
         made = False
-        if self.w.mknod_ok:
+        if w.mknod_ok:
             try:
                 os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0))
                 made = True
             except PermissionError:
-                self.w.mknod_ok = False
+                w.mknod_ok = False
         if not made:
             if fallback_name(real) is not None:
-                self.w.make_whiteout_at(real)
-                self.w.remove_tree(real)
+                w.make_whiteout_at(real)
+                w.remove_tree(real)
                 return
-            self.w.make_xattr_whiteout(real, tmp)
+            w.make_xattr_whiteout(real, tmp)
         try:
-            renameat2(tmp, real, RENAME_EXCHANGE if is_dir else 0)
+            w.move_in(tmp, real, RENAME_EXCHANGE if is_dir else 0)
         except BaseException:
             os.unlink(tmp)
             raise
         if is_dir:
-            self.w.remove_tree(tmp)
+            shutil.rmtree(tmp)  # the directory, exchanged out: empty but for whiteouts and markers
 
     def unlink(self, path: str) -> None:
         if _split(path)[1] in self._hidden:
@@ -713,13 +823,13 @@ class Overlay:
                 self.copy_up(path, n)
                 n = self._node(path)
             lower = self._lower_positive(path)
-            real = w.real(path)
+            real = path
             self._adjust_group(n, -1)
             if self._in_upper(n):
                 if lower:
                     self._whiteout_over(real)
                 else:
-                    os.unlink(real)
+                    w.unlink(real)
             else:
                 self._copy_up_parent(path)
                 w.make_whiteout_at(real)
@@ -740,17 +850,20 @@ class Overlay:
             if not self.is_empty_dir(path):
                 raise _err(errno.ENOTEMPTY, path)
             lower = self._lower_positive(path)
-            real = w.real(path)
-            if self._in_upper(n) and lower:
-                self._whiteout_over(real, is_dir=True)
-            elif self._in_upper(n):
-                w.clear_dir(real)
-                os.rmdir(real)
-            else:
-                self._copy_up_parent(path)
-                if lower:
-                    w.make_whiteout_at(real)
-            self._invalidate()
+            real = path
+            try:
+                if self._in_upper(n) and lower:
+                    self._whiteout_over(real, is_dir=True)
+                elif self._in_upper(n):
+                    w.clear_dir(real)
+                    w.rmdir(real)
+                else:
+                    self._copy_up_parent(path)
+                    if lower:
+                        w.make_whiteout_at(real)
+            finally:
+                self._gone(path)  # (exchanged out, the directory may have gone even where a later step failed)
+            self._dir_changed(path)
 
     # ---- rename -----------------------------------------------------------------------------------------------
 
@@ -784,6 +897,7 @@ class Overlay:
                 lost = self._rename(old, new, flags)
             finally:
                 self._invalidate()
+                self._gone(old, new)
         if lost is not None:
             self.changed(lost, new)
 
@@ -815,7 +929,7 @@ class Overlay:
         if flags & RENAME_EXCHANGE:
             sreal = self._prepare_move(old, src)
             dreal = self._prepare_move(new, dst)
-            renameat2(sreal, dreal, RENAME_EXCHANGE)
+            w.rename(sreal, dreal, RENAME_EXCHANGE)
             self._invalidate()
             self._set_opaque_if_needed(src, new, dreal)
             self._set_opaque_if_needed(dst, old, sreal)
@@ -827,32 +941,32 @@ class Overlay:
         old_lower = self._lower_positive(old)
         sreal = self._prepare_move(old, src)
         self._copy_up_parent(new)
-        dreal = w.real(new)
+        dreal = new
         swap = False
         if dst is not None and self._in_upper(dst) and dst.is_dir:
             w.clear_dir(dreal)
         elif src.is_dir and dst is None:
             try:
-                swap = not stat.S_ISDIR(os.lstat(dreal).st_mode)  # a whiteout where the directory goes
+                swap = not stat.S_ISDIR(w.lstat(dreal).st_mode)  # a whiteout where the directory goes
             except FileNotFoundError:
                 pass
         if swap:
             # exchanged rather than removed first, so that a failure leaves the whiteout (kernel overlayfs's way)
-            renameat2(sreal, dreal, RENAME_EXCHANGE)
-            if old_lower and stat.S_ISCHR(os.lstat(sreal).st_mode):
+            w.rename(sreal, dreal, RENAME_EXCHANGE)
+            if old_lower and stat.S_ISCHR(w.lstat(sreal).st_mode):
                 old_lower = False  # that whiteout now covers the old name
             else:
-                os.unlink(sreal)
+                w.unlink(sreal)
         elif old_lower and w.mknod_ok:
             try:
-                renameat2(sreal, dreal, RENAME_WHITEOUT)
+                w.rename(sreal, dreal, RENAME_WHITEOUT)
                 old_lower = False
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.EPERM, errno.ENOTDIR, errno.EISDIR):
                     raise
-                os.rename(sreal, dreal)
+                w.rename(sreal, dreal)
         else:
-            os.rename(sreal, dreal)
+            w.rename(sreal, dreal)
         w.clear_fallback_whiteout(dreal)
         if dst is not None and not dst.is_dir:
             self._adjust_group(dst, -1)
@@ -864,49 +978,55 @@ class Overlay:
 
     # ---- metadata changes -------------------------------------------------------------------------------------
 
-    def _copy_up_for_change(self, path: str) -> str:
-        n = self._node(path)
+    def _copy_up_for_change(self, path: str, n: Node | None = None) -> tuple[UpperWriter, str]:
+        """Where a change of `path` lands: the upper (copied up first), or the work dir for a parked file."""
+        n = n or self._node(path)
+        if n.layer == -1:
+            layer, lpath, _ = self._hidden[_split(path)[1]]
+            if layer is not self._parking:
+                raise _err(errno.EROFS, path)
+            return self._park_w, lpath
         real = self.copy_up(path, n)
         if not n.is_dir:
             self.changed(n.ino, path)
-        return real
+        return self.w, real
 
     def chmod(self, path: str, mode: int) -> None:
-        real = self._copy_up_for_change(path)
-        os.chmod(real, stat.S_IMODE(mode), follow_symlinks=not os.path.islink(real))
+        w, real = self._copy_up_for_change(path)
+        w.chmod(real, stat.S_IMODE(mode))
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         if self.idmap is not None:
             uid, gid = self.idmap.to_container(uid, gid)
-        real = self._copy_up_for_change(path)
-        os.chown(real, uid, gid, follow_symlinks=False)
+        w, real = self._copy_up_for_change(path)
+        w.chown(real, uid, gid)
 
     def utimens(self, path: str, times: tuple[int, int] | None) -> None:
-        real = self._copy_up_for_change(path)
+        w, real = self._copy_up_for_change(path)
         if times is None:
-            os.utime(real, follow_symlinks=False)
+            w.utime(real, None)
             return
-        st = os.lstat(real)
+        st = w.lstat(real)
         now = time.time_ns()
         pick = []
         for v, cur in zip(times, (st.st_atime_ns, st.st_mtime_ns)):
             pick.append(now if v == UTIME_NOW else cur if v == UTIME_OMIT else v)
-        os.utime(real, ns=(pick[0], pick[1]), follow_symlinks=False)
+        w.utime(real, (pick[0], pick[1]))
 
-    def _xattr_target(self, path: str, n: Node) -> str:
+    def _xattr_target(self, path: str, n: Node) -> tuple[UpperWriter, str]:
         """Where an xattr change lands: a name shown through the hardlink index changes the index file itself
         without getting a name in the upper dir (what kernel overlayfs with index=on does for xattrs)."""
         if n.layer == self._nlayers:
             self.changed(n.ino, path)
-            return self._index_path(n.ino)
-        return self._copy_up_for_change(path)
+            return self._index_w, f"/{n.ino:x}"
+        return self._copy_up_for_change(path, n)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         stored = xattr_to_layer(name)
         if stored is None:
             raise _err(errno.EPERM, path)
-        real = self._xattr_target(path, self._node(path))
-        os.setxattr(real, stored, value, flags, follow_symlinks=False)
+        w, real = self._xattr_target(path, self._node(path))
+        w.setxattr(real, stored, value, flags)
 
     def removexattr(self, path: str, name: str) -> None:
         stored = xattr_to_layer(name)
@@ -914,8 +1034,8 @@ class Overlay:
             raise _err(errno.ENODATA, path)
         n = self._node(path)
         self._layer_of(path, n).getxattr(n.lpath, stored)  # ENODATA before any copy-up, as the kernel does
-        real = self._xattr_target(path, n)
-        os.removexattr(real, stored, follow_symlinks=False)
+        w, real = self._xattr_target(path, n)
+        w.removexattr(real, stored)
 
     # ---- file data --------------------------------------------------------------------------------------------
 
@@ -924,14 +1044,17 @@ class Overlay:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if n.layer == -1:
             layer, lpath, _ = self._hidden[_split(path)[1]]
-            fd = os.open(self.copy_up(path, n), (flags & _OPEN_PASS) | os.O_CLOEXEC) if writing \
-                else layer.open_read(lpath)
+            if writing:
+                w, p = self._copy_up_for_change(path, n)  # (EROFS for a parked lower file)
+                fd = w.open(p, flags & _OPEN_PASS)
+            else:
+                fd = layer.open_read(lpath)
             self.handles[fd] = Handle(fd, n.ino, path, True, n.rec.nlink > 1)
             return fd
         linked = n.rec.nlink > 1 or n.ino in self._peers
         if writing or self._in_upper(n):
-            real = self.copy_up(path, n) if writing else self.upper.real(n.lpath)  # type: ignore[union-attr]
-            fd = os.open(real, (flags & _OPEN_PASS) | os.O_CLOEXEC)
+            real = self.copy_up(path, n) if writing else n.lpath
+            fd = self.w.open(real, flags & _OPEN_PASS)
             self.handles[fd] = Handle(fd, n.ino, path, True, linked)
             if flags & os.O_TRUNC and n.ino in self._peers:
                 self.changed(n.ino, path)  # truncated: the other names' cached sizes and pages are stale
@@ -971,8 +1094,8 @@ class Overlay:
             return
         if path is None:
             raise _err(errno.EBADF)
-        real = self._copy_up_for_change(path)
-        os.truncate(real, length)
+        w, real = self._copy_up_for_change(path)
+        w.truncate(real, length)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         if _libc.fallocate(fh, mode, offset, length) != 0:

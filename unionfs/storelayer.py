@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 import threading
 
@@ -39,6 +40,8 @@ _CONTENTS_DIR_MAX = 512 << 10
 _CONTENTS_MAX = 2 << 20
 _CONTENTS_DIRS = 64
 _OPENED_DIRS = 64
+# What an object name may be: a hex digest (an index naming "../.." must never open a file outside the store)
+_OBJECT_NAME = re.compile(r"[0-9a-f]{16,128}")
 
 
 class StoreLayer:
@@ -132,6 +135,9 @@ class StoreLayer:
             if e.size == 0:
                 return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             log.error("%s: %s has no content object", self.name, path)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        if not _OBJECT_NAME.fullmatch(e.object):
+            log.error("%s: %s: %r is no object name", self.name, path, e.object)
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
         try:
             fd = self.reader.open_object(e.object)

@@ -193,3 +193,21 @@ def test_directory_renamed_onto_a_whiteout_is_exchanged_with_it(layout):
     ov.unlink("/c")
     ov.rename("/n", "/c")  # no lower part: the whiteout goes
     assert ov.resolve("/c").is_dir and not os.path.lexists(up / "n") and os.listdir(ov.work) == []
+
+
+def test_directory_moved_to_a_name_once_read_keeps_its_xattr_whiteouts(layout):
+    """Which upper directories hold xattr whiteouts is remembered by path: a directory removed or moved away must
+    not leave its answer to the one moved there (a deleted 255-byte name came back in the moved directory)."""
+    long = "l" * 255
+    (layout["lowers"][2] / "d" / long).write_text("lower\n")
+    ov = overlay(layout)
+    ov.w.mknod_ok = False
+    ov.unlink("/d/" + long)  # an xattr whiteout in the upper /d, marked opaque=x
+    ov.mkdir("/q", 0o755, OWNER)
+    ov.release(ov.create("/q/e", 0o644, os.O_WRONLY, OWNER))
+    assert ov.resolve("/q/e") is not None  # an empty file read in /q: "no xattr whiteouts there"
+    ov.unlink("/q/e")
+    ov.rmdir("/q")
+    ov.rename("/d", "/q")
+    assert ov.resolve("/q/" + long) is None and long not in names(ov, "/q")
+    assert "x" in names(ov, "/q")

@@ -28,6 +28,12 @@ LONG = {250: "r" * 250, 252: "u" * 252, 253: "t" * 253, 255: "s" * 255}
 PATHS = ["a", "b", "c", "d", "e", "f", "g", "p", "n", "m", "d/x", "d/y", "d/v", "d/w", "d/sub", "d/sub/z",
          "d/n", "g/h", "g/i", "g/n", "n/a", "m/x", "e/e1", "d/ha", "d/hb",
          LONG[250], LONG[255], LONG[252], f"d/{LONG[253]}", f"d/{LONG[253]}/x", f"g/{LONG[255]}"]
+# Paths of 3,900-4,056 bytes below the mount (#12.7), under a chain of 240-byte names a lower layer holds: with the
+# mounts' own paths (29 bytes) they stay within PATH_MAX, and lamina's upper root (below UPPER_PARENT) makes them
+# pass it there.
+DEEP = "/".join("%02d" % i + "k" * 238 for i in range(16))
+PATHS += [DEEP + "/" + "x" * 44, DEEP + "/" + "y" * 200, DEEP + "/" + "s" * 60, DEEP + "/" + "s" * 60 + "/t"]
+UPPER_PARENT = "u" * 200
 paths = st.sampled_from(PATHS)
 # chown(path, -1, -1) changes nothing but ctime, and copies up: libfuse's high-level API passes it on only as
 # lamina builds it (scripts/libfuse-setattr-nothing.patch), not the system's 3.14 (which has no passthrough either)
@@ -110,11 +116,16 @@ class OverlayVsKernel(RuleBasedStateMachine):
         (l1 / LONG[255]).write_text("255\n")
         (l2 / "d" / LONG[253]).mkdir()
         (l2 / "d" / LONG[253] / "x").write_text("x\n")
+        (l1 / DEEP).mkdir(parents=True)
+        (l1 / DEEP / ("x" * 44)).write_text("deep\n")
         # every lower entry gets an old time of its own, compared exactly (fsharness.RECENT_NS): a copy-up must
         # keep them, its parents' included, as kernel overlayfs does
         for i, p in enumerate(sorted((p for layer in self.lowers for p in layer.rglob("*")), reverse=True)):
             os.utime(p, ns=((1_000_000_000 + i) * 10**9,) * 2, follow_symlinks=False)
-        for d in ("ku", "kw", "km", "lu", "lw", "lm"):
+        for d in ("lu", "lw"):  # below a 200-byte name, by links of short names
+            (self.base / UPPER_PARENT / d).mkdir(parents=True)
+            os.symlink(f"{UPPER_PARENT}/{d}", self.base / d)
+        for d in ("ku", "kw", "km", "lm"):
             (self.base / d).mkdir()
         self.stack = contextlib.ExitStack()
         b = self.base

@@ -293,3 +293,26 @@ def test_mounted_image_is_held_until_umount(layout, store_image):
     finally:
         lamina(root, "umount", mnt)
     assert "Removed 1 untagged images" in lamina(root, "gc").stdout
+
+
+def test_an_object_name_never_leads_out_of_the_store(layout, scratch, store_image):
+    """A damaged index naming a content `../../…` (#11.1, store layers): EIO, never a host file of the right size."""
+    from store.reader import open_store
+    root, image = store_image
+    secret = scratch / "secret"
+    secret.write_bytes(b"s" * 5001)  # the size /b's entry claims
+    st = open_store(str(root))
+    img = st.image(image)
+    r = st.reader()
+    entry = next(e for lid in reversed(img.layer_ids) if (e := r.lookup(lid, "/b")) is not None)
+    with st.store.write() as db:
+        db.execute("UPDATE entries SET object=? WHERE object=?", ("../" * 30 + str(secret)[1:], entry.object))
+    mnt = layout["mnt"]
+    mount_store(root, image, mnt, "--read-only")
+    try:
+        with pytest.raises(OSError) as e:
+            (mnt / "b").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert (mnt / "c").read_text() == "top c\n"
+    finally:
+        lamina(root, "umount", mnt)
