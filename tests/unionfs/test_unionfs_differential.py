@@ -81,12 +81,11 @@ def _drop_opaque(snap: dict) -> dict:
     return out
 
 
-def _copy_move(src: str, dst: str) -> None:
-    """What mv does after EXDEV, within one filesystem view."""
-    if os.path.lexists(dst):
-        os.rmdir(dst)
-    subprocess.run(["cp", "-a", src, dst], check=True)  # as mv: hardlinks, xattrs, modes and owners kept
-    shutil.rmtree(src)
+def _copy_move(root: Path, src: str, dst: str) -> None:
+    """What mv does after EXDEV, within one filesystem view. Paths relative to `root`, the mount, and the commands
+    run there: from / they may pass PATH_MAX, which only the caller's own path argument is held to."""
+    script = 'if [ -e "$2" ] || [ -L "$2" ]; then rmdir -- "$2"; fi; cp -a -- "$1" "$2" && rm -rf -- "$1"'
+    subprocess.run(["sh", "-c", script, "sh", src, dst], cwd=root, check=True)  # as mv: hardlinks, xattrs kept
 
 
 class OverlayVsKernel(RuleBasedStateMachine):
@@ -261,11 +260,11 @@ class OverlayVsKernel(RuleBasedStateMachine):
                         try:
                             os.rename(s, d)
                         except OSError:
-                            _copy_move(str(s), str(d))
+                            _copy_move(self.k, str(s.relative_to(self.k)), str(d.relative_to(self.k)))
                     else:
                         os.rename(s, d)
             else:
-                _copy_move(str(self.k / src), str(self.k / dst))
+                _copy_move(self.k, src, dst)
         elif rk == ("err", "EXDEV"):
             # the kernel refused before looking at the target; lamina looked and refused for a POSIX reason
             assert rl[0] == "err" and rl[1] in ("ENOTEMPTY", "EEXIST", "ENOTDIR", "EISDIR", "EINVAL"), rl
