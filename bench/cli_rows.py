@@ -249,8 +249,10 @@ class RunTrue(CliWorkload):
         if t.contender.name in self.broken:
             raise RuntimeError(self.broken[t.contender.name])
         if t.contender.name == "lamina":
-            cmd = [tool("lamina") or "lamina", "--root", str(self.base / "lamina"), "run", "--rm", "bench-busybox",
-                   "/bin/true"]
+            # --network none on both sides (podman's below): the row measures the runtime and the mount, not
+            # bridge set-up (Docker's default network since lamina has one; podman's default differs by version)
+            cmd = [tool("lamina") or "lamina", "--root", str(self.base / "lamina"), "run", "--rm", "--network", "none",
+                   "bench-busybox", "/bin/true"]
         else:
             # podman raises nofile/nproc to values a root without CAP_SYS_RESOURCE (this VM) may not set: pin them
             cmd = self._podman(t.contender.name, "run", "--rm", "--network", "none", "--ulimit", "nofile=4096:4096",
