@@ -23,7 +23,10 @@ REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 # xattrs that belong to the union's bookkeeping and are never shown through the mount or copied up.
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "trusted.lamina.")
-ORIGIN_XATTR = "trusted.lamina.origin"
+# Under the kernel's own private namespace ("trusted.overlay."), which kernel overlayfs never shows through its mount,
+# so an upper lamina wrote shows no trace of lamina when the kernel mounts it (the kernel ignores keys it does not
+# know). Uppers written before this name (trusted.lamina.origin) keep working; their copied-up files get new numbers.
+ORIGIN_XATTR = "trusted.overlay.lamina.origin"
 _XWH_MAX = 4096
 
 

@@ -6,7 +6,7 @@ are read-only `layers.Layer`s, topmost first.
 
 Design decisions (see docs/unionfs.md):
 - Inode numbers: a directory reports the inode of its lowest layer, a non-directory the inode of the layer it sits
-  in, except that a copied-up object keeps its origin's number (recorded in `trusted.lamina.origin`). All numbers
+  in, except that a copied-up object keeps its origin's number (recorded in `trusted.overlay.lamina.origin`). All numbers
   come from the layers' own inodes, so they are stable across copy-up and remount without a database.
 - Renaming a lower or merged directory works the way kernel overlayfs's `redirect_dir=on` does: only the directory
   itself is copied up and `trusted.overlay.redirect` records where its lower parts live.

@@ -218,7 +218,7 @@ def _layer_tars(archive: Path) -> list[tarfile.TarFile]:
 
 
 def test_committed_layer_carries_no_private_xattrs(lamina, rich, tmp_path):
-    """#12.12: copy-up records its origin in trusted.lamina.origin; no layer may carry it (nor overlay markers)."""
+    """#12.12: copy-up records its origin in trusted.overlay.lamina.origin; no layer may carry it (nor overlay markers)."""
     ctr = Running(lamina, rich, "xattrs", "echo a >> /usr/share/locale/l10/LC_MESSAGES/m0.mo; "
                   "mkdir /usr/share/locale/l11/new; rm /usr/share/locale/l12/LC_MESSAGES/m3.mo; "
                   "rm -r /usr/share/locale/l13; mkdir /usr/share/locale/l13; mv /usr/share/locale/l14 /l14")

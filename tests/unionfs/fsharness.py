@@ -22,7 +22,7 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 LAMINA_FS = str(BIN / "lamina-fs")
 INTERNAL_XATTRS = ("trusted.overlay.origin", "trusted.overlay.impure", "trusted.overlay.uuid",
-                   "trusted.overlay.nlink", "trusted.lamina.")
+                   "trusted.overlay.nlink", "trusted.overlay.lamina.", "trusted.lamina.")
 # mtimes before this (2017) are compared exactly (set so by tests, in lower layers); later ones only as "new"
 RECENT_NS = 1_500_000_000 * 10**9
 
