@@ -1,4 +1,5 @@
-"""Whole-tree snapshots for comparing what two mounts show, exactly: the union's view against an image's."""
+"""Whole trees in tests: snapshots for comparing what two mounts show, exactly (the union's view against an
+image's), and trees deeper than PATH_MAX allows a path to name, built one directory descriptor at a time."""
 from __future__ import annotations
 
 import hashlib
@@ -43,3 +44,33 @@ def assert_same_tree(got: tuple, want: tuple) -> None:
     diffs = [f"{p}: image {g.get(p)} != container {w.get(p)}" for p in sorted(set(g) | set(w)) if g.get(p) != w.get(p)]
     assert not diffs, f"{len(diffs)} paths differ:\n" + "\n".join(diffs[:20])
     assert got[1] == want[1], f"hardlink groups differ: image {got[1] ^ want[1] & got[1]}, container {want[1] - got[1]}"
+
+
+def descend(top: str | os.PathLike, names: list[str], make: bool = False, exist_ok: bool = False) -> int:
+    """A descriptor of directory top/names[0]/…/names[-1], reached one component at a time as a program descending
+    a tree does (the path may pass PATH_MAX); each made first if `make` (an existing one kept if `exist_ok`)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for n in names:
+        if make:
+            try:
+                os.mkdir(n, dir_fd=fd)
+            except FileExistsError:
+                if not exist_ok:
+                    os.close(fd)
+                    raise
+        nxt = os.open(n, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    return fd
+
+
+def deep_tree(top: str | os.PathLike, depth: int, name: str = "d", leaf: str = "f", text: str = "deep\n",
+              exist_ok: bool = False) -> list[str]:
+    """top/name/…/name (`depth` levels) holding file `leaf` with `text`; returns the path's components."""
+    fd = descend(top, [name] * depth, make=True, exist_ok=exist_ok)
+    try:
+        with open(os.open(leaf, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "w") as f:
+            f.write(text)
+    finally:
+        os.close(fd)
+    return [name] * depth

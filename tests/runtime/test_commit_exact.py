@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
 import tarfile
 import tempfile
@@ -20,7 +19,7 @@ import pytest
 
 from runtime import state
 from store.reader import open_store
-from tests.trees import assert_same_tree, snapshot
+from tests.trees import assert_same_tree, deep_tree, snapshot
 
 # Times no float of seconds holds exactly (a float keeps ~16 digits: these need 19)
 NS_A = 1_700_000_000_123_456_789
@@ -245,7 +244,7 @@ def test_deep_tree_diff_and_commit(lamina, image, tmp_path):
     assert r.returncode == 0, r.stderr
     c = state.find(str(lamina.root), "deep")
     try:
-        _deepen(c.upper / "tmp", 1200, "leaf")
+        deep_tree(c.upper / "tmp", 1200, leaf="leaf", exist_ok=True)
         leaf = "/tmp" + "/d" * 1200 + "/leaf"
         r = lamina("diff", "deep")
         assert r.returncode == 0, r.stderr
@@ -259,36 +258,6 @@ def test_deep_tree_diff_and_commit(lamina, image, tmp_path):
         subprocess.run(["rm", "-rf", str(c.upper / "tmp/d")], check=True)  # Python's rmtree recurses
 
 
-def _deepen(top: Path, depth: int, leaf: str) -> None:
-    """`top`/d/d/.../d (`depth` levels, made where missing) holding file `leaf`."""
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(depth):
-            try:
-                os.mkdir("d", dir_fd=fd)
-            except FileExistsError:
-                pass
-            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        with open(os.open(leaf, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "w") as f:
-            f.write("deep\n")
-    finally:
-        os.close(fd)
-
-
-def test_directory_import_of_a_deep_tree(lamina, tmp_path):
-    """#11.9: `lamina import DIR` of a 1,100-level directory."""
-    src = tmp_path / "deepsrc"
-    src.mkdir()
-    try:
-        _deepen(src, 1100, "leaf")
-        r = lamina("import", str(src), "-t", "deepdir:1")
-        assert r.returncode == 0, r.stderr
-        reader, top = top_layer(lamina, "deepdir:1")
-        assert reader.lookup(top, "/d" * 1100 + "/leaf") is not None
-    finally:
-        subprocess.run(["rm", "-rf", str(src)], check=True)  # Python's rmtree recurses
 
 
 def test_commit_of_a_mixed_workload_matches_the_container(lamina, rich, tmp_path):

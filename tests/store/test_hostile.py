@@ -19,6 +19,7 @@ from store.reader import open_store
 from tests.conftest import BIN
 from tests.store.conftest import make_tar, sha256, ti
 from tests.store.test_bad_input import check_refused, seeded  # noqa: F401 (fixture)
+from tests.trees import deep_tree
 
 
 def pax(name: str, data: bytes = b"x", **headers: str) -> tuple[tarfile.TarInfo, bytes]:
@@ -280,22 +281,15 @@ def test_root_member_makes_no_second_root(lamina, tmp_path):
 
 def test_import_directory_1100_levels_deep(lamina, tmp_path):
     """Issue #11.9: `lamina import DIR` of a 1,100-level tree (RecursionError in the directory-to-tar walk)."""
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    (tmp_path / "deep").mkdir()
     try:
-        for name in ["deep"] + ["d"] * 1100:
-            os.mkdir(name, dir_fd=fd)
-            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
-            f.write("deep\n")
+        deep_tree(tmp_path / "deep", 1100)
         lamina("import", tmp_path / "deep", "-t", "deep")
         with open_store(str(lamina.root)) as s:
             img = s.image("deep")
             assert s.reader().lookup(img.layer_ids[0], "/d" * 1100 + "/f").size == 5
         lamina.assert_clean()
     finally:
-        os.close(fd)
         subprocess.run(["rm", "-rf", str(tmp_path / "deep")], check=True)  # shutil.rmtree recurses too deep
 
 

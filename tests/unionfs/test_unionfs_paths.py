@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fsharness import kernel_mount, lamina_mount
+from tests.trees import deep_tree, descend
 from unionfs.layers import DirLayer
 from unionfs.overlay import Overlay
 
@@ -75,22 +76,6 @@ def test_redirect_forms_answer_as_the_kernel_does(scratch, value):
     assert got["lamina"] == got["kernel"]
 
 
-def _deep(top: Path, depth: int, name: str = "d") -> list[str]:
-    """Directories `depth` levels deep below `top`, made one level at a time (relative to the last one, as a
-    program descending a tree does): returns the path's components."""
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(depth):
-            os.mkdir(name, dir_fd=fd)
-            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        with open(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "w") as f:
-            f.write("bottom\n")
-    finally:
-        os.close(fd)
-    return [name] * depth
-
 
 def test_deep_trees_are_served_as_deep_as_the_kernel_allows(scratch):
     """1,500 levels in a lower and 1,500 made through the mount: every level resolves (RecursionError, EINVAL past
@@ -99,7 +84,7 @@ def test_deep_trees_are_served_as_deep_as_the_kernel_allows(scratch):
     for d in (low, up, work, mnt):
         d.mkdir()
     try:
-        parts = _deep(low, 1500)
+        parts = deep_tree(low, 1500, text="bottom\n")
         with lamina_mount([low], mnt, up, work):
             deep = "/".join([str(mnt), *parts])
             with open(deep + "/f") as f:
@@ -107,7 +92,7 @@ def test_deep_trees_are_served_as_deep_as_the_kernel_allows(scratch):
             with open(deep + "/g", "w") as f:  # a copy-up of all 1,500 parents
                 f.write("copied up\n")
             assert os.stat(deep + "/g").st_size == 10
-            made = _deep(mnt, 1500, "e")
+            made = deep_tree(mnt, 1500, "e", text="bottom\n")
             with open("/".join([str(mnt), *made, "f"])) as f:
                 assert f.read() == "bottom\n"
             # (rm, not shutil.rmtree: Python 3.11's recursion stops short of 1,500 levels)
@@ -118,17 +103,6 @@ def test_deep_trees_are_served_as_deep_as_the_kernel_allows(scratch):
         subprocess.run(["rm", "-rf", str(low), str(up)])
 
 
-def _descend(top: str | Path, names: list[str], make: bool) -> int:
-    """A descriptor of directory top/names[0]/…/names[-1], reached one component at a time (made if `make`)."""
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    for n in names:
-        if make:
-            os.mkdir(n, dir_fd=fd)
-        nxt = os.open(n, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = nxt
-    return fd
-
 
 def test_paths_up_to_path_max_below_the_mount(scratch):
     """Layer roots of ~700 bytes and paths of 4,000-4,095 bytes below the mount: every operation works, in the
@@ -138,14 +112,14 @@ def test_paths_up_to_path_max_below_the_mount(scratch):
     for d in (low, up, work, mnt):
         d.mkdir(parents=True)
     names = ["n%03d" % i + "x" * 195 for i in range(20)]  # 20 x 199 bytes: 3,999 bytes with the slashes
-    fd = _descend(low, names, True)
+    fd = descend(low, names, True)
     try:
         with open(os.open("lowfile", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "w") as f:
             f.write("lower\n")
     finally:
         os.close(fd)
     with lamina_mount([low], mnt, up, work):
-        fd = _descend(mnt, names, False)
+        fd = descend(mnt, names, False)
         try:
             tail = "f" * (4095 - len("/".join(names)) - 1)  # a path of exactly 4,095 bytes below the mount
             assert len("/".join([*names, tail])) == 4095
@@ -186,7 +160,7 @@ def test_long_names_over_whiteouts_past_path_max_without_mknod(scratch):
         d.mkdir(parents=True)
     names = ["n%03d" % i + "x" * 195 for i in range(20)]
     file_, dir_, gone = "l" * 255, "m" * 255, "k" * 254
-    fd = _descend(low, names, True)
+    fd = descend(low, names, True)
     try:
         for n, text in ((file_, "lower\n"), (gone, "gone\n"), ("c", "c\n")):
             with open(os.open(n, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "w") as f:
@@ -200,7 +174,7 @@ def test_long_names_over_whiteouts_past_path_max_without_mknod(scratch):
     ov.w.mknod_ok = False  # as for an unprivileged daemon: `.wh.` files, and xattr whiteouts where they don't fit
     deep = "/" + "/".join(names)
     ov.truncate(deep + "/c", 1)  # a copy-up of the file and its 20 parents
-    ufd = _descend(up, names, False)
+    ufd = descend(up, names, False)
     try:
         st = os.fstat(ufd)
         assert (st.st_atime_ns, st.st_mtime_ns) == (10**18, 2 * 10**18)
@@ -227,7 +201,7 @@ def test_long_names_over_whiteouts_past_path_max_without_mknod(scratch):
     finally:
         os.close(ufd)
     with kernel_mount([up, low], k):
-        kfd = _descend(k, names, False)
+        kfd = descend(k, names, False)
         try:
             assert sorted(os.listdir(kfd)) == shown
             with open(os.open(file_, os.O_RDONLY, dir_fd=kfd)) as f:
